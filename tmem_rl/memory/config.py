@@ -1,0 +1,61 @@
+"""Fast-weight settings. The defaults are the paper's; this is the one place they are written down."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+
+INITS = ("svd", "random")
+
+
+@dataclass
+class FastWeightConfig:
+    rank: int = 6
+    """LoRA rank r of each fast-weight delta B A."""
+    target_modules: tuple[str, ...] = ("gate_proj", "up_proj", "down_proj")
+    """Linear submodules (by last name component) of each adapted decoder layer."""
+    num_layers: int = 4
+    """Adapt the last `num_layers` decoder layers (ignored when `layers` is set)."""
+    layers: tuple[int, ...] | None = None
+    """Explicit decoder layer indices to adapt (negative counts from the end)."""
+    init: str = "svd"
+    """"svd": A = S_r V_r^T of the frozen weight, B = 0. "random": Kaiming-uniform A (standard LoRA), B = 0."""
+    train_a: bool = False
+    """Also train A, per rollout (ablation; the paper keeps A frozen)."""
+    lr: float = 5e-4
+    """Inner-loop SGD learning rate."""
+    epochs: int = 5
+    """Inner-loop passes over the pairs of one extraction."""
+    batch_size: int = 16
+    """Pairs per inner-loop SGD step, per rollout."""
+    shuffle: bool = True
+    """Shuffle pairs each epoch (seeded by `seed`, the rollout slot and its update count)."""
+    prefix_cache: bool = True
+    """Run the frozen layers below the first adapted one once per update and reuse their output every epoch."""
+    max_pair_tokens: int = 256
+    """Truncate a formatted pair to this many tokens."""
+    seed: int = 0
+    """Seeds the random init and the shuffling."""
+    extra: dict = field(default_factory=dict)
+    """Free-form notes carried into saved checkpoints (e.g. where the settings came from)."""
+
+    def __post_init__(self):
+        self.target_modules = tuple(self.target_modules)
+        if self.layers is not None:
+            self.layers = tuple(int(i) for i in self.layers)
+        checks = {
+            "rank": self.rank >= 1,
+            "num_layers": self.num_layers >= 1,
+            "init": self.init in INITS,
+            "lr": self.lr > 0,
+            "epochs": self.epochs >= 0,
+            "batch_size": self.batch_size >= 1,
+            "max_pair_tokens": self.max_pair_tokens >= 2,
+            "target_modules": len(self.target_modules) > 0,
+        }
+        for name, ok in checks.items():
+            if not ok:
+                expected = f"one of {INITS}" if name == "init" else "a positive value"
+                raise ValueError(f"FastWeightConfig.{name}={getattr(self, name)!r}: expected {expected}")
+
+    def to_dict(self) -> dict:
+        return asdict(self)

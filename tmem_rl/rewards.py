@@ -1,0 +1,41 @@
+"""Answer scoring shared by environments: SQuAD-style normalisation, token F1 and exact match."""
+
+from __future__ import annotations
+
+import re
+import string
+from collections import Counter
+from typing import Callable, Iterable
+
+_ARTICLES = re.compile(r"\b(a|an|the)\b")
+_PUNCTUATION = str.maketrans("", "", string.punctuation)
+
+
+def normalize_answer(text: str) -> str:
+    """Lowercase, drop punctuation and the articles a/an/the, collapse whitespace."""
+    text = text.lower().translate(_PUNCTUATION)
+    text = _ARTICLES.sub(" ", text)
+    return " ".join(text.split())
+
+
+def token_f1(prediction: str, gold: str) -> float:
+    pred_tokens = normalize_answer(prediction).split()
+    gold_tokens = normalize_answer(gold).split()
+    if not pred_tokens or not gold_tokens:
+        # An empty gold is only matched by an empty prediction.
+        return float(pred_tokens == gold_tokens)
+    overlap = sum((Counter(pred_tokens) & Counter(gold_tokens)).values())
+    if overlap == 0:
+        return 0.0
+    precision = overlap / len(pred_tokens)
+    recall = overlap / len(gold_tokens)
+    return 2 * precision * recall / (precision + recall)
+
+
+def exact_match(prediction: str, gold: str) -> float:
+    return float(normalize_answer(prediction) == normalize_answer(gold))
+
+
+def best_over_golds(fn: Callable[[str, str], float], prediction: str, golds: Iterable[str]) -> float:
+    """The best score of `prediction` against any accepted answer; 0.0 when there are none."""
+    return max((fn(prediction, gold) for gold in golds), default=0.0)
