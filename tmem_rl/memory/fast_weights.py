@@ -214,14 +214,15 @@ class FastWeights:
 
     # ---- the inner update ------------------------------------------------------------------------------------
 
-    def absorb(self, tokenizer, pairs_by_slot: dict[int, list]) -> dict[int, dict]:
+    def absorb(self, tokenizer, pairs_by_slot: dict[int, list], prompt_fn=None) -> dict[int, dict]:
         """Train each slot's fast weights on its own QA pairs, all slots in the same batched passes.
 
+        `prompt_fn(question) -> chat messages` renders each pair's question (default: a bare user turn).
         Returns per slot {"loss_before", "loss_after", "epoch_losses", "num_pairs", "seconds"}.
         """
-        from tmem_rl.memory.inner_loop import inner_update
+        from tmem_rl.memory.inner_loop import inner_update, user_turn
 
-        stats = inner_update(self, tokenizer, pairs_by_slot)
+        stats = inner_update(self, tokenizer, pairs_by_slot, prompt_fn or user_turn)
         for slot in stats:
             self.versions[slot] += 1
         return stats

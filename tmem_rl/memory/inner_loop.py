@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
 from torch import nn
@@ -14,9 +15,20 @@ from tmem_rl.memory.fast_weights import FastWeights, adapted_layer_indices, deco
 IGNORE = -100
 
 
-def format_pair(tokenizer, pair: QAPair, max_tokens: int) -> tuple[list[int], list[int]]:
-    """Chat-formatted (input_ids, labels) for one pair; labels only on the answer turn."""
-    user = [{"role": "user", "content": pair.instruction}]
+PromptFn = Callable[[str], list[dict[str, str]]]
+
+
+def user_turn(instruction: str) -> list[dict[str, str]]:
+    return [{"role": "user", "content": instruction}]
+
+
+def format_pair(tokenizer, pair: QAPair, max_tokens: int, prompt_fn: PromptFn = user_turn) -> tuple[list[int], list[int]]:
+    """Chat-formatted (input_ids, labels) for one pair; labels only on the answer turn.
+
+    `prompt_fn` renders the question as chat messages; the agent passes its answering prompt so that what is
+    absorbed has the shape of how it is later asked.
+    """
+    user = prompt_fn(pair.instruction)
     prompt = tokenizer.apply_chat_template(user, add_generation_prompt=True, tokenize=True, return_dict=False)
     full = tokenizer.apply_chat_template(
         user + [{"role": "assistant", "content": pair.output}], tokenize=True, return_dict=False
@@ -36,13 +48,15 @@ class PairBatch:
     slots: torch.Tensor  # [P] fast-weight slot of each pair
 
 
-def collate_pairs(tokenizer, pairs_by_slot: dict[int, list[QAPair]], max_tokens: int, device) -> tuple[PairBatch, dict]:
+def collate_pairs(
+    tokenizer, pairs_by_slot: dict[int, list[QAPair]], max_tokens: int, device, prompt_fn: PromptFn = user_turn
+) -> tuple[PairBatch, dict]:
     rows, slots, rows_of_slot = [], [], {}
     for slot, pairs in pairs_by_slot.items():
         rows_of_slot[slot] = []
         for pair in pairs:
             rows_of_slot[slot].append(len(rows))
-            rows.append(format_pair(tokenizer, pair, max_tokens))
+            rows.append(format_pair(tokenizer, pair, max_tokens, prompt_fn))
             slots.append(slot)
     width = max(len(ids) for ids, _ in rows)
     pad = tokenizer.pad_token_id
@@ -150,7 +164,9 @@ def per_slot_mean(losses: torch.Tensor, row_slots: torch.Tensor, num_slots: int)
     return sums / counts.clamp(min=1), counts
 
 
-def inner_update(fast: FastWeights, tokenizer, pairs_by_slot: dict[int, list[QAPair]]) -> dict[int, dict]:
+def inner_update(
+    fast: FastWeights, tokenizer, pairs_by_slot: dict[int, list[QAPair]], prompt_fn: PromptFn = user_turn
+) -> dict[int, dict]:
     start = time.perf_counter()
     cfg = fast.config
     pairs_by_slot = {s: list(p) for s, p in pairs_by_slot.items() if p}
@@ -161,7 +177,7 @@ def inner_update(fast: FastWeights, tokenizer, pairs_by_slot: dict[int, list[QAP
             raise IndexError(f"fast-weight slot {slot} out of range 0..{fast.num_slots - 1}")
     model = fast.model
     device = next(iter(fast.B.values())).device
-    batch, rows_of_slot = collate_pairs(tokenizer, pairs_by_slot, cfg.max_pair_tokens, device)
+    batch, rows_of_slot = collate_pairs(tokenizer, pairs_by_slot, cfg.max_pair_tokens, device, prompt_fn)
     stack = AdaptedStack(model, adapted_layer_indices(model, cfg))
     if cfg.prefix_cache:
         stack.capture(batch.input_ids, batch.attention_mask)

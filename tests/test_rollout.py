@@ -1,0 +1,122 @@
+import json
+
+import pytest
+import torch
+
+from tmem_rl.envs import make_env
+from tmem_rl.memory import FastWeightConfig, FastWeights
+from tmem_rl.rollout import EpisodeConfig, EpisodeRunner
+
+
+class ScriptedRunner(EpisodeRunner):
+    """The real runner with a policy whose text is fixed, so the control flow can be checked exactly."""
+
+    extraction_text = ' {"instruction": "What did Maya say?", "output": "hello there"}]'
+    answer_text = "hello there"
+
+    def _generate(self, prompts, rollouts, max_new_tokens, sample, temperature):
+        text = self.extraction_text if max_new_tokens == self.config.max_extraction_tokens else self.answer_text
+        ids = self.tokenizer(text, add_special_tokens=False)["input_ids"] + [self.tokenizer.eos_token_id]
+        return [list(ids) for _ in prompts]
+
+
+def expected_triggers(tokenizer, chunks, l_max):
+    triggers, used = [], 0
+    for i, chunk in enumerate(chunks):
+        used += len(tokenizer(chunk, add_special_tokens=False)["input_ids"])
+        if used > l_max:
+            triggers.append(i)
+            used = 0
+    return triggers
+
+
+@pytest.fixture
+def env():
+    return make_env("facts", num_tasks=3, num_distractors=14, num_facts=4, lines_per_chunk=2)
+
+
+@pytest.mark.parametrize("l_max", [30, 75, 160])
+def test_extraction_triggers_exactly_when_budget_is_exceeded(tiny, env, l_max):
+    model, tok = tiny
+    fast = FastWeights(model, 2, FastWeightConfig(lr=0.05, epochs=1))
+    runner = ScriptedRunner(model, tok, fast, EpisodeConfig(l_max=l_max, grounding=False))
+    tasks = [env.task(0), env.task(1)]
+    batch = runner.run(env, tasks)
+    for g, (task, traj) in enumerate(zip(tasks, batch.trajectories)):
+        triggers = expected_triggers(tok, task.chunks, l_max)
+        assert triggers, "the stream must be longer than the budget for this test to mean anything"
+        got = [s.chunk_index for s in traj.segments if s.kind == "extraction" and s.attempt == 0]
+        assert got == triggers
+        assert fast.versions[g] == len(triggers)
+        # The answer sees exactly the chunks read since the last extraction cleared the context.
+        answer = next(s for s in traj.segments if s.kind == "answer")
+        prompt = tok.decode(answer.prompt_ids)
+        for i, chunk in enumerate(task.chunks):
+            assert (chunk in prompt) == (i > triggers[-1]), f"chunk {i}"
+        assert answer.fast_weight_version == len(triggers)
+        assert traj.prediction == "hello there"
+        assert traj.reward == env.score(task, "hello there")["reward"]
+
+
+def test_segments_record_the_live_snapshot(tiny, env):
+    model, tok = tiny
+    fast = FastWeights(model, 1, FastWeightConfig(lr=0.05, epochs=2))
+    runner = ScriptedRunner(model, tok, fast, EpisodeConfig(l_max=60, grounding=False))
+    batch = runner.run(env, [env.task(0)])
+    traj = batch.trajectories[0]
+    versions = [s.fast_weight_version for s in traj.segments]
+    assert versions == sorted(versions) and versions[0] == 0 and versions[-1] >= 2
+    assert traj.segments[0].snapshot is None  # the first extraction runs on the base model
+    for seg in traj.segments[1:]:
+        assert seg.snapshot == f"0/{seg.fast_weight_version}"
+    final = batch.snapshots[traj.segments[-1].snapshot]
+    for key, tensor in fast.snapshot([0]).items():
+        assert torch.equal(final[key], tensor)
+    earlier = batch.snapshots["0/1"]
+    assert not torch.equal(earlier[next(iter(earlier))], final[next(iter(final))])
+    losses = [e["inner_update"] for e in traj.extractions]
+    assert all(u["loss_after"] < u["loss_before"] for u in losses)
+    json.dumps(batch.to_dict())  # the record is plain JSON
+
+
+def test_no_memory_baseline_never_extracts(tiny, env):
+    model, tok = tiny
+    fast = FastWeights(model, 1, FastWeightConfig())
+    runner = ScriptedRunner(model, tok, fast, EpisodeConfig(l_max=60, memory="none"))
+    traj = runner.run(env, [env.task(0)]).trajectories[0]
+    assert [s.kind for s in traj.segments] == ["answer"]
+    assert fast.versions == [0] and traj.segments[0].snapshot is None
+
+
+def test_unparseable_extractions_are_retried_and_recorded(tiny, env):
+    model, tok = tiny
+    runner = ScriptedRunner(model, tok, FastWeights(model, 1, FastWeightConfig()),
+                            EpisodeConfig(l_max=60, extraction_retries=2))
+    runner.extraction_text = "I am not sure what to write."
+    traj = runner.run(env, [env.task(0)]).trajectories[0]
+    first = traj.extractions[0]
+    assert [a["error"] for a in first["supervision"]["attempts"]] == ["no JSON found"] * 3
+    assert first["inner_update"] is None and runner.fast.versions == [0]
+
+
+def strip_timings(batch):
+    record = batch.to_dict()
+    for traj in record["trajectories"]:
+        traj.pop("timings")
+        for e in traj["extractions"]:
+            if e["inner_update"]:
+                e["inner_update"].pop("seconds")
+    return record
+
+
+def test_same_seed_same_trajectory(tiny, env):
+    model, tok = tiny
+    fast = FastWeights(model, 2, FastWeightConfig(lr=0.05, epochs=1))
+    cfg = dict(l_max=60, do_sample=True, temperature=1.0, max_extraction_tokens=12, max_answer_tokens=6)
+    tasks = [env.task(1), env.task(1)]
+    runs = [EpisodeRunner(model, tok, fast, EpisodeConfig(seed=s, **cfg)).run(env, tasks) for s in (5, 5, 6)]
+    assert strip_timings(runs[0]) == strip_timings(runs[1])
+    assert strip_timings(runs[0]) != strip_timings(runs[2])
+    # The two rollouts of one task sample different continuations.
+    a, b = runs[0].trajectories
+    assert [s.completion_ids for s in a.segments] != [s.completion_ids for s in b.segments]

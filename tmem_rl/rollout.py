@@ -1,0 +1,274 @@
+"""The TMEM episode: G rollouts read their streams in lockstep, write supervision, learn it, and answer.
+
+    for each chunk of the stream:
+        working context += chunk
+        if tokens(working context) > L_max:
+            text  ~ policy(extraction prompt(question, context, pairs so far))   # fast weights live
+            pairs = parse(text)                                                  # retried when nothing parses
+            fast weights <- T(fast weights, pairs)                               # inner loop, stop-gradient
+            working context <- empty
+    answer ~ policy(answer prompt(question, working context))                    # base + fast weights
+    reward = environment.score(answer)
+
+Everything the outer loop needs is recorded in a JSON-serialisable trajectory per rollout: every prompt and
+generated segment as token ids, the fast-weight version that was live for each generated segment (its tensors
+are kept in `EpisodeBatch.snapshots`), parse records, inner-update losses, reward and timings.
+"""
+
+from __future__ import annotations
+
+import time
+from contextlib import nullcontext
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import torch
+
+from tmem_rl.envs.base import Action, ActionKind, Environment, QAPair, Supervision, Task
+from tmem_rl.extraction import EXTRACTION_PREFILL, answer_messages, extraction_messages, parse_qa_pairs
+from tmem_rl.memory.fast_weights import FastWeights, Snapshot
+
+MEMORY_MODES = ("fast_weights", "none")
+
+
+@dataclass
+class EpisodeConfig:
+    l_max: int = 4096
+    """Working-context budget in tokens; exceeding it triggers an extraction action."""
+    memory: str = "fast_weights"
+    """"fast_weights": extract and absorb. "none": the context is simply dropped at the budget (baseline)."""
+    max_pairs: int = 8
+    """Pairs asked for per extraction."""
+    max_extraction_tokens: int = 192
+    max_answer_tokens: int = 32
+    extraction_retries: int = 1
+    """Extra attempts (sampled) when an extraction yields no usable pair."""
+    prefill: bool = True
+    """Start the extraction answer with "[" so the model continues a JSON list."""
+    examples: bool = True
+    """Show one worked example in the extraction prompt."""
+    grounding: bool = True
+    """Drop extracted pairs whose answer does not occur in the text that was read."""
+    do_sample: bool = False
+    temperature: float = 1.0
+    top_p: float = 1.0
+    retry_temperature: float = 0.7
+    """Temperature of retries, so that a greedy policy does not repeat a failed extraction verbatim."""
+    seed: int = 0
+
+    def __post_init__(self):
+        if self.memory not in MEMORY_MODES:
+            raise ValueError(f"EpisodeConfig.memory={self.memory!r}: expected one of {MEMORY_MODES}")
+        if self.l_max < 1:
+            raise ValueError(f"EpisodeConfig.l_max={self.l_max}: expected a positive token budget")
+
+
+@dataclass
+class Segment:
+    """One generated stretch of tokens and the prompt it continued."""
+
+    kind: str  # "extraction" | "answer"
+    chunk_index: int
+    attempt: int
+    prompt_ids: list[int]
+    completion_ids: list[int]
+    text: str
+    fast_weight_version: int  # number of absorbs into this rollout before generation; 0 = base model
+    snapshot: str | None  # key into EpisodeBatch.snapshots; None = base model
+
+
+@dataclass
+class Trajectory:
+    rollout: int
+    task_id: str
+    question: str
+    answers: list[str]
+    segments: list[Segment] = field(default_factory=list)
+    extractions: list[dict[str, Any]] = field(default_factory=list)
+    prediction: str = ""
+    reward: float = 0.0
+    metrics: dict[str, float] = field(default_factory=dict)
+    timings: dict[str, float] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass
+class EpisodeBatch:
+    trajectories: list[Trajectory]
+    snapshots: dict[str, Snapshot]  # "rollout/version" -> that rollout's fast weights at that version
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"trajectories": [t.to_dict() for t in self.trajectories]}
+
+
+class EpisodeRunner:
+    def __init__(self, model, tokenizer, fast: FastWeights | None, config: EpisodeConfig | None = None):
+        self.model = model
+        self.tokenizer = tokenizer
+        self.fast = fast
+        self.config = config or EpisodeConfig()
+        if self.config.memory == "fast_weights" and fast is None:
+            raise ValueError("memory='fast_weights' needs a FastWeights object")
+        self.device = next(model.parameters()).device
+
+    def run(self, env: Environment, tasks: list[Task]) -> EpisodeBatch:
+        """Run one rollout per task (repeat a task G times for a GRPO group), all in lockstep."""
+        cfg = self.config
+        n = len(tasks)
+        if self.fast is not None and n > self.fast.num_slots:
+            raise ValueError(f"{n} rollouts but only {self.fast.num_slots} fast-weight slots")
+        torch.manual_seed(cfg.seed)
+        if self.fast is not None:
+            self.fast.reset(range(n))
+        started = time.perf_counter()
+        states = [env.reset(task)[0] for task in tasks]
+        trajectories = [Trajectory(g, t.task_id, t.question, list(t.answers)) for g, t in enumerate(tasks)]
+        for traj in trajectories:
+            traj.timings = {"generate_extraction": 0.0, "inner_update": 0.0, "generate_answer": 0.0}
+        snapshots: dict[str, Snapshot] = {}
+        context: list[list[str]] = [[] for _ in range(n)]
+        context_tokens = [0] * n
+        pairs_so_far: list[list[QAPair]] = [[] for _ in range(n)]
+        reading = list(range(n))
+        while reading:
+            for g in list(reading):
+                observation = env.step(states[g], Action(ActionKind.READ)).observation
+                if observation.kind == "end":
+                    reading.remove(g)
+                    continue
+                context[g].append(observation.text)
+                context_tokens[g] += self._count_tokens(observation.text)
+            over_budget = [g for g in reading if context_tokens[g] > cfg.l_max]
+            if not over_budget:
+                continue
+            if cfg.memory == "fast_weights":
+                self._extract_and_absorb(over_budget, states, context, pairs_so_far, trajectories, snapshots)
+            for g in over_budget:
+                context[g], context_tokens[g] = [], 0
+        self._answer(env, states, context, trajectories, snapshots)
+        total = time.perf_counter() - started
+        for traj in trajectories:
+            traj.timings["episode"] = total
+        return EpisodeBatch(trajectories, snapshots)
+
+    # ---- actions --------------------------------------------------------------------------------------------
+
+    def _extract_and_absorb(self, rollouts, states, context, pairs_so_far, trajectories, snapshots) -> None:
+        cfg = self.config
+        supervision = {g: Supervision() for g in rollouts}
+        pending = list(rollouts)
+        for attempt in range(1 + cfg.extraction_retries):
+            if not pending:
+                break
+            prompts = [
+                self._prompt_ids(
+                    extraction_messages(
+                        states[g].task.question, "\n".join(context[g]), pairs_so_far[g], cfg.max_pairs, cfg.examples
+                    ),
+                    prefill=EXTRACTION_PREFILL if cfg.prefill else "",
+                )
+                for g in pending
+            ]
+            t0 = time.perf_counter()
+            temperature = cfg.temperature if attempt == 0 else cfg.retry_temperature
+            completions = self._generate(prompts, pending, cfg.max_extraction_tokens, cfg.do_sample or attempt > 0,
+                                         temperature)
+            elapsed = time.perf_counter() - t0
+            for g, prompt, completion in zip(pending, prompts, completions):
+                text = self.tokenizer.decode(completion, skip_special_tokens=True)
+                source = "\n".join(context[g]) if cfg.grounding else None
+                record = parse_qa_pairs(text, prefilled=cfg.prefill, source=source)
+                supervision[g].attempts.append(record)
+                supervision[g].pairs = record.pairs
+                self._add_segment(trajectories[g], "extraction", states[g].cursor - 1, attempt, prompt, completion,
+                                  text, snapshots)
+                trajectories[g].timings["generate_extraction"] += elapsed
+            pending = [g for g in pending if not supervision[g].pairs]
+        to_absorb = {g: s.pairs for g, s in supervision.items() if s.pairs}
+        t0 = time.perf_counter()
+        stats = self.fast.absorb(self.tokenizer, to_absorb, prompt_fn=lambda q: answer_messages(q, "")) if to_absorb else {}
+        elapsed = time.perf_counter() - t0
+        for g in rollouts:
+            pairs_so_far[g].extend(supervision[g].pairs)
+            trajectories[g].timings["inner_update"] += elapsed if g in stats else 0.0
+            trajectories[g].extractions.append(
+                {
+                    "chunk_index": states[g].cursor - 1,
+                    "supervision": supervision[g].to_dict(),
+                    "inner_update": stats.get(g),
+                    "fast_weight_version": self.fast.versions[g],
+                }
+            )
+            if g in stats:
+                snapshots[self._snapshot_key(g)] = self.fast.snapshot([g])
+
+    def _answer(self, env, states, context, trajectories, snapshots) -> None:
+        cfg = self.config
+        everyone = list(range(len(states)))
+        prompts = [self._prompt_ids(answer_messages(states[g].task.question, "\n".join(context[g]))) for g in everyone]
+        t0 = time.perf_counter()
+        completions = self._generate(prompts, everyone, cfg.max_answer_tokens, cfg.do_sample, cfg.temperature)
+        elapsed = time.perf_counter() - t0
+        for g, prompt, completion in zip(everyone, prompts, completions):
+            text = self.tokenizer.decode(completion, skip_special_tokens=True).strip()
+            self._add_segment(trajectories[g], "answer", states[g].cursor, 0, prompt, completion, text, snapshots)
+            result = env.step(states[g], Action(ActionKind.ANSWER, text))
+            trajectories[g].prediction = text
+            trajectories[g].reward = result.reward
+            trajectories[g].metrics = dict(result.info)
+            trajectories[g].timings["generate_answer"] += elapsed
+
+    # ---- helpers --------------------------------------------------------------------------------------------
+
+    def _version(self, g: int) -> int:
+        return self.fast.versions[g] if self.fast is not None and self.config.memory == "fast_weights" else 0
+
+    def _snapshot_key(self, g: int) -> str:
+        return f"{g}/{self._version(g)}"
+
+    def _add_segment(self, traj, kind, chunk_index, attempt, prompt, completion, text, snapshots) -> None:
+        version = self._version(traj.rollout)
+        key = self._snapshot_key(traj.rollout) if version else None
+        assert key is None or key in snapshots, "a live fast-weight version must have been snapshotted"
+        traj.segments.append(Segment(kind, chunk_index, attempt, prompt, completion, text, version, key))
+
+    def _count_tokens(self, text: str) -> int:
+        return len(self.tokenizer(text, add_special_tokens=False)["input_ids"])
+
+    def _prompt_ids(self, messages: list[dict[str, str]], prefill: str = "") -> list[int]:
+        text = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+        return self.tokenizer(text + prefill, add_special_tokens=False)["input_ids"]
+
+    @torch.no_grad()
+    def _generate(self, prompts: list[list[int]], rollouts: list[int], max_new_tokens: int, sample: bool,
+                  temperature: float) -> list[list[int]]:
+        """Batched, KV-cached generation; row i runs under rollout rollouts[i]'s fast weights."""
+        pad = self.tokenizer.pad_token_id
+        width = max(len(p) for p in prompts)
+        input_ids = torch.full((len(prompts), width), pad, dtype=torch.long)
+        attention_mask = torch.zeros_like(input_ids)
+        for i, p in enumerate(prompts):  # left padding: every row's continuation starts at the same column
+            input_ids[i, width - len(p) :] = torch.tensor(p)
+            attention_mask[i, width - len(p) :] = 1
+        kwargs = dict(do_sample=sample, temperature=temperature, top_p=self.config.top_p) if sample else {
+            "do_sample": False, "temperature": None, "top_p": None, "top_k": None}
+        slots = rollouts if self.config.memory == "fast_weights" else [-1] * len(rollouts)
+        live = self.fast.use(slots) if self.fast is not None else nullcontext()
+        with live:
+            out = self.model.generate(
+                input_ids=input_ids.to(self.device),
+                attention_mask=attention_mask.to(self.device),
+                max_new_tokens=max_new_tokens,
+                pad_token_id=pad,
+                eos_token_id=self.tokenizer.eos_token_id,
+                **kwargs,
+            )
+        completions = []
+        for row in out[:, width:].tolist():
+            if self.tokenizer.eos_token_id in row:  # keep the end token: it was generated and carries log-prob
+                row = row[: row.index(self.tokenizer.eos_token_id) + 1]
+            completions.append(row)
+        return completions
+
