@@ -45,7 +45,7 @@ def main() -> None:
     curves = {}
     for init in ("svd", "random"):
         fast = FastWeights(model, args.rollouts, FastWeightConfig(init=init, lr=args.lr, epochs=args.max_steps))
-        stats = fast.absorb(tokenizer, pairs, prompt_fn=lambda q: answer_messages(q, ""))
+        stats = fast.absorb(tokenizer, pairs, prompt_fn=lambda q: answer_messages(f"Question: {q}"))
         fast.remove()
         # Mean over rollouts of the loss before each step (one step per epoch here).
         curve = [sum(s["epoch_losses"][k] for s in stats.values()) / len(stats) for k in range(args.max_steps)]

@@ -322,12 +322,15 @@ def test_extraction_messages_show_only_last_20_previous():
 
 
 def test_answer_messages():
-    messages = answer_messages("Where is Acme based?", "Acme moved to Tromso.")
+    messages = answer_messages("Text:\nAcme moved to Tromso.\n\nQuestion: Where is Acme based?")
     assert [m["role"] for m in messages] == ["system", "user"]
-    assert "Acme moved to Tromso." in messages[1]["content"]
-    assert "Where is Acme based?" in messages[1]["content"]
-    bare = answer_messages("Where is Acme based?", "")
-    assert bare[1]["content"] == "Question: Where is Acme based?"
+    assert messages[1]["content"].endswith("Question: Where is Acme based?")
+
+
+def test_extraction_messages_without_a_question_ask_for_likely_facts():
+    user = extraction_messages("", "Acme moved to Tromso.", examples=False)[-1]["content"]
+    assert "Question to answer later" not in user
+    assert "may ask about later" in user and "Acme moved to Tromso." in user
 
 
 def test_grounded_keeps_only_answers_found_in_the_text():

@@ -21,7 +21,7 @@ def test_paper_inner_update_lowers_loss_on_the_real_model(smol):
     model, tok = smol
     fast = FastWeights(model, 2, FastWeightConfig())  # paper settings
     pairs = {1: [QAPair("What is the name of Maya's dog?", "Biscuit"), QAPair("Where does Omar live?", "Tromso")]}
-    stats = fast.absorb(tok, pairs, prompt_fn=lambda q: answer_messages(q, ""))[1]
+    stats = fast.absorb(tok, pairs, prompt_fn=lambda q: answer_messages(f"Question: {q}"))[1]
     fast.remove()
     assert stats["loss_after"] < 0.85 * stats["loss_before"]
     assert stats["epoch_losses"] == sorted(stats["epoch_losses"], reverse=True)

@@ -14,7 +14,7 @@ class ScriptedRunner(EpisodeRunner):
     extraction_text = ' {"instruction": "What did Maya say?", "output": "hello there"}]'
     answer_text = "hello there"
 
-    def _generate(self, prompts, rollouts, max_new_tokens, sample, temperature):
+    def generate(self, prompts, slots, max_new_tokens, sample, temperature):
         text = self.extraction_text if max_new_tokens == self.config.max_extraction_tokens else self.answer_text
         ids = self.tokenizer(text, add_special_tokens=False)["input_ids"] + [self.tokenizer.eos_token_id]
         return [list(ids) for _ in prompts]

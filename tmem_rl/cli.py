@@ -22,6 +22,24 @@ def main(argv: list[str] | None = None) -> int:
 
     demo = sub.add_parser("demo", help="TMEM vs no memory on the facts environment with the default model")
     _add_dataclass_args(demo, DemoConfig)
+    ev = sub.add_parser("eval", help="run memory methods side by side on a benchmark; JSONL + summary + table + chart")
+    ev.add_argument("--env", default="locomo")
+    ev.add_argument("--data", required=True, help="benchmark file (LoCoMo: the official locomo10.json)")
+    ev.add_argument("--method", nargs="+", default=["tmem"], help="none full-context summary retrieval tmem tmem+explicit")
+    ev.add_argument("--model", default=None)
+    ev.add_argument("--max-questions", type=int, default=None)
+    ev.add_argument("--sample-ids", nargs="+", default=None)
+    ev.add_argument("--episode-unit", choices=["question", "conversation"], default="question")
+    ev.add_argument("--greedy", action="store_true", help="deterministic decoding instead of the paper's sampling")
+    ev.add_argument("--out", required=True)
+    ev.add_argument("--resume", action="store_true")
+    ev.add_argument("--l-max", type=int, default=None, help="working-context budget (default: the paper's 4096)")
+    ev.add_argument("--inner-lr", type=float, default=None)
+    ev.add_argument("--inner-epochs", type=int, default=None)
+    ev.add_argument("--context-budget", type=int, default=None, help="full-context prompt budget in tokens")
+    ev.add_argument("--retrieval-k", type=int, default=None)
+    ev.add_argument("--batch-size", type=int, default=None, help="questions answered (or read) per batch")
+    ev.add_argument("--seed", type=int, default=0)
     sub.add_parser("envs", help="list the available environments")
     convert = sub.add_parser("convert", help="convert a known packaged model into the HF cache folder; print it")
     convert.add_argument("name", nargs="?", default=None)
@@ -36,6 +54,25 @@ def main(argv: list[str] | None = None) -> int:
         print()
         print(format_table(summary))
         print(f"\ntrajectories and summary written to {config.out}/")
+    elif args.command == "eval":
+        from tmem_rl.evaluation.harness import EvalConfig, markdown_table, run_eval
+        from tmem_rl.evaluation.methods import MethodSettings
+        from tmem_rl.memory import FastWeightConfig
+
+        fast = FastWeightConfig(**{k: v for k, v in (("lr", args.inner_lr), ("epochs", args.inner_epochs))
+                                   if v is not None})
+        settings = MethodSettings(**{k: v for k, v in (("context_budget", args.context_budget),
+                                                       ("retrieval_k", args.retrieval_k),
+                                                       ("answer_batch_size", args.batch_size)) if v is not None})
+        optional = {k: v for k, v in (("model", args.model), ("l_max", args.l_max)) if v is not None}
+        config = EvalConfig(
+            data=args.data, out=args.out, env=args.env, methods=args.method, max_questions=args.max_questions,
+            sample_ids=args.sample_ids, episode_unit=args.episode_unit, greedy=args.greedy, resume=args.resume,
+            fast_weights=fast, methods_settings=settings, seed=args.seed, **optional,
+        )
+        summary = run_eval(config)
+        print(markdown_table(summary))
+        print(f"\nrecords, summary.json, summary.md and f1_by_category.png written to {config.out}/")
     elif args.command == "envs":
         from tmem_rl.envs import available_envs
 

@@ -235,14 +235,17 @@ _ANSWER_SYSTEM = "Answer the question briefly, in a few words, using what you re
 
 
 def _extraction_request(question: str, context: str, previous: list[QAPair] | None, max_pairs: int) -> str:
-    parts = [f"Question to answer later: {question}", f"Text:\n{context}"]
+    # In conversation mode the question is not known while reading: ask for the facts likely to be asked.
+    parts = [f"Question to answer later: {question}"] if question else []
+    parts.append(f"Text:\n{context}")
     if previous:
         shown = previous[-MAX_PREVIOUS_SHOWN:]
         lines = "\n".join(json.dumps(p.to_dict(), ensure_ascii=False) for p in shown)
         parts.append(f"Pairs already written (do not repeat them):\n{lines}")
     parts.append(
         f"Write up to {max_pairs} question-answer pairs about facts in the text (names, numbers, dates, places) "
-        "that would help answer the question. Copy each answer from the text. "
+        + ("that would help answer the question. " if question else "that someone may ask about later. ")
+        + "Copy each answer from the text. "
         'Output only a JSON list of {"instruction": ..., "output": ...}.'
     )
     return "\n\n".join(parts)
@@ -281,9 +284,6 @@ def grounded(pairs: list[QAPair], source: str) -> tuple[list[QAPair], list[dict[
     return kept, dropped
 
 
-def answer_messages(question: str, context: str) -> list[dict[str, str]]:
-    """Chat messages for the final answer; `context` may be empty when the agent answers from memory alone."""
-    user = f"Question: {question}"
-    if context.strip():
-        user = f"Text:\n{context}\n\n{user}"
-    return [{"role": "system", "content": _ANSWER_SYSTEM}, {"role": "user", "content": user}]
+def answer_messages(user_text: str) -> list[dict[str, str]]:
+    """Chat messages for the final answer; `user_text` comes from `Environment.answer_prompt`."""
+    return [{"role": "system", "content": _ANSWER_SYSTEM}, {"role": "user", "content": user_text}]

@@ -24,7 +24,7 @@ from typing import Any
 
 import torch
 
-from tmem_rl.envs.base import Action, ActionKind, Environment, QAPair, Supervision, Task
+from tmem_rl.envs.base import Action, ActionKind, Environment, EpisodeState, QAPair, Supervision, Task
 from tmem_rl.extraction import EXTRACTION_PREFILL, answer_messages, extraction_messages, parse_qa_pairs
 from tmem_rl.memory.fast_weights import FastWeights, Snapshot
 
@@ -52,6 +52,8 @@ class EpisodeConfig:
     do_sample: bool = False
     temperature: float = 1.0
     top_p: float = 1.0
+    top_k: int = 0
+    """0: no top-k filtering."""
     retry_temperature: float = 0.7
     """Temperature of retries, so that a greedy policy does not repeat a failed extraction verbatim."""
     seed: int = 0
@@ -103,6 +105,18 @@ class EpisodeBatch:
         return {"trajectories": [t.to_dict() for t in self.trajectories]}
 
 
+@dataclass
+class Episode:
+    """Rollouts that have read their streams: what answering (and evaluation protocols) need next."""
+
+    states: list[EpisodeState]
+    trajectories: list[Trajectory]
+    snapshots: dict[str, Snapshot] = field(default_factory=dict)
+    context: list[list[str]] = field(default_factory=list)  # working context left at the end of the stream
+    context_tokens: list[int] = field(default_factory=list)
+    pairs: list[list[QAPair]] = field(default_factory=list)  # every pair each rollout absorbed, in order
+
+
 class EpisodeRunner:
     def __init__(self, model, tokenizer, fast: FastWeights | None, config: EpisodeConfig | None = None):
         self.model = model
@@ -115,6 +129,16 @@ class EpisodeRunner:
 
     def run(self, env: Environment, tasks: list[Task]) -> EpisodeBatch:
         """Run one rollout per task (repeat a task G times for a GRPO group), all in lockstep."""
+        started = time.perf_counter()
+        episode = self.read(env, tasks)
+        self._answer(env, episode)
+        total = time.perf_counter() - started
+        for traj in episode.trajectories:
+            traj.timings["episode"] = total
+        return EpisodeBatch(episode.trajectories, episode.snapshots)
+
+    def read(self, env: Environment, tasks: list[Task]) -> "Episode":
+        """Read every rollout's stream to its end, extracting and absorbing whenever the budget is exceeded."""
         cfg = self.config
         n = len(tasks)
         if self.fast is not None and n > self.fast.num_slots:
@@ -122,48 +146,45 @@ class EpisodeRunner:
         torch.manual_seed(cfg.seed)
         if self.fast is not None:
             self.fast.reset(range(n))
-        started = time.perf_counter()
-        states = [env.reset(task)[0] for task in tasks]
-        trajectories = [Trajectory(g, t.task_id, t.question, list(t.answers)) for g, t in enumerate(tasks)]
-        for traj in trajectories:
+        ep = Episode(
+            states=[env.reset(task)[0] for task in tasks],
+            trajectories=[Trajectory(g, t.task_id, t.question, list(t.answers)) for g, t in enumerate(tasks)],
+        )
+        for traj in ep.trajectories:
             traj.timings = {"generate_extraction": 0.0, "inner_update": 0.0, "generate_answer": 0.0}
-        snapshots: dict[str, Snapshot] = {}
-        context: list[list[str]] = [[] for _ in range(n)]
-        context_tokens = [0] * n
-        pairs_so_far: list[list[QAPair]] = [[] for _ in range(n)]
+        ep.context = [[] for _ in range(n)]
+        ep.context_tokens = [0] * n
+        ep.pairs = [[] for _ in range(n)]
         reading = list(range(n))
         while reading:
             for g in list(reading):
-                observation = env.step(states[g], Action(ActionKind.READ)).observation
+                observation = env.step(ep.states[g], Action(ActionKind.READ)).observation
                 if observation.kind == "end":
                     reading.remove(g)
                     continue
-                context[g].append(observation.text)
-                context_tokens[g] += self._count_tokens(observation.text)
-            over_budget = [g for g in reading if context_tokens[g] > cfg.l_max]
+                ep.context[g].append(observation.text)
+                ep.context_tokens[g] += self._count_tokens(observation.text)
+            over_budget = [g for g in reading if ep.context_tokens[g] > cfg.l_max]
             if not over_budget:
                 continue
             if cfg.memory == "fast_weights":
-                self._extract_and_absorb(over_budget, states, context, pairs_so_far, trajectories, snapshots)
+                self._extract_and_absorb(env, over_budget, ep)
             for g in over_budget:
-                context[g], context_tokens[g] = [], 0
-        self._answer(env, states, context, trajectories, snapshots)
-        total = time.perf_counter() - started
-        for traj in trajectories:
-            traj.timings["episode"] = total
-        return EpisodeBatch(trajectories, snapshots)
+                ep.context[g], ep.context_tokens[g] = [], 0
+        return ep
 
     # ---- actions --------------------------------------------------------------------------------------------
 
-    def _extract_and_absorb(self, rollouts, states, context, pairs_so_far, trajectories, snapshots) -> None:
+    def _extract_and_absorb(self, env: Environment, rollouts: list[int], ep: "Episode") -> None:
         cfg = self.config
+        states, context, pairs_so_far, trajectories, snapshots = ep.states, ep.context, ep.pairs, ep.trajectories, ep.snapshots
         supervision = {g: Supervision() for g in rollouts}
         pending = list(rollouts)
         for attempt in range(1 + cfg.extraction_retries):
             if not pending:
                 break
             prompts = [
-                self._prompt_ids(
+                self.prompt_ids(
                     extraction_messages(
                         states[g].task.question, "\n".join(context[g]), pairs_so_far[g], cfg.max_pairs, cfg.examples
                     ),
@@ -173,7 +194,7 @@ class EpisodeRunner:
             ]
             t0 = time.perf_counter()
             temperature = cfg.temperature if attempt == 0 else cfg.retry_temperature
-            completions = self._generate(prompts, pending, cfg.max_extraction_tokens, cfg.do_sample or attempt > 0,
+            completions = self.generate(prompts, pending, cfg.max_extraction_tokens, cfg.do_sample or attempt > 0,
                                          temperature)
             elapsed = time.perf_counter() - t0
             for g, prompt, completion in zip(pending, prompts, completions):
@@ -188,7 +209,7 @@ class EpisodeRunner:
             pending = [g for g in pending if not supervision[g].pairs]
         to_absorb = {g: s.pairs for g, s in supervision.items() if s.pairs}
         t0 = time.perf_counter()
-        stats = self.fast.absorb(self.tokenizer, to_absorb, prompt_fn=lambda q: answer_messages(q, "")) if to_absorb else {}
+        stats = self.fast.absorb(self.tokenizer, to_absorb, prompt_fn=lambda q: answer_messages(env.answer_prompt(q, ""))) if to_absorb else {}
         elapsed = time.perf_counter() - t0
         for g in rollouts:
             pairs_so_far[g].extend(supervision[g].pairs)
@@ -204,21 +225,34 @@ class EpisodeRunner:
             if g in stats:
                 snapshots[self._snapshot_key(g)] = self.fast.snapshot([g])
 
-    def _answer(self, env, states, context, trajectories, snapshots) -> None:
+    def _answer(self, env: Environment, ep: "Episode") -> None:
+        everyone = list(range(len(ep.states)))
+        tasks = [state.task for state in ep.states]
+        answers = self.answer(env, everyone, tasks, ["\n".join(c) for c in ep.context])
+        for g, (text, prompt, completion, seconds) in enumerate(answers):
+            traj = ep.trajectories[g]
+            self._add_segment(traj, "answer", ep.states[g].cursor, 0, prompt, completion, text, ep.snapshots)
+            result = env.step(ep.states[g], Action(ActionKind.ANSWER, text))
+            traj.prediction = text
+            traj.reward = result.reward
+            traj.metrics = dict(result.info)
+            traj.timings["generate_answer"] += seconds
+
+    def answer(self, env: Environment, slots: list[int], tasks: list[Task], contexts: list[str]):
+        """Answer each task's question in one batch, row i under fast-weight slot slots[i] with contexts[i] in the
+        prompt. -> [(text, prompt_ids, completion_ids, seconds)]"""
         cfg = self.config
-        everyone = list(range(len(states)))
-        prompts = [self._prompt_ids(answer_messages(states[g].task.question, "\n".join(context[g]))) for g in everyone]
+        prompts = [
+            self.prompt_ids(answer_messages(env.answer_prompt(task.question, context, task)))
+            for task, context in zip(tasks, contexts)
+        ]
         t0 = time.perf_counter()
-        completions = self._generate(prompts, everyone, cfg.max_answer_tokens, cfg.do_sample, cfg.temperature)
+        completions = self.generate(prompts, slots, cfg.max_answer_tokens, cfg.do_sample, cfg.temperature)
         elapsed = time.perf_counter() - t0
-        for g, prompt, completion in zip(everyone, prompts, completions):
-            text = self.tokenizer.decode(completion, skip_special_tokens=True).strip()
-            self._add_segment(trajectories[g], "answer", states[g].cursor, 0, prompt, completion, text, snapshots)
-            result = env.step(states[g], Action(ActionKind.ANSWER, text))
-            trajectories[g].prediction = text
-            trajectories[g].reward = result.reward
-            trajectories[g].metrics = dict(result.info)
-            trajectories[g].timings["generate_answer"] += elapsed
+        return [
+            (self.tokenizer.decode(c, skip_special_tokens=True).strip(), p, c, elapsed)
+            for p, c in zip(prompts, completions)
+        ]
 
     # ---- helpers --------------------------------------------------------------------------------------------
 
@@ -237,14 +271,14 @@ class EpisodeRunner:
     def _count_tokens(self, text: str) -> int:
         return len(self.tokenizer(text, add_special_tokens=False)["input_ids"])
 
-    def _prompt_ids(self, messages: list[dict[str, str]], prefill: str = "") -> list[int]:
+    def prompt_ids(self, messages: list[dict[str, str]], prefill: str = "") -> list[int]:
         text = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
         return self.tokenizer(text + prefill, add_special_tokens=False)["input_ids"]
 
     @torch.no_grad()
-    def _generate(self, prompts: list[list[int]], rollouts: list[int], max_new_tokens: int, sample: bool,
-                  temperature: float) -> list[list[int]]:
-        """Batched, KV-cached generation; row i runs under rollout rollouts[i]'s fast weights."""
+    def generate(self, prompts: list[list[int]], slots: list[int], max_new_tokens: int, sample: bool,
+                 temperature: float) -> list[list[int]]:
+        """Batched, KV-cached generation; row i runs under fast-weight slot slots[i] (-1: the base model)."""
         pad = self.tokenizer.pad_token_id
         width = max(len(p) for p in prompts)
         input_ids = torch.full((len(prompts), width), pad, dtype=torch.long)
@@ -252,10 +286,13 @@ class EpisodeRunner:
         for i, p in enumerate(prompts):  # left padding: every row's continuation starts at the same column
             input_ids[i, width - len(p) :] = torch.tensor(p)
             attention_mask[i, width - len(p) :] = 1
-        kwargs = dict(do_sample=sample, temperature=temperature, top_p=self.config.top_p) if sample else {
-            "do_sample": False, "temperature": None, "top_p": None, "top_k": None}
-        slots = rollouts if self.config.memory == "fast_weights" else [-1] * len(rollouts)
-        live = self.fast.use(slots) if self.fast is not None else nullcontext()
+        if sample:
+            kwargs = dict(do_sample=True, temperature=temperature, top_p=self.config.top_p, top_k=self.config.top_k)
+        else:
+            kwargs = dict(do_sample=False, temperature=None, top_p=None, top_k=None)
+        if self.config.memory != "fast_weights":
+            slots = [-1] * len(slots)
+        live = self.fast.use(slots) if self.fast is not None and max(slots) >= 0 else nullcontext()
         with live:
             out = self.model.generate(
                 input_ids=input_ids.to(self.device),

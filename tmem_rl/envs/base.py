@@ -136,6 +136,16 @@ class Environment(ABC):
     def tasks(self) -> list[Task]:
         return [self.task(i) for i in range(len(self))]
 
+    def answer_prompt(self, question: str, context: str, task: Task | None = None) -> str:
+        """The user turn that asks for the final answer; benchmarks override it with their official QA prompt.
+
+        `task` is None when the inner loop renders an extracted pair's question, so that pairs are learned in the
+        shape in which questions are later asked.
+        """
+        if context.strip():
+            return f"Text:\n{context}\n\nQuestion: {question}"
+        return f"Question: {question}"
+
     def reset(self, task: Task) -> tuple[EpisodeState, Observation]:
         return EpisodeState(task=task), Observation(kind="question", text=task.question)
 

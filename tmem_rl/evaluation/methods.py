@@ -1,0 +1,224 @@
+"""Memory methods compared side by side on the same model, prompts and decoding.
+
+Every method gets a batch of *readings* (a stream to read; its question when the protocol reveals it) and, per
+reading, the questions to answer afterwards. What differs is only what the answer prompt's context holds and
+whether fast weights are live:
+
+    none            nothing: the question alone
+    full-context    the most recent stream text that fits the context budget
+    summary         a running summary rewritten after every L_max tokens of stream (MemAgent-style)
+    retrieval       BM25 over the stream's chunks (turns), top-k in stream order
+    tmem            fast weights written by the agent's own extractions + the working context left at the end
+    tmem+explicit   tmem, plus the extracted pairs retrieved by BM25 as explicit notes
+"""
+
+from __future__ import annotations
+
+import re
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+from rank_bm25 import BM25Okapi
+
+from tmem_rl.envs.base import Environment, Task
+from tmem_rl.rollout import EpisodeRunner
+
+_WORD = re.compile(r"\w+")
+
+
+def bm25_tokens(text: str) -> list[str]:
+    return _WORD.findall(text.lower())
+
+
+def bm25_top_k(documents: list[str], query: str, k: int) -> list[int]:
+    """Indices of the k best BM25 matches, returned in document order (stream order reads naturally)."""
+    if not documents or k <= 0:
+        return []
+    scores = BM25Okapi([bm25_tokens(d) or ["<empty>"] for d in documents]).get_scores(bm25_tokens(query))
+    best = sorted(range(len(documents)), key=lambda i: (-scores[i], i))[:k]
+    return sorted(best)
+
+
+@dataclass
+class Answered:
+    task: Task
+    prediction: str
+    seconds: float  # this question's share of the wall time (reading shared by its questions + answering)
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class MethodSettings:
+    context_budget: int = 4096
+    """Tokens of stream text a full-context prompt may hold."""
+    retrieval_k: int = 10
+    """Chunks (turns) retrieved per question; also the number of extracted pairs tmem+explicit retrieves."""
+    summary_tokens: int = 256
+    """Generation budget of each summary rewrite."""
+    answer_batch_size: int = 8
+
+
+class MemoryMethod:
+    name = "base"
+    uses_fast_weights = False
+
+    def __init__(self, runner: EpisodeRunner, env: Environment, settings: MethodSettings):
+        self.runner = runner
+        self.env = env
+        self.settings = settings
+        self.tokenizer = runner.tokenizer
+
+    def run(self, readings: list[Task], questions: list[list[Task]]) -> list[list[Answered]]:
+        start = time.perf_counter()
+        slots, contexts, extras = self.prepare(readings, questions)
+        read_seconds = time.perf_counter() - start
+        out: list[list[Answered]] = []
+        for g, qs in enumerate(questions):
+            share = read_seconds / max(sum(len(q) for q in questions), 1)
+            answered = []
+            for begin in range(0, len(qs), self.settings.answer_batch_size):
+                batch = qs[begin : begin + self.settings.answer_batch_size]
+                ctx = [contexts[g][begin + i] for i in range(len(batch))]
+                results = self.runner.answer(self.env, [slots[g]] * len(batch), batch, ctx)
+                for task, context, (text, _, _, seconds) in zip(batch, ctx, results):
+                    extra = dict(extras[g])
+                    extra["context_tokens"] = self._tokens(context)
+                    answered.append(Answered(task, text, share + seconds / len(batch), extra))
+            out.append(answered)
+        return out
+
+    def prepare(self, readings, questions):
+        """-> (fast-weight slot per reading, answer contexts per reading per question, extra record fields)."""
+        contexts = [[self.context_for(reading, q) for q in qs] for reading, qs in zip(readings, questions)]
+        return [-1] * len(readings), contexts, [{} for _ in readings]
+
+    def context_for(self, reading: Task, question: Task) -> str:
+        return ""
+
+    def _tokens(self, text: str) -> int:
+        return len(self.tokenizer(text, add_special_tokens=False)["input_ids"]) if text else 0
+
+
+class NoMemory(MemoryMethod):
+    name = "none"
+
+
+class FullContext(MemoryMethod):
+    name = "full-context"
+
+    def context_for(self, reading, question):
+        kept, used = [], 0
+        for chunk in reversed(reading.chunks):
+            cost = self._tokens(chunk) + 1
+            if used + cost > self.settings.context_budget:
+                break
+            kept.append(chunk)
+            used += cost
+        return "\n".join(reversed(kept))
+
+    def prepare(self, readings, questions):
+        # The most recent text does not depend on the question: build it once per reading.
+        contexts = [[self.context_for(r, None)] * len(qs) for r, qs in zip(readings, questions)]
+        return [-1] * len(readings), contexts, [{} for _ in readings]
+
+
+class Retrieval(MemoryMethod):
+    name = "retrieval"
+
+    def prepare(self, readings, questions):
+        contexts, extras = [], []
+        for reading, qs in zip(readings, questions):
+            per_question = []
+            hits = {}
+            for q in qs:
+                top = bm25_top_k(list(reading.chunks), q.question, self.settings.retrieval_k)
+                hits[q.task_id] = top
+                per_question.append("\n".join(reading.chunks[i] for i in top))
+            contexts.append(per_question)
+            extras.append({"retrieved_chunks": hits})
+        return [-1] * len(readings), contexts, extras
+
+
+_SUMMARY_SYSTEM = "You keep short notes about a long text so that questions can be answered from the notes alone."
+
+
+class Summary(MemoryMethod):
+    name = "summary"
+
+    def prepare(self, readings, questions):
+        notes = [""] * len(readings)
+        windows: list[list[str]] = [[] for _ in readings]
+        used = [0] * len(readings)
+        rewrites = [0] * len(readings)
+        longest = max(len(r.chunks) for r in readings)
+        for i in range(longest + 1):
+            due = []
+            for g, reading in enumerate(readings):
+                if i < len(reading.chunks):
+                    windows[g].append(reading.chunks[i])
+                    used[g] += self._tokens(reading.chunks[i])
+                    if used[g] > self.runner.config.l_max:
+                        due.append(g)
+                elif i == len(reading.chunks) and windows[g]:
+                    due.append(g)  # the stream's tail
+            if not due:
+                continue
+            prompts = [self.runner.prompt_ids(self._messages(readings[g], notes[g], "\n".join(windows[g])))
+                       for g in due]
+            outputs = self.runner.generate(prompts, [-1] * len(due), self.settings.summary_tokens, False, 1.0)
+            for g, ids in zip(due, outputs):
+                notes[g] = self.tokenizer.decode(ids, skip_special_tokens=True).strip()
+                windows[g], used[g] = [], 0
+                rewrites[g] += 1
+        contexts = [[f"Notes:\n{notes[g]}"] * len(qs) for g, qs in enumerate(questions)]
+        extras = [{"summary": notes[g], "summary_rewrites": rewrites[g]} for g in range(len(readings))]
+        return [-1] * len(readings), contexts, extras
+
+    def _messages(self, reading: Task, notes: str, window: str) -> list[dict[str, str]]:
+        focus = (f"Question to answer later: {reading.question}\n\n" if reading.question else "")
+        keep = ("every fact that may help answer the question" if reading.question
+                else "every fact someone may ask about later (names, dates, events, places)")
+        budget_words = int(self.settings.summary_tokens * 0.7)
+        user = (f"{focus}Current notes:\n{notes or '(none yet)'}\n\nNew text:\n{window}\n\n"
+                f"Rewrite the notes: keep {keep}, add the new ones from the new text, with their dates. "
+                f"At most {budget_words} words. Output only the notes.")
+        return [{"role": "system", "content": _SUMMARY_SYSTEM}, {"role": "user", "content": user}]
+
+
+class TMEM(MemoryMethod):
+    name = "tmem"
+    uses_fast_weights = True
+
+    def prepare(self, readings, questions):
+        episode = self.runner.read(self.env, readings)
+        contexts, extras = [], []
+        for g, qs in enumerate(questions):
+            residual = "\n".join(episode.context[g])
+            contexts.append([self.with_explicit(episode.pairs[g], q, residual) for q in qs])
+            extras.append({
+                "extractions": episode.trajectories[g].extractions,
+                "pairs_absorbed": len(episode.pairs[g]),
+                "fast_weight_version": self.runner.fast.versions[g],
+            })
+        return list(range(len(readings))), contexts, extras
+
+    def with_explicit(self, pairs, question: Task, residual: str) -> str:
+        return residual
+
+
+class TMEMExplicit(TMEM):
+    name = "tmem+explicit"
+
+    def with_explicit(self, pairs, question, residual):
+        texts = [f"{p.instruction} {p.output}" for p in pairs]
+        top = bm25_top_k(texts, question.question, self.settings.retrieval_k)
+        if not top:
+            return residual
+        notes = "\n".join(f"- {pairs[i].instruction} {pairs[i].output}" for i in top)
+        return f"Notes:\n{notes}" + (f"\n\n{residual}" if residual else "")
+
+
+METHODS: dict[str, type[MemoryMethod]] = {
+    cls.name: cls for cls in (NoMemory, FullContext, Summary, Retrieval, TMEM, TMEMExplicit)
+}
