@@ -379,3 +379,14 @@ def test_real_conversation_loads_completely():
     # One entry in the file packs two ids ("D8:6; D9:17"); every id comes out on its own.
     assert all(re.fullmatch(r"D\d+:\d+", e) for t in env.tasks() for e in t.metadata["evidence"])
 
+
+
+def test_per_category_keeps_the_first_questions_of_each_category():
+    env = LocomoEnv(FIXTURE, per_category=1)
+    categories = [t.metadata["category"] for t in env.tasks()]
+    assert sorted(categories) == sorted(set(categories)) == [1, 2, 3, 4, 5]
+    everything = LocomoEnv(FIXTURE).tasks()
+    first_of = {}
+    for t in everything:
+        first_of.setdefault(t.metadata["category"], t.task_id)
+    assert {t.task_id for t in env.tasks()} == set(first_of.values())

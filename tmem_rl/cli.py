@@ -28,6 +28,7 @@ def main(argv: list[str] | None = None) -> int:
     ev.add_argument("--method", nargs="+", default=["tmem"], help="none full-context summary retrieval tmem tmem+explicit")
     ev.add_argument("--model", default=None)
     ev.add_argument("--max-questions", type=int, default=None)
+    ev.add_argument("--per-category", type=int, default=None, help="first N questions of each category")
     ev.add_argument("--sample-ids", nargs="+", default=None)
     ev.add_argument("--episode-unit", choices=["question", "conversation"], default="question")
     ev.add_argument("--greedy", action="store_true", help="deterministic decoding instead of the paper's sampling")
@@ -67,6 +68,7 @@ def main(argv: list[str] | None = None) -> int:
         optional = {k: v for k, v in (("model", args.model), ("l_max", args.l_max)) if v is not None}
         config = EvalConfig(
             data=args.data, out=args.out, env=args.env, methods=args.method, max_questions=args.max_questions,
+            per_category=args.per_category,
             sample_ids=args.sample_ids, episode_unit=args.episode_unit, greedy=args.greedy, resume=args.resume,
             fast_weights=fast, methods_settings=settings, seed=args.seed, **optional,
         )

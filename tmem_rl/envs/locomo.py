@@ -258,11 +258,13 @@ class LocomoEnv(Environment):
         sample_ids: list[str] | None = None,
         max_questions: int | None = None,
         seed: int = 0,
+        per_category: int | None = None,
     ):
-        if max_questions is not None and (
-            not isinstance(max_questions, int) or isinstance(max_questions, bool) or max_questions < 0
-        ):
-            raise ValueError(f"locomo env: max_questions must be None or an integer >= 0, got {max_questions!r}")
+        """`per_category`: keep only the first N questions of each category (file order), a fixed mixed subset;
+        `max_questions` then truncates that list."""
+        for name, value in (("max_questions", max_questions), ("per_category", per_category)):
+            if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 0):
+                raise ValueError(f"locomo env: {name} must be None or an integer >= 0, got {value!r}")
         if not isinstance(seed, int) or isinstance(seed, bool):
             raise ValueError(f"locomo env: seed must be an integer, got {seed!r}")
         self.data = str(data)
@@ -271,6 +273,15 @@ class LocomoEnv(Environment):
         # All questions of a conversation share one rendered stream.
         self._streams = {s.sample_id: tuple(render_stream(s)) for s in self.samples}
         tasks = [self._task(s, q) for s in self.samples for q in s.questions]
+        if per_category is not None:
+            seen: dict[int, int] = {}
+            kept = []
+            for t in tasks:
+                category = t.metadata["category"]
+                if seen.get(category, 0) < per_category:
+                    seen[category] = seen.get(category, 0) + 1
+                    kept.append(t)
+            tasks = kept
         self._tasks = tasks if max_questions is None else tasks[:max_questions]
 
     def __len__(self) -> int:

@@ -41,6 +41,8 @@ class EvalConfig:
     methods: list[str] = field(default_factory=lambda: ["tmem"])
     model: str = DEFAULT_MODEL
     max_questions: int | None = None
+    per_category: int | None = None
+    """First N questions of each category: a fixed subset with every category in it."""
     sample_ids: list[str] | None = None
     episode_unit: str = "question"
     """question: one episode per question, the question known while reading (the paper's protocol).
@@ -136,8 +138,9 @@ def run_eval(config: EvalConfig) -> dict[str, Any]:
         raise FileExistsError(f"{results_path} already has results; pass --resume to continue, or another --out")
     (out / "config.json").write_text(json.dumps(dataclasses.asdict(config), indent=2))
 
+    selection = {"per_category": config.per_category} if config.per_category is not None else {}
     env = make_env(config.env, data=config.data, sample_ids=config.sample_ids, max_questions=config.max_questions,
-                   seed=config.seed)
+                   seed=config.seed, **selection)
     tasks = env.tasks()
     done = {(r["method"], r["question_id"]) for r in read_records(results_path)}
 
