@@ -25,6 +25,7 @@ from typing import Any
 import torch
 
 from tmem_rl.envs.base import Action, ActionKind, Environment, EpisodeState, QAPair, Supervision, Task
+from tmem_rl.logprobs import build_rows, completion_logprobs
 from tmem_rl.extraction import EXTRACTION_PREFILL, answer_messages, extraction_messages, parse_qa_pairs
 from tmem_rl.memory.fast_weights import FastWeights, Snapshot
 
@@ -56,6 +57,8 @@ class EpisodeConfig:
     """0: no top-k filtering."""
     retry_temperature: float = 0.7
     """Temperature of retries, so that a greedy policy does not repeat a failed extraction verbatim."""
+    record_logprobs: bool = False
+    """Store each generated token's log-prob (teacher-forced, same fast weights) for the outer loop."""
     seed: int = 0
 
     def __post_init__(self):
@@ -77,6 +80,8 @@ class Segment:
     text: str
     fast_weight_version: int  # number of absorbs into this rollout before generation; 0 = base model
     snapshot: str | None  # key into EpisodeBatch.snapshots; None = base model
+    temperature: float = 1.0  # the policy temperature the tokens were sampled at (log-probs use it too)
+    logprobs: list[float] | None = None  # per completion token, when EpisodeConfig.record_logprobs
 
 
 @dataclass
@@ -103,6 +108,15 @@ class EpisodeBatch:
 
     def to_dict(self) -> dict[str, Any]:
         return {"trajectories": [t.to_dict() for t in self.trajectories]}
+
+
+@dataclass
+class Generated:
+    text: str
+    prompt_ids: list[int]
+    completion_ids: list[int]
+    seconds: float  # wall time of the batch that generated it
+    logprobs: list[float] | None = None
 
 
 @dataclass
@@ -197,14 +211,15 @@ class EpisodeRunner:
             completions = self.generate(prompts, pending, cfg.max_extraction_tokens, cfg.do_sample or attempt > 0,
                                          temperature)
             elapsed = time.perf_counter() - t0
-            for g, prompt, completion in zip(pending, prompts, completions):
+            logprobs = self._logprobs(prompts, completions, pending, temperature)
+            for g, prompt, completion, lp in zip(pending, prompts, completions, logprobs):
                 text = self.tokenizer.decode(completion, skip_special_tokens=True)
                 source = "\n".join(context[g]) if cfg.grounding else None
                 record = parse_qa_pairs(text, prefilled=cfg.prefill, source=source)
                 supervision[g].attempts.append(record)
                 supervision[g].pairs = record.pairs
-                self._add_segment(trajectories[g], "extraction", states[g].cursor - 1, attempt, prompt, completion,
-                                  text, snapshots)
+                self._add_segment(trajectories[g], Segment("extraction", states[g].cursor - 1, attempt, prompt,
+                                                           completion, text, 0, None, temperature, lp), snapshots)
                 trajectories[g].timings["generate_extraction"] += elapsed
             pending = [g for g in pending if not supervision[g].pairs]
         to_absorb = {g: s.pairs for g, s in supervision.items() if s.pairs}
@@ -229,18 +244,19 @@ class EpisodeRunner:
         everyone = list(range(len(ep.states)))
         tasks = [state.task for state in ep.states]
         answers = self.answer(env, everyone, tasks, ["\n".join(c) for c in ep.context])
-        for g, (text, prompt, completion, seconds) in enumerate(answers):
+        for g, out in enumerate(answers):
             traj = ep.trajectories[g]
-            self._add_segment(traj, "answer", ep.states[g].cursor, 0, prompt, completion, text, ep.snapshots)
-            result = env.step(ep.states[g], Action(ActionKind.ANSWER, text))
-            traj.prediction = text
+            self._add_segment(traj, Segment("answer", ep.states[g].cursor, 0, out.prompt_ids, out.completion_ids,
+                                            out.text, 0, None, self.config.temperature, out.logprobs), ep.snapshots)
+            result = env.step(ep.states[g], Action(ActionKind.ANSWER, out.text))
+            traj.prediction = out.text
             traj.reward = result.reward
             traj.metrics = dict(result.info)
-            traj.timings["generate_answer"] += seconds
+            traj.timings["generate_answer"] += out.seconds
 
-    def answer(self, env: Environment, slots: list[int], tasks: list[Task], contexts: list[str]):
+    def answer(self, env: Environment, slots: list[int], tasks: list[Task], contexts: list[str]) -> list["Generated"]:
         """Answer each task's question in one batch, row i under fast-weight slot slots[i] with contexts[i] in the
-        prompt. -> [(text, prompt_ids, completion_ids, seconds)]"""
+        prompt."""
         cfg = self.config
         prompts = [
             self.prompt_ids(answer_messages(env.answer_prompt(task.question, context, task)))
@@ -249,9 +265,10 @@ class EpisodeRunner:
         t0 = time.perf_counter()
         completions = self.generate(prompts, slots, cfg.max_answer_tokens, cfg.do_sample, cfg.temperature)
         elapsed = time.perf_counter() - t0
+        logprobs = self._logprobs(prompts, completions, slots, cfg.temperature)
         return [
-            (self.tokenizer.decode(c, skip_special_tokens=True).strip(), p, c, elapsed)
-            for p, c in zip(prompts, completions)
+            Generated(self.tokenizer.decode(c, skip_special_tokens=True).strip(), p, c, elapsed, lp)
+            for p, c, lp in zip(prompts, completions, logprobs)
         ]
 
     # ---- helpers --------------------------------------------------------------------------------------------
@@ -262,11 +279,24 @@ class EpisodeRunner:
     def _snapshot_key(self, g: int) -> str:
         return f"{g}/{self._version(g)}"
 
-    def _add_segment(self, traj, kind, chunk_index, attempt, prompt, completion, text, snapshots) -> None:
-        version = self._version(traj.rollout)
-        key = self._snapshot_key(traj.rollout) if version else None
-        assert key is None or key in snapshots, "a live fast-weight version must have been snapshotted"
-        traj.segments.append(Segment(kind, chunk_index, attempt, prompt, completion, text, version, key))
+    def _add_segment(self, traj: Trajectory, segment: Segment, snapshots) -> None:
+        """Append a generated segment, stamped with the fast-weight version live for its rollout right now."""
+        segment.fast_weight_version = self._version(traj.rollout)
+        segment.snapshot = self._snapshot_key(traj.rollout) if segment.fast_weight_version else None
+        assert segment.snapshot is None or segment.snapshot in snapshots, "a live version must have a snapshot"
+        traj.segments.append(segment)
+
+    @torch.no_grad()
+    def _logprobs(self, prompts, completions, slots, temperature) -> list[list[float] | None]:
+        """Teacher-forced log-probs of what was just generated, under the same fast weights (outer-loop input)."""
+        if not self.config.record_logprobs:
+            return [None] * len(prompts)
+        if self.config.memory != "fast_weights":
+            slots = [-1] * len(slots)
+        segments = [{"prompt_ids": p, "completion_ids": c, "snapshot": None} for p, c in zip(prompts, completions)]
+        rows = build_rows(segments, self.tokenizer.pad_token_id, self.device, slots=list(slots))
+        logp = completion_logprobs(self.model, self.fast, rows, temperature)
+        return [logp[i, : len(c)].tolist() for i, c in enumerate(completions)]
 
     def _count_tokens(self, text: str) -> int:
         return len(self.tokenizer(text, add_special_tokens=False)["input_ids"])

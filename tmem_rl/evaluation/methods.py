@@ -81,10 +81,10 @@ class MemoryMethod:
                 batch = qs[begin : begin + self.settings.answer_batch_size]
                 ctx = [contexts[g][begin + i] for i in range(len(batch))]
                 results = self.runner.answer(self.env, [slots[g]] * len(batch), batch, ctx)
-                for task, context, (text, _, _, seconds) in zip(batch, ctx, results):
+                for task, context, generated in zip(batch, ctx, results):
                     extra = dict(extras[g])
                     extra["context_tokens"] = self._tokens(context)
-                    answered.append(Answered(task, text, share + seconds / len(batch), extra))
+                    answered.append(Answered(task, generated.text, share + generated.seconds / len(batch), extra))
             out.append(answered)
         return out
 

@@ -54,8 +54,14 @@ def find_target_modules(model: nn.Module, config: FastWeightConfig) -> dict[str,
     prefix = {id(m): name for name, m in model.named_modules()}[id(layers)]
     found: dict[str, nn.Linear] = {}
     for index in adapted_layer_indices(model, config):
-        linears = {name: m for name, m in layers[index].named_modules() if isinstance(m, nn.Linear)}
-        by_leaf = {name.rsplit(".", 1)[-1]: name for name in linears}
+        # A PEFT LoRA on the slow weights wraps the linear (its `base_layer`); hooking the wrapper puts the fast
+        # delta on top of the slow adapter's output.
+        linears = {
+            name: m
+            for name, m in layers[index].named_modules()
+            if isinstance(m, nn.Linear) and not name.endswith("base_layer") or isinstance(_base_linear(m), nn.Linear)
+        }
+        by_leaf = {name.rsplit(".", 1)[-1]: name for name in linears if "lora_" not in name}
         for target in config.target_modules:
             if target not in by_leaf:
                 raise ValueError(
@@ -64,6 +70,16 @@ def find_target_modules(model: nn.Module, config: FastWeightConfig) -> dict[str,
                 )
             found[f"{prefix}.{index}.{by_leaf[target]}"] = linears[by_leaf[target]]
     return found
+
+
+def _base_linear(module: nn.Module) -> nn.Module | None:
+    base = getattr(module, "base_layer", None)
+    return base if base is not None else None
+
+
+def _linear_of(module: nn.Module) -> nn.Linear:
+    base = _base_linear(module)
+    return base if isinstance(base, nn.Linear) else module
 
 
 def _full_weight(weight: torch.Tensor) -> torch.Tensor:
@@ -94,10 +110,11 @@ class FastWeights:
         self.B: dict[str, torch.Tensor] = {}
         self._a_init: dict[str, torch.Tensor] = {}
         for name, module in self.modules.items():
-            d_out, d_in = module.out_features, module.in_features
+            linear = _linear_of(module)
+            d_out, d_in = linear.out_features, linear.in_features
             if r > min(d_in, d_out):
                 raise ValueError(f"rank {r} exceeds min(d_in, d_out) = {min(d_in, d_out)} of {name}")
-            weight = _full_weight(module.weight)
+            weight = _full_weight(linear.weight)
             if self.config.init == "svd":
                 a = svd_init(weight, r)
             else:

@@ -1,0 +1,127 @@
+import json
+
+import pytest
+import torch
+from accelerate import Accelerator
+
+from tmem_rl.envs import make_env
+from tmem_rl.logprobs import build_rows, completion_logprobs, load_snapshots
+from tmem_rl.memory import FastWeightConfig, FastWeights
+from tmem_rl.models import tiny_model
+from tmem_rl.rollout import EpisodeBatch, EpisodeConfig, EpisodeRunner
+from tmem_rl.trainers.grpo import GRPOConfig, GRPOTrainer, group_advantages
+
+from test_rollout import ScriptedRunner
+
+
+@pytest.fixture
+def env():
+    return make_env("facts", num_tasks=4, num_distractors=6, num_facts=3, lines_per_chunk=3)
+
+
+def segment_dicts(batch):
+    return [
+        {"prompt_ids": s.prompt_ids, "completion_ids": s.completion_ids, "snapshot": s.snapshot,
+         "logprobs": s.logprobs, "kind": s.kind}
+        for t in batch.trajectories for s in t.segments
+    ]
+
+
+def test_recomputed_logprobs_equal_those_recorded_under_the_live_snapshot(tiny, env):
+    model, tok = tiny
+    fast = FastWeights(model, 2, FastWeightConfig(lr=0.5, epochs=3))
+    runner = ScriptedRunner(model, tok, fast, EpisodeConfig(l_max=40, grounding=False, record_logprobs=True))
+    batch = runner.run(env, [env.task(0), env.task(1)])
+    segments = segment_dicts(batch)
+    assert len({s["snapshot"] for s in segments}) >= 4, "need several distinct live snapshots to mean anything"
+    replay = FastWeights(model, 8, FastWeightConfig())
+    rows = build_rows(segments, tok.pad_token_id, "cpu")
+    load_snapshots(replay, rows.snapshot_keys, batch.snapshots)
+    with torch.no_grad():
+        recomputed = completion_logprobs(model, replay, rows)
+        base = completion_logprobs(model, None, rows)
+    for i, seg in enumerate(segments):
+        n = len(seg["completion_ids"])
+        torch.testing.assert_close(recomputed[i, :n], torch.tensor(seg["logprobs"]), atol=1e-4, rtol=1e-4)
+        if seg["snapshot"] is not None:  # the fast weights matter: the base model scores these tokens differently
+            assert (recomputed[i, :n] - base[i, :n]).abs().max() > 1e-3
+
+
+def test_recorded_logprobs_match_the_sampling_distribution(tiny, env):
+    """Independent path: the log-softmax of generate()'s own logits at the sampled tokens."""
+    model, tok = tiny
+    fast = FastWeights(model, 1, FastWeightConfig())
+    fast.B[next(iter(fast.B))].normal_(0, 0.05)  # a live, non-zero delta
+    runner = EpisodeRunner(model, tok, fast, EpisodeConfig(record_logprobs=True, do_sample=True, max_answer_tokens=6))
+    prompt = runner.prompt_ids([{"role": "user", "content": "Where does Maya live?"}])
+    torch.manual_seed(0)
+    with torch.no_grad(), fast.use([0]):
+        out = model.generate(input_ids=torch.tensor([prompt]), max_new_tokens=6, do_sample=True, top_k=0,
+                             output_logits=True, return_dict_in_generate=True, pad_token_id=tok.pad_token_id)
+    completion = out.sequences[0, len(prompt):].tolist()
+    expected = [torch.log_softmax(l[0], -1)[t].item() for l, t in zip(out.logits, completion)]
+    recorded = runner._logprobs([prompt], [completion], [0], 1.0)[0]
+    assert recorded == pytest.approx(expected, abs=1e-4)
+
+
+def test_group_advantages():
+    adv = group_advantages(torch.tensor([1.0, 0.0, 0.5, 0.5]), 2, scale=False)
+    assert adv.tolist() == [0.5, -0.5, 0.0, 0.0]
+    scaled = group_advantages(torch.tensor([1.0, 0.0]), 2, scale=True)
+    assert scaled[0] > 0.7 and scaled[1] < -0.7
+
+
+def make_trainer(tmp_path, env, use_peft=False, **overrides):
+    model, tok = tiny_model(num_layers=2, tokenizer_path="tests/fixtures/tokenizer")
+    settings = dict(output_dir=str(tmp_path), num_generations=2, questions_per_step=1, learning_rate=3e-3,
+                    max_steps=3, report_to=[], save_steps=0, micro_batch_size=4, use_peft=use_peft,
+                    max_completion_length=8, seed=1)
+    cfg = GRPOConfig(**{**settings, **overrides})
+    episode = EpisodeConfig(l_max=60, max_extraction_tokens=8, max_answer_tokens=6)
+    return GRPOTrainer(cfg, model, tok, env, FastWeightConfig(lr=0.05, epochs=1, num_layers=2), episode,
+                       accelerator=Accelerator(cpu=True))
+
+
+@pytest.mark.parametrize("use_peft", [False, True])
+def test_grpo_step_moves_policy_toward_the_higher_reward_completion(tmp_path, env, use_peft):
+    trainer = make_trainer(tmp_path, env, use_peft=use_peft)
+    batch = trainer.generate_rollouts(0)
+    good, bad = batch.trajectories
+    assert good.segments[-1].completion_ids != bad.segments[-1].completion_ids
+    good.reward, bad.reward = 1.0, 0.0
+
+    def answer_logp(traj):
+        seg = traj.segments[-1]
+        rows = build_rows([{"prompt_ids": seg.prompt_ids, "completion_ids": seg.completion_ids,
+                            "snapshot": seg.snapshot}], trainer.tokenizer.pad_token_id, "cpu")
+        load_snapshots(trainer.replay, rows.snapshot_keys, batch.snapshots)
+        with torch.no_grad():
+            return completion_logprobs(trainer.model, trainer.replay, rows).sum().item()
+
+    before = answer_logp(good) - answer_logp(bad)
+    frozen = {n: p.clone() for n, p in trainer.policy.named_parameters() if not p.requires_grad}
+    metrics = trainer.train_step(batch)
+    after = answer_logp(good) - answer_logp(bad)
+    assert after > before + 0.05, (before, after)
+    assert metrics["reward_mean"] == pytest.approx(0.5)
+    for n, p in trainer.policy.named_parameters():
+        if n in frozen:
+            assert torch.equal(p, frozen[n]), f"frozen parameter {n} changed"
+
+
+def test_resume_reproduces_the_uninterrupted_run(tmp_path, env):
+    straight = make_trainer(tmp_path / "a", env)
+    straight.train()
+    interrupted = make_trainer(tmp_path / "b", env, save_steps=2)
+    interrupted.config.max_steps = 2
+    interrupted.train()
+    resumed = make_trainer(tmp_path / "b", env)
+    resumed.train(resume=True)
+    assert resumed.step == 3
+    keys = ["reward_mean", "loss", "f1", "completion_tokens"]
+    a, b = straight.history[-1], resumed.history[-1]
+    assert {k: a[k] for k in keys} == pytest.approx({k: b[k] for k in keys}, abs=1e-5)
+    for (n, p), (_, q) in zip(straight.policy.named_parameters(), resumed.policy.named_parameters()):
+        torch.testing.assert_close(p, q, atol=1e-6, rtol=1e-5)
+    assert (tmp_path / "a" / "reward_curve.png").exists()
+    assert len((tmp_path / "b" / "metrics.jsonl").read_text().splitlines()) == 3

@@ -1,0 +1,77 @@
+"""Log-probs of generated segments, each under the fast weights that were live when it was generated.
+
+The inner update is a stop-gradient: a segment's fast weights are restored from its snapshot as constants, and
+the gradient flows only into the slow weights (through the base layers and the fast-weight hooks' inputs).
+"""
+
+from __future__ import annotations
+
+from contextlib import nullcontext
+from dataclasses import dataclass
+
+import torch
+
+from tmem_rl.memory.fast_weights import FastWeights, Snapshot
+
+
+@dataclass
+class SegmentRows:
+    input_ids: torch.Tensor  # [N, T] left-padded so every sequence ends at the last column
+    attention_mask: torch.Tensor  # [N, T]
+    completion_mask: torch.Tensor  # [N, C] 1 on real completion tokens (right-padded within the last C columns)
+    completion_ids: torch.Tensor  # [N, C]
+    slots: torch.Tensor  # [N] replay slot per row, -1 = base model
+    snapshot_keys: list[str | None]
+
+
+def build_rows(segments: list[dict], pad_id: int, device, slots: list[int] | None = None) -> SegmentRows:
+    """Segments ({"prompt_ids", "completion_ids", "snapshot"}) -> one padded batch. Rows sharing a snapshot share
+    a replay slot; `slots` instead names the fast-weight slot of each row directly (at generation time)."""
+    keys = [] if slots is not None else sorted({s["snapshot"] for s in segments if s["snapshot"] is not None})
+    slot_of = {k: i for i, k in enumerate(keys)}
+    width_c = max(len(s["completion_ids"]) for s in segments)
+    total = max(len(s["prompt_ids"]) + width_c for s in segments)
+    n = len(segments)
+    input_ids = torch.full((n, total), pad_id, dtype=torch.long)
+    attention_mask = torch.zeros((n, total), dtype=torch.long)
+    completion_ids = torch.full((n, width_c), pad_id, dtype=torch.long)
+    completion_mask = torch.zeros((n, width_c), dtype=torch.long)
+    for i, s in enumerate(segments):
+        # prompt then completion right-padded to width_c, the whole thing left-padded to `total`: completion
+        # tokens then sit in the last width_c columns of every row.
+        seq = list(s["prompt_ids"]) + list(s["completion_ids"])
+        c = len(s["completion_ids"])
+        start = total - width_c - len(s["prompt_ids"])
+        input_ids[i, start : start + len(seq)] = torch.tensor(seq)
+        attention_mask[i, start : start + len(seq)] = 1
+        completion_ids[i, :c] = torch.tensor(s["completion_ids"])
+        completion_mask[i, :c] = 1
+    if slots is None:
+        slots = [slot_of[s["snapshot"]] if s["snapshot"] is not None else -1 for s in segments]
+    return SegmentRows(input_ids.to(device), attention_mask.to(device), completion_mask.to(device),
+                       completion_ids.to(device), torch.tensor(slots).to(device), keys)
+
+
+def load_snapshots(replay: FastWeights, keys: list[str], snapshots: dict[str, Snapshot]) -> None:
+    if len(keys) > replay.num_slots:
+        raise ValueError(f"{len(keys)} distinct fast-weight snapshots in one batch; the replay has {replay.num_slots} slots")
+    for slot, key in enumerate(keys):
+        replay.restore(snapshots[key], [slot])
+
+
+def completion_logprobs(model, replay: FastWeights | None, rows: SegmentRows, temperature: float = 1.0) -> torch.Tensor:
+    """Per-token log-probs [N, C] of the completion tokens (0 where completion_mask is 0).
+
+    `model` may be wrapped (DDP, DeepSpeed): it is called as a whole, keeping only the logits that predict
+    completion tokens.
+    """
+    width_c = rows.completion_ids.shape[1]
+    position_ids = (rows.attention_mask.cumsum(-1) - 1).clamp(min=0)
+    use = replay.use(rows.slots) if replay is not None and bool((rows.slots >= 0).any()) else nullcontext()
+    with use:
+        logits = model(input_ids=rows.input_ids, attention_mask=rows.attention_mask, position_ids=position_ids,
+                       logits_to_keep=width_c + 1, use_cache=False).logits
+    logits = logits[:, :-1].float() / temperature  # position t predicts token t+1: [N, C, V]
+    logp = torch.log_softmax(logits, dim=-1).gather(-1, rows.completion_ids.unsqueeze(-1)).squeeze(-1)
+    return logp * rows.completion_mask
+

@@ -1,0 +1,418 @@
+"""Fast-weight-aware GRPO.
+
+One step: sample questions; run `num_generations` TMEM rollouts of each (the episode runner: extraction, inner
+update, answer); score them; group-relative advantages; then the clipped policy-gradient loss on every token the
+policy generated -- extraction and answer tokens alike -- each re-scored under the fast-weight snapshot that was
+live when it was generated (the inner update is a stop-gradient). Environment text gets no loss.
+
+Distribution is Accelerate's: the same loop runs single-process, under `accelerate launch` / `torchrun` (DDP,
+gloo on CPU or NCCL on GPU); each process runs its share of the step's questions.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import shutil
+import time
+from contextlib import nullcontext
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import torch
+from accelerate import Accelerator
+from accelerate.utils import set_seed
+from transformers import get_scheduler
+
+from tmem_rl.envs.base import Environment
+from tmem_rl.logprobs import build_rows, completion_logprobs, load_snapshots
+from tmem_rl.memory import FastWeightConfig, FastWeights
+from tmem_rl.rollout import EpisodeBatch, EpisodeConfig, EpisodeRunner, Trajectory
+
+LOSS_TYPES = ("grpo", "bnpo", "dapo", "dr_grpo")
+RewardFunc = Callable[..., list[float]]
+
+
+@dataclass
+class GRPOConfig:
+    output_dir: str = "runs/grpo"
+    """Checkpoints, logs and the reward curve go here."""
+    max_steps: int = 200
+    questions_per_step: int = 8
+    """Distinct questions per optimizer step, over all processes (must divide evenly among them)."""
+    num_generations: int = 8
+    """Rollouts per question: the GRPO group."""
+    learning_rate: float = 1e-6
+    lr_scheduler_type: str = "constant"
+    warmup_steps: int = 0
+    weight_decay: float = 0.0
+    max_grad_norm: float = 1.0
+    epsilon: float = 0.2
+    """Lower clip range of the policy ratio."""
+    epsilon_high: float | None = None
+    """Upper clip range (None: same as epsilon)."""
+    beta: float = 0.0
+    """KL coefficient to the reference (initial) policy; 0 loads no reference."""
+    loss_type: str = "dapo"
+    """Token-level aggregation: grpo (per-rollout mean), bnpo (per-process token mean), dapo (global token mean),
+    dr_grpo (sum / (rollouts * max_completion_length))."""
+    scale_rewards: bool = True
+    """Divide group-centred rewards by the group's std."""
+    max_completion_length: int = 1024
+    """Token budget of each generated answer / extraction (the paper's response budget)."""
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0
+    micro_batch_size: int = 8
+    """Generated segments per forward/backward pass."""
+    reward_weights: dict[str, float] = field(default_factory=lambda: {"outcome": 1.0})
+    """Weight per reward: "outcome" is the environment's score; others name functions passed to the trainer."""
+    use_peft: bool = False
+    """Train a LoRA adapter on the slow weights instead of all of them."""
+    lora_r: int = 16
+    lora_alpha: int = 32
+    lora_dropout: float = 0.0
+    lora_target_modules: list[str] = field(
+        default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+    )
+    logging_steps: int = 1
+    save_steps: int = 50
+    report_to: list[str] = field(default_factory=lambda: ["tensorboard"])
+    seed: int = 42
+
+    def __post_init__(self):
+        if self.loss_type not in LOSS_TYPES:
+            raise ValueError(f"GRPOConfig.loss_type={self.loss_type!r}: expected one of {LOSS_TYPES}")
+        if self.num_generations < 2:
+            raise ValueError("GRPOConfig.num_generations must be >= 2: advantages are relative within a group")
+
+
+def group_advantages(rewards: torch.Tensor, group_size: int, scale: bool) -> torch.Tensor:
+    """[N] rewards, groups of `group_size` consecutive rollouts -> advantages."""
+    grouped = rewards.view(-1, group_size)
+    centred = grouped - grouped.mean(dim=1, keepdim=True)
+    if scale:
+        centred = centred / (grouped.std(dim=1, keepdim=True) + 1e-4)
+    return centred.reshape(-1)
+
+
+def valid_extraction_reward(trajectories: list[dict], **_) -> list[float]:
+    """Fraction of a rollout's extraction attempts that yielded at least one grounded pair (1.0 with none)."""
+    out = []
+    for traj in trajectories:
+        attempts = [a for e in traj["extractions"] for a in e["supervision"]["attempts"]]
+        out.append(sum(bool(a["pairs"]) for a in attempts) / len(attempts) if attempts else 1.0)
+    return out
+
+
+class GRPOTrainer:
+    def __init__(
+        self,
+        config: GRPOConfig,
+        model,
+        tokenizer,
+        env: Environment,
+        fast_config: FastWeightConfig | None = None,
+        episode_config: EpisodeConfig | None = None,
+        reward_funcs: dict[str, RewardFunc] | None = None,
+        accelerator: Accelerator | None = None,
+    ):
+        self.config = config
+        self.tokenizer = tokenizer
+        self.env = env
+        self.reward_funcs = {"valid_extraction": valid_extraction_reward, **(reward_funcs or {})}
+        unknown = [k for k in config.reward_weights if k != "outcome" and k not in self.reward_funcs]
+        if unknown:
+            raise ValueError(f"reward_weights names unknown reward functions {unknown}; "
+                             f"available: outcome, {', '.join(self.reward_funcs)}")
+        self.accelerator = accelerator or Accelerator(cpu=not torch.cuda.is_available(),
+                                                      log_with=config.report_to or None,
+                                                      project_dir=config.output_dir)
+        acc = self.accelerator
+        if config.questions_per_step % acc.num_processes:
+            raise ValueError(f"questions_per_step={config.questions_per_step} does not divide among "
+                             f"{acc.num_processes} processes")
+        set_seed(config.seed)
+        if config.use_peft:
+            from peft import LoraConfig, get_peft_model
+
+            model = get_peft_model(model, LoraConfig(r=config.lora_r, lora_alpha=config.lora_alpha,
+                                                     lora_dropout=config.lora_dropout,
+                                                     target_modules=config.lora_target_modules))
+        policy = model
+        fast_config = fast_config or FastWeightConfig()
+        local_rollouts = config.questions_per_step // acc.num_processes * config.num_generations
+        # Fast weights are built on the model before wrapping, so their SVD sees the initial weights and hooks sit
+        # on the modules that every wrapper calls.
+        self.fast = FastWeights(policy, local_rollouts, fast_config)
+        self.replay = FastWeights(policy, max(config.micro_batch_size, 1), fast_config)
+        self.reference = None
+        if config.beta > 0 and not config.use_peft:
+            import copy
+
+            self.reference = copy.deepcopy(policy).eval().requires_grad_(False)
+            self.reference_replay = FastWeights(self.reference, max(config.micro_batch_size, 1), fast_config)
+        params = [p for p in policy.parameters() if p.requires_grad]
+        optimizer = torch.optim.AdamW(params, lr=config.learning_rate, weight_decay=config.weight_decay)
+        scheduler = get_scheduler(config.lr_scheduler_type, optimizer, num_warmup_steps=config.warmup_steps,
+                                  num_training_steps=config.max_steps)
+        self.model, self.optimizer, self.scheduler = acc.prepare(model, optimizer, scheduler)
+        self.policy = acc.unwrap_model(self.model)
+        episode_config = episode_config or EpisodeConfig()
+        episode_config.do_sample = True
+        episode_config.record_logprobs = True
+        episode_config.temperature = config.temperature
+        episode_config.top_p, episode_config.top_k = config.top_p, config.top_k
+        episode_config.max_answer_tokens = min(episode_config.max_answer_tokens, config.max_completion_length)
+        episode_config.max_extraction_tokens = min(episode_config.max_extraction_tokens,
+                                                   config.max_completion_length)
+        self.runner = EpisodeRunner(self.policy, tokenizer, self.fast, episode_config)
+        self.step = 0
+        self.history: list[dict] = []
+        Path(config.output_dir).mkdir(parents=True, exist_ok=True)
+
+    # ---- data ----------------------------------------------------------------------------------------------
+
+    def local_questions(self, step: int) -> list[int]:
+        """This process's share of the step's questions: a pure function of (seed, step), so resuming needs only
+        the step number."""
+        rng = random.Random(f"{self.config.seed}:{step}")
+        indices = rng.sample(range(len(self.env)), min(self.config.questions_per_step, len(self.env)))
+        return indices[self.accelerator.process_index :: self.accelerator.num_processes]
+
+    def generate_rollouts(self, step: int) -> EpisodeBatch:
+        tasks = [self.env.task(i) for i in self.local_questions(step) for _ in range(self.config.num_generations)]
+        self.runner.config.seed = self.config.seed * 100_003 + step * 101 + self.accelerator.process_index
+        self.model.eval()
+        return self.runner.run(self.env, tasks)
+
+    def rewards(self, trajectories: list[Trajectory]) -> tuple[torch.Tensor, dict[str, float]]:
+        records = [t.to_dict() for t in trajectories]
+        total = torch.zeros(len(records))
+        parts = {}
+        for name, weight in self.config.reward_weights.items():
+            if name == "outcome":
+                values = [t.reward for t in trajectories]
+            else:
+                values = self.reward_funcs[name](prompts=[t.question for t in trajectories],
+                                                 completions=[t.prediction for t in trajectories],
+                                                 trajectories=records)
+            total += weight * torch.tensor(values, dtype=torch.float32)
+            parts[f"reward/{name}"] = sum(values) / len(values)
+        return total, parts
+
+    # ---- the update ------------------------------------------------------------------------------------------
+
+    def train_step(self, batch: EpisodeBatch) -> dict[str, float]:
+        """One optimizer step on this process's rollouts (groups of num_generations consecutive trajectories)."""
+        cfg, acc = self.config, self.accelerator
+        started = time.perf_counter()
+        trajectories = batch.trajectories
+        rewards, reward_parts = self.rewards(trajectories)
+        advantages = group_advantages(rewards, cfg.num_generations, cfg.scale_rewards)
+        segments = [
+            {**asdict(seg), "advantage": advantages[i].item(), "rollout": i}
+            for i, traj in enumerate(trajectories)
+            for seg in traj.segments
+            if seg.completion_ids
+        ]
+        tokens_of = [sum(len(s["completion_ids"]) for s in segments if s["rollout"] == i)
+                     for i in range(len(trajectories))]
+        local_tokens = sum(tokens_of)
+        global_tokens = acc.reduce(torch.tensor(float(local_tokens), device=acc.device), reduction="sum").item()
+        weight_of = self._token_weights(tokens_of, local_tokens, global_tokens)
+
+        self.model.train()
+        sums = {"loss": 0.0, "clipped": 0.0, "kl": 0.0, "tokens": 0.0}
+        chunks = [segments[i : i + cfg.micro_batch_size] for i in range(0, len(segments), cfg.micro_batch_size)]
+        for k, chunk in enumerate(chunks):
+            # Gradients are all-reduced once per step: every process's last backward syncs, the others do not.
+            sync = k == len(chunks) - 1
+            with nullcontext() if sync else acc.no_sync(self.model):
+                piece = self._chunk_loss(chunk, batch.snapshots, weight_of, sums)
+                acc.backward(piece)
+        if not chunks:  # nothing generated: still take part in the all-reduce
+            acc.backward(sum(p.sum() * 0.0 for p in self.model.parameters() if p.requires_grad))
+        grad_norm = acc.clip_grad_norm_(self.model.parameters(), cfg.max_grad_norm) if cfg.max_grad_norm else None
+        self.optimizer.step()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+
+        stats = self._rollout_stats(trajectories)
+        local = {
+            "reward_mean": rewards.mean().item(),
+            "reward_std": rewards.std().item() if len(rewards) > 1 else 0.0,
+            **reward_parts,
+            **stats,
+            "loss": sums["loss"],
+            "clip_fraction": sums["clipped"] / max(sums["tokens"], 1.0),
+            "kl": sums["kl"] / max(sums["tokens"], 1.0),
+            "completion_tokens": float(local_tokens),
+        }
+        metrics = {k: acc.reduce(torch.tensor(v, device=acc.device), reduction="mean").item()
+                   for k, v in local.items()}
+        metrics["grad_norm"] = float(grad_norm) if grad_norm is not None else 0.0
+        metrics["learning_rate"] = self.scheduler.get_last_lr()[0]
+        metrics["update_seconds"] = time.perf_counter() - started
+        return metrics
+
+    def _token_weights(self, tokens_of: list[int], local_tokens: int, global_tokens: float) -> list[float]:
+        """Per-rollout weight of each of its tokens, so that summing weight * token loss gives the configured
+        aggregation after DDP averages gradients over processes."""
+        cfg, world = self.config, self.accelerator.num_processes
+        n = len(tokens_of)
+        if cfg.loss_type == "grpo":
+            return [1.0 / (t * n) if t else 0.0 for t in tokens_of]
+        if cfg.loss_type == "bnpo":
+            return [1.0 / max(local_tokens, 1)] * n
+        if cfg.loss_type == "dapo":
+            return [world / max(global_tokens, 1.0)] * n
+        return [1.0 / (n * cfg.max_completion_length)] * n  # dr_grpo
+
+    def _chunk_loss(self, chunk: list[dict], snapshots, weight_of: list[float], sums: dict) -> torch.Tensor:
+        cfg = self.config
+        rows = build_rows(chunk, self.tokenizer.pad_token_id, self.accelerator.device)
+        load_snapshots(self.replay, rows.snapshot_keys, snapshots)
+        logp = completion_logprobs(self.model, self.replay, rows, cfg.temperature)  # [n, C]
+        mask = rows.completion_mask.float()
+        old = torch.zeros_like(logp)
+        for i, seg in enumerate(chunk):
+            recorded = seg["logprobs"]
+            old[i, : len(seg["completion_ids"])] = (torch.tensor(recorded, device=logp.device) if recorded is not None
+                                                    else logp[i, : len(seg["completion_ids"])].detach())
+        advantage = torch.tensor([s["advantage"] for s in chunk], device=logp.device).unsqueeze(1)
+        weight = torch.tensor([weight_of[s["rollout"]] for s in chunk], device=logp.device).unsqueeze(1)
+        ratio = torch.exp(logp - old)
+        eps_high = cfg.epsilon if cfg.epsilon_high is None else cfg.epsilon_high
+        clipped_ratio = torch.clamp(ratio, 1 - cfg.epsilon, 1 + eps_high)
+        per_token = -torch.min(ratio * advantage, clipped_ratio * advantage)
+        if cfg.beta > 0:
+            ref = self._reference_logprobs(rows, snapshots)
+            kl = torch.exp(ref - logp) - (ref - logp) - 1
+            per_token = per_token + cfg.beta * kl
+            sums["kl"] += (kl * mask).sum().item()
+        piece = (per_token * mask * weight).sum()
+        sums["loss"] += piece.item()
+        sums["clipped"] += (((ratio < 1 - cfg.epsilon) | (ratio > 1 + eps_high)).float() * mask).sum().item()
+        sums["tokens"] += mask.sum().item()
+        return piece
+
+    @torch.no_grad()
+    def _reference_logprobs(self, rows, snapshots) -> torch.Tensor:
+        """The initial policy's log-probs, under the same fast weights."""
+        if self.config.use_peft:
+            with self.policy.disable_adapter():
+                return completion_logprobs(self.policy, self.replay, rows, self.config.temperature)
+        load_snapshots(self.reference_replay, rows.snapshot_keys, snapshots)
+        return completion_logprobs(self.reference, self.reference_replay, rows, self.config.temperature)
+
+    @staticmethod
+    def _rollout_stats(trajectories: list[Trajectory]) -> dict[str, float]:
+        extractions = [e for t in trajectories for e in t.extractions]
+        updates = [e["inner_update"] for e in extractions if e["inner_update"]]
+        mean = lambda xs: sum(xs) / len(xs) if xs else 0.0  # noqa: E731
+        return {
+            "f1": mean([t.metrics.get("f1", t.reward) for t in trajectories]),
+            "extraction_parse_rate": mean([float(bool(e["supervision"]["pairs"])) for e in extractions]),
+            "inner_loss_before": mean([u["loss_before"] for u in updates]),
+            "inner_loss_after": mean([u["loss_after"] for u in updates]),
+        }
+
+    # ---- the loop ------------------------------------------------------------------------------------------
+
+    def train(self, resume: bool = False) -> list[dict]:
+        cfg, acc = self.config, self.accelerator
+        if resume:
+            self.load_checkpoint()
+        if cfg.report_to:
+            acc.init_trackers("tmem_rl", config={k: v for k, v in asdict(cfg).items() if not isinstance(v, (list, dict))})
+        from tqdm import tqdm
+
+        bar = tqdm(total=cfg.max_steps, initial=self.step, desc="grpo", disable=not acc.is_main_process)
+        while self.step < cfg.max_steps:
+            started = time.perf_counter()
+            batch = self.generate_rollouts(self.step)
+            rollout_seconds = time.perf_counter() - started
+            metrics = self.train_step(batch)
+            self.step += 1
+            metrics["rollout_seconds"] = rollout_seconds
+            metrics["step_seconds"] = time.perf_counter() - started
+            metrics["tokens_per_s"] = metrics["completion_tokens"] * acc.num_processes / metrics["step_seconds"]
+            metrics["step"] = self.step
+            self.history.append(metrics)
+            if acc.is_main_process:
+                with open(Path(cfg.output_dir) / "metrics.jsonl", "a") as f:
+                    f.write(json.dumps(metrics) + "\n")
+            if cfg.report_to and self.step % cfg.logging_steps == 0:
+                acc.log({k: v for k, v in metrics.items() if k != "step"}, step=self.step)
+            bar.update(1)
+            bar.set_postfix(reward=f"{metrics['reward_mean']:.3f}", f1=f"{metrics['f1']:.3f}")
+            if cfg.save_steps and self.step % cfg.save_steps == 0:
+                self.save_checkpoint()
+        bar.close()
+        if cfg.report_to:
+            acc.end_training()
+        if acc.is_main_process:
+            plot_rewards(Path(cfg.output_dir) / "metrics.jsonl", Path(cfg.output_dir) / "reward_curve.png")
+        return self.history
+
+    # ---- checkpoints ---------------------------------------------------------------------------------------
+
+    def save_checkpoint(self) -> Path:
+        """Model or adapter, optimizer, scheduler, RNG states and the step (the data position), written to a
+        temporary folder and renamed into place: an interrupted save never looks like a checkpoint."""
+        acc = self.accelerator
+        final = Path(self.config.output_dir) / f"checkpoint-{self.step}"
+        staging = final.with_name(final.name + ".tmp")
+        if acc.is_main_process and staging.exists():
+            shutil.rmtree(staging)
+        acc.wait_for_everyone()
+        acc.save_state(str(staging))
+        if acc.is_main_process:
+            (staging / "trainer_state.json").write_text(json.dumps({"step": self.step, "history": self.history}))
+            if self.config.use_peft:
+                self.policy.save_pretrained(staging / "adapter")
+            if final.exists():
+                shutil.rmtree(final)
+            staging.rename(final)
+        acc.wait_for_everyone()
+        return final
+
+    def latest_checkpoint(self) -> Path | None:
+        found = [p for p in Path(self.config.output_dir).glob("checkpoint-*")
+                 if p.is_dir() and not p.name.endswith(".tmp") and (p / "trainer_state.json").exists()]
+        return max(found, key=lambda p: int(p.name.split("-")[1]), default=None)
+
+    def load_checkpoint(self, path: Path | None = None) -> None:
+        path = path or self.latest_checkpoint()
+        if path is None:
+            return
+        self.accelerator.load_state(str(path))
+        state = json.loads((path / "trainer_state.json").read_text())
+        self.step = state["step"]
+        self.history = state["history"]
+
+
+def plot_rewards(metrics_path: Path, out: Path) -> None:
+    if not metrics_path.exists():
+        return
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = [json.loads(line) for line in metrics_path.read_text().splitlines() if line.strip()]
+    if not rows:
+        return
+    steps = [r["step"] for r in rows]
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    ax.plot(steps, [r["reward_mean"] for r in rows], marker="o", label="reward mean")
+    ax.plot(steps, [r["f1"] for r in rows], marker=".", label="F1")
+    ax.set_xlabel("step")
+    ax.set_ylim(bottom=min(0.0, min(r["reward_mean"] for r in rows)))
+    ax.legend()
+    ax.set_title("GRPO reward")
+    fig.tight_layout()
+    fig.savefig(out, dpi=120)
+    plt.close(fig)
