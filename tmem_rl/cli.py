@@ -41,6 +41,10 @@ def main(argv: list[str] | None = None) -> int:
     ev.add_argument("--retrieval-k", type=int, default=None)
     ev.add_argument("--batch-size", type=int, default=None, help="questions answered (or read) per batch")
     ev.add_argument("--seed", type=int, default=0)
+    train = sub.add_parser("train", help="train with a YAML recipe (GRPO); key=value overrides after the recipe")
+    train.add_argument("recipe")
+    train.add_argument("overrides", nargs="*", help="dotted overrides, e.g. outer_loop.max_steps=2")
+    train.add_argument("--resume", action="store_true", help="continue from the latest checkpoint")
     sub.add_parser("envs", help="list the available environments")
     convert = sub.add_parser("convert", help="convert a known packaged model into the HF cache folder; print it")
     convert.add_argument("name", nargs="?", default=None)
@@ -75,6 +79,12 @@ def main(argv: list[str] | None = None) -> int:
         summary = run_eval(config)
         print(markdown_table(summary))
         print(f"\nrecords, summary.json, summary.md and f1_by_category.png written to {config.out}/")
+    elif args.command == "train":
+        from tmem_rl.recipes import load_recipe, run_recipe
+
+        history = run_recipe(load_recipe(args.recipe, args.overrides), resume=args.resume)
+        if history:
+            print(json.dumps({k: round(v, 4) for k, v in history[-1].items()}, indent=2))
     elif args.command == "envs":
         from tmem_rl.envs import available_envs
 

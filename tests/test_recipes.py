@@ -1,0 +1,65 @@
+from pathlib import Path
+
+import pytest
+
+from tmem_rl.recipes import RecipeError, load_recipe
+
+RECIPES = sorted(Path(__file__).resolve().parents[1].joinpath("recipes").glob("*.yaml"))
+
+
+@pytest.mark.parametrize("path", RECIPES, ids=lambda p: p.name)
+def test_every_recipe_validates(path):
+    recipe = load_recipe(path)
+    assert recipe.algorithm == "grpo"
+    assert path.read_text().startswith("# "), "a recipe opens with the command that launches it"
+    assert "tmem-rl train" in path.read_text().splitlines()[0] or "tmem_rl.cli train" in path.read_text()
+
+
+def test_recipes_exist():
+    assert {p.name for p in RECIPES} >= {"quickstart_cpu.yaml", "locomo_grpo_qwen3_4b.yaml"}
+
+
+def test_paper_recipe_carries_the_paper_settings():
+    recipe = load_recipe(next(p for p in RECIPES if p.name == "locomo_grpo_qwen3_4b.yaml"))
+    assert (recipe.outer_loop.max_steps, recipe.outer_loop.questions_per_step, recipe.outer_loop.num_generations,
+            recipe.outer_loop.max_completion_length, recipe.episode.l_max) == (200, 64, 8, 1024, 4096)
+    assert (recipe.inner_loop.rank, recipe.inner_loop.lr, recipe.inner_loop.epochs, recipe.inner_loop.init) == (
+        6, 5e-4, 5, "svd")
+
+
+def write(tmp_path, text):
+    path = tmp_path / "r.yaml"
+    path.write_text(text)
+    return path
+
+
+def test_unknown_key_names_the_key_and_file(tmp_path):
+    path = write(tmp_path, "outer_loop:\n  learning_rat: 1e-5\n")
+    with pytest.raises(RecipeError, match=rf"{path}: unknown key 'outer_loop.learning_rat'"):
+        load_recipe(path)
+
+
+def test_wrong_type_names_the_key_and_file(tmp_path):
+    path = write(tmp_path, "inner_loop:\n  epochs: five\n")
+    with pytest.raises(RecipeError, match=rf"{path}: 'inner_loop.epochs' must be int, got 'five'"):
+        load_recipe(path)
+    path = write(tmp_path, "outer_loop:\n  use_peft: 1\n")
+    with pytest.raises(RecipeError, match="'outer_loop.use_peft' must be bool"):
+        load_recipe(path)
+
+
+def test_overrides_are_typed_too(tmp_path):
+    path = write(tmp_path, "outer_loop:\n  max_steps: 10\n")
+    recipe = load_recipe(path, ["outer_loop.max_steps=3", "env.kwargs.num_facts=2", "inner_loop.lr=1e-3"])
+    assert recipe.outer_loop.max_steps == 3 and recipe.env.kwargs == {"num_facts": 2}
+    assert recipe.inner_loop.lr == 1e-3
+    with pytest.raises(RecipeError, match="'outer_loop.max_steps' must be int"):
+        load_recipe(path, ["outer_loop.max_steps=many"])
+    with pytest.raises(RecipeError, match="expected key=value"):
+        load_recipe(path, ["outer_loop.max_steps"])
+
+
+def test_value_errors_from_the_section_name_it(tmp_path):
+    path = write(tmp_path, "outer_loop:\n  loss_type: sum\n")
+    with pytest.raises(RecipeError, match=rf"{path}: section 'outer_loop'.*loss_type"):
+        load_recipe(path)

@@ -1,0 +1,151 @@
+"""Typed YAML recipes for `tmem-rl train`.
+
+A recipe has the sections model / env / inner_loop / episode / outer_loop; each maps onto a config dataclass, and
+every key is checked against the dataclass field's type. Errors name the file and the dotted key. Command-line
+overrides use the same dotted keys: `outer_loop.learning_rate=1e-5 env.kwargs.num_facts=3`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from tmem_rl.memory import FastWeightConfig
+from tmem_rl.models import DEFAULT_MODEL
+from tmem_rl.rollout import EpisodeConfig
+from tmem_rl.trainers.grpo import GRPOConfig
+
+
+class RecipeError(ValueError):
+    pass
+
+
+@dataclass
+class ModelSection:
+    name: str = DEFAULT_MODEL
+    """Known short name, HF folder or hub id."""
+    dtype: str = "float32"
+    """float32 | bfloat16 | float16."""
+
+
+@dataclass
+class EnvSection:
+    name: str = "facts"
+    kwargs: dict[str, Any] = field(default_factory=dict)
+    """Passed to the environment's constructor."""
+
+
+@dataclass
+class TrainRecipe:
+    algorithm: str = "grpo"
+    model: ModelSection = field(default_factory=ModelSection)
+    env: EnvSection = field(default_factory=EnvSection)
+    inner_loop: FastWeightConfig = field(default_factory=FastWeightConfig)
+    episode: EpisodeConfig = field(default_factory=EpisodeConfig)
+    outer_loop: GRPOConfig = field(default_factory=GRPOConfig)
+
+
+ALGORITHMS = ("grpo",)
+
+
+def _type_ok(value: Any, annotation: Any) -> bool:
+    origin = typing.get_origin(annotation)
+    if annotation is Any:
+        return True
+    if origin in (typing.Union, types.UnionType):
+        return any(_type_ok(value, a) for a in typing.get_args(annotation))
+    if annotation is type(None):
+        return value is None
+    if annotation is bool:
+        return isinstance(value, bool)
+    if annotation is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    if annotation is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if annotation is str:
+        return isinstance(value, str)
+    if origin in (list, tuple):
+        args = [a for a in typing.get_args(annotation) if a is not Ellipsis]
+        return isinstance(value, (list, tuple)) and all(_type_ok(v, args[0]) for v in value) if args else True
+    if origin is dict or annotation is dict:
+        args = typing.get_args(annotation)
+        return isinstance(value, dict) and (not args or all(_type_ok(v, args[1]) for v in value.values()))
+    return True
+
+
+def _build(cls, data: Any, where: str, path: str):
+    if not isinstance(data, dict):
+        raise RecipeError(f"{path}: '{where}' must be a mapping of settings, got {type(data).__name__}")
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    kwargs = {}
+    for key, value in data.items():
+        dotted = f"{where}.{key}" if where else key
+        if key not in fields:
+            raise RecipeError(f"{path}: unknown key '{dotted}'; known keys: {', '.join(fields)}")
+        hint = hints[key]
+        if dataclasses.is_dataclass(hint):
+            kwargs[key] = _build(hint, value, dotted, path)
+            continue
+        if isinstance(value, str) and not _type_ok(value, hint) and _type_ok(0.5, hint):
+            # PyYAML reads 1e-5 (no dot) as a string; accept it where a float is expected.
+            try:
+                value = float(value)
+            except ValueError:
+                pass
+        if not _type_ok(value, hint):
+            expected = getattr(hint, "__name__", None) or str(hint).replace("typing.", "")
+            raise RecipeError(f"{path}: '{dotted}' must be {expected}, got {value!r} ({type(value).__name__})")
+        kwargs[key] = tuple(value) if typing.get_origin(hint) is tuple else value
+    try:
+        return cls(**kwargs)
+    except (TypeError, ValueError) as err:
+        raise RecipeError(f"{path}: section '{where or 'top level'}': {err}") from err
+
+
+def _apply_override(data: dict, override: str, path: str) -> None:
+    if "=" not in override:
+        raise RecipeError(f"override {override!r}: expected key=value, e.g. outer_loop.max_steps=10")
+    key, raw = override.split("=", 1)
+    parts = key.strip().split(".")
+    node = data
+    for part in parts[:-1]:
+        node = node.setdefault(part, {})
+        if not isinstance(node, dict):
+            raise RecipeError(f"{path}: override '{key}': '{part}' is not a section")
+    node[parts[-1]] = yaml.safe_load(raw)
+
+
+def load_recipe(path: str | Path, overrides: list[str] | None = None) -> TrainRecipe:
+    path = str(path)
+    try:
+        data = yaml.safe_load(Path(path).read_text()) or {}
+    except yaml.YAMLError as err:
+        raise RecipeError(f"{path}: not valid YAML: {err}") from err
+    except FileNotFoundError as err:
+        raise RecipeError(f"{path}: no such recipe file") from err
+    for override in overrides or []:
+        _apply_override(data, override, path)
+    recipe = _build(TrainRecipe, data, "", path)
+    if recipe.algorithm not in ALGORITHMS:
+        raise RecipeError(f"{path}: 'algorithm' must be one of {ALGORITHMS}, got {recipe.algorithm!r}")
+    return recipe
+
+
+def run_recipe(recipe: TrainRecipe, resume: bool = False) -> list[dict]:
+    import torch
+
+    from tmem_rl.envs import make_env
+    from tmem_rl.models import load_policy
+    from tmem_rl.trainers.grpo import GRPOTrainer
+
+    model, tokenizer = load_policy(recipe.model.name, dtype=getattr(torch, recipe.model.dtype))
+    env = make_env(recipe.env.name, **recipe.env.kwargs)
+    trainer = GRPOTrainer(recipe.outer_loop, model, tokenizer, env, recipe.inner_loop, recipe.episode)
+    return trainer.train(resume=resume)
