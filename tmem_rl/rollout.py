@@ -17,12 +17,15 @@ are kept in `EpisodeBatch.snapshots`), parse records, inner-update losses, rewar
 
 from __future__ import annotations
 
+import json
 import time
 from contextlib import nullcontext
+from pathlib import Path
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import torch
+from safetensors.torch import load_file, save_file
 
 from tmem_rl.envs.base import Action, ActionKind, Environment, EpisodeState, QAPair, Supervision, Task
 from tmem_rl.logprobs import build_rows, completion_logprobs
@@ -108,6 +111,28 @@ class EpisodeBatch:
 
     def to_dict(self) -> dict[str, Any]:
         return {"trajectories": [t.to_dict() for t in self.trajectories]}
+
+    def save(self, path: str | Path) -> None:
+        """Trajectories as JSON plus the fast-weight snapshots as safetensors, in one folder."""
+        path = Path(path)
+        path.mkdir(parents=True, exist_ok=True)
+        (path / "trajectories.json").write_text(json.dumps(self.to_dict()))
+        flat = {f"{key}|{name}": t.contiguous() for key, snap in self.snapshots.items() for name, t in snap.items()}
+        save_file(flat, str(path / "snapshots.safetensors"))
+
+    @classmethod
+    def load(cls, path: str | Path) -> "EpisodeBatch":
+        path = Path(path)
+        data = json.loads((path / "trajectories.json").read_text())
+        trajectories = []
+        for t in data["trajectories"]:
+            segments = [Segment(**s) for s in t.pop("segments")]
+            trajectories.append(Trajectory(segments=segments, **t))
+        snapshots: dict[str, Snapshot] = {}
+        for flat_key, tensor in load_file(str(path / "snapshots.safetensors")).items():
+            key, name = flat_key.split("|", 1)
+            snapshots.setdefault(key, {})[name] = tensor
+        return cls(trajectories, snapshots)
 
 
 @dataclass

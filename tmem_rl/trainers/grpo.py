@@ -44,6 +44,8 @@ class GRPOConfig:
     num_generations: int = 8
     """Rollouts per question: the GRPO group."""
     learning_rate: float = 1e-6
+    optim: str = "adamw_torch"
+    """adamw_torch | sgd (plain SGD: lighter, and exactly linear in the gradient)."""
     lr_scheduler_type: str = "constant"
     warmup_steps: int = 0
     weight_decay: float = 0.0
@@ -84,6 +86,8 @@ class GRPOConfig:
     def __post_init__(self):
         if self.loss_type not in LOSS_TYPES:
             raise ValueError(f"GRPOConfig.loss_type={self.loss_type!r}: expected one of {LOSS_TYPES}")
+        if self.optim not in ("adamw_torch", "sgd"):
+            raise ValueError(f"GRPOConfig.optim={self.optim!r}: expected adamw_torch or sgd")
         if self.num_generations < 2:
             raise ValueError("GRPOConfig.num_generations must be >= 2: advantages are relative within a group")
 
@@ -154,7 +158,10 @@ class GRPOTrainer:
             self.reference = copy.deepcopy(policy).eval().requires_grad_(False)
             self.reference_replay = FastWeights(self.reference, max(config.micro_batch_size, 1), fast_config)
         params = [p for p in policy.parameters() if p.requires_grad]
-        optimizer = torch.optim.AdamW(params, lr=config.learning_rate, weight_decay=config.weight_decay)
+        if config.optim == "sgd":
+            optimizer = torch.optim.SGD(params, lr=config.learning_rate, weight_decay=config.weight_decay)
+        else:
+            optimizer = torch.optim.AdamW(params, lr=config.learning_rate, weight_decay=config.weight_decay)
         scheduler = get_scheduler(config.lr_scheduler_type, optimizer, num_warmup_steps=config.warmup_steps,
                                   num_training_steps=config.max_steps)
         self.model, self.optimizer, self.scheduler = acc.prepare(model, optimizer, scheduler)

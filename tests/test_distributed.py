@@ -1,0 +1,63 @@
+"""Multi-process GRPO on CPU (gloo): the same update as one process with the same global batch."""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from tmem_rl.envs import make_env
+from tmem_rl.memory import FastWeightConfig, FastWeights
+from tmem_rl.rollout import EpisodeConfig
+
+from test_rollout import ScriptedRunner
+
+WORKER = Path(__file__).parent / "dist_grpo_worker.py"
+
+
+@pytest.fixture(scope="module")
+def fixed_batch(tmp_path_factory):
+    from tmem_rl.models import tiny_model
+
+    model, tok = tiny_model(num_layers=2, tokenizer_path=Path(__file__).parent / "fixtures" / "tokenizer")
+    env = make_env("facts", num_tasks=4, num_distractors=6, num_facts=3, lines_per_chunk=3)
+    fast = FastWeights(model, 8, FastWeightConfig(num_layers=2, lr=0.5, epochs=2))
+    runner = ScriptedRunner(model, tok, fast, EpisodeConfig(l_max=40, grounding=False, record_logprobs=True))
+    batch = runner.run(env, [env.task(i // 2) for i in range(8)])  # 4 groups of 2
+    for i, traj in enumerate(batch.trajectories):
+        traj.reward = [1.0, 0.0, 0.3, 0.6, 0.0, 0.0, 0.9, 0.1][i]
+        # The scripted policy writes the same text everywhere: vary the answers so groups differ.
+        seg = traj.segments[-1]
+        seg.completion_ids = seg.completion_ids[: 1 + i % 3] + [tok.eos_token_id]
+        seg.logprobs = None
+    path = tmp_path_factory.mktemp("batch")
+    batch.save(path)
+    return path
+
+
+def run_workers(nproc, batch, out, loss_type):
+    out.mkdir(parents=True, exist_ok=True)
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc), "--master_port",
+           str(29500 + nproc + hash(loss_type) % 50), str(WORKER), "--batch", str(batch), "--out", str(out),
+           "--loss-type", loss_type]
+    result = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return [torch.load(out / f"rank{r}.pt") for r in range(nproc)]
+
+
+@pytest.mark.parametrize("loss_type", ["dapo", "grpo"])
+def test_two_process_gloo_matches_one_process(fixed_batch, tmp_path, loss_type):
+    (single,) = run_workers(1, fixed_batch, tmp_path / "one", loss_type)
+    rank0, rank1 = run_workers(2, fixed_batch, tmp_path / "two", loss_type)
+    from tmem_rl.models import tiny_model
+
+    initial = tiny_model(num_layers=2, tokenizer_path=Path(__file__).parent / "fixtures" / "tokenizer")[0].state_dict()
+    moved = 0
+    for key in single:
+        assert torch.equal(rank0[key], rank1[key]), f"{key} differs across ranks"
+        torch.testing.assert_close(rank0[key], single[key], atol=2e-5, rtol=1e-4)
+        moved += 0 if torch.allclose(single[key], initial[key]) else 1
+    assert moved > len(single) // 2, "the steps must have changed most parameters for the comparison to mean anything"
