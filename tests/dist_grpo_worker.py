@@ -44,6 +44,7 @@ def main() -> None:
     mine = batch.trajectories[acc.process_index * per_rank * GROUP : (acc.process_index + 1) * per_rank * GROUP]
     for _ in range(args.steps):
         trainer.train_step(EpisodeBatch(mine, batch.snapshots))
+        trainer.step += 1
     state = {k: v.detach().clone() for k, v in acc.unwrap_model(trainer.model).state_dict().items()}
     torch.save(state, Path(args.out) / f"rank{acc.process_index}.pt")
     acc.wait_for_everyone()

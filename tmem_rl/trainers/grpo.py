@@ -22,8 +22,9 @@ from typing import Callable
 
 import torch
 from accelerate import Accelerator
-from accelerate.utils import set_seed
+from accelerate.utils import DistributedType, set_seed
 from transformers import get_scheduler
+from trl.models.utils import unwrap_model_for_generation
 
 from tmem_rl.envs.base import Environment
 from tmem_rl.logprobs import build_rows, completion_logprobs, load_snapshots
@@ -192,7 +193,10 @@ class GRPOTrainer:
         tasks = [self.env.task(i) for i in self.local_questions(step) for _ in range(self.config.num_generations)]
         self.runner.config.seed = self.config.seed * 100_003 + step * 101 + self.accelerator.process_index
         self.model.eval()
-        return self.runner.run(self.env, tasks)
+        # Under ZeRO-3 this gathers the full weights once for the whole rollout, so processes can generate,
+        # extract and absorb independently (different numbers of forward passes) without collectives.
+        with unwrap_model_for_generation(self.model, self.accelerator):
+            return self.runner.run(self.env, tasks)
 
     def rewards(self, trajectories: list[Trajectory]) -> tuple[torch.Tensor, dict[str, float]]:
         records = [t.to_dict() for t in trajectories]
@@ -233,14 +237,17 @@ class GRPOTrainer:
         self.model.train()
         sums = {"loss": 0.0, "clipped": 0.0, "kl": 0.0, "tokens": 0.0}
         chunks = [segments[i : i + cfg.micro_batch_size] for i in range(0, len(segments), cfg.micro_batch_size)]
-        for k, chunk in enumerate(chunks):
-            # Gradients are all-reduced once per step: every process's last backward syncs, the others do not.
-            sync = k == len(chunks) - 1
-            with nullcontext() if sync else acc.no_sync(self.model):
-                piece = self._chunk_loss(chunk, batch.snapshots, weight_of, sums)
-                acc.backward(piece)
-        if not chunks:  # nothing generated: still take part in the all-reduce
-            acc.backward(sum(p.sum() * 0.0 for p in self.model.parameters() if p.requires_grad))
+        passes = len(chunks)
+        if acc.num_processes > 1:
+            # Every forward of a wrapped model is collective (DDP syncs buffers, ZeRO-3 gathers parameters):
+            # processes with fewer segments run zero-weighted passes so that all run as many.
+            passes = int(acc.gather(torch.tensor([passes], device=acc.device)).max().item())
+        for k in range(passes):
+            # Gradients are reduced once per step: every process's last backward syncs, the others do not.
+            real = k < len(chunks)
+            piece = self._chunk_loss(chunks[k] if real else chunks[0], batch.snapshots, weight_of,
+                                     sums if real else {key: 0.0 for key in sums})
+            self._backward(piece if real else piece * 0.0, sync=k == passes - 1)
         grad_norm = acc.clip_grad_norm_(self.model.parameters(), cfg.max_grad_norm) if cfg.max_grad_norm else None
         self.optimizer.step()
         self.scheduler.step()
@@ -263,6 +270,19 @@ class GRPOTrainer:
         metrics["learning_rate"] = self.scheduler.get_last_lr()[0]
         metrics["update_seconds"] = time.perf_counter() - started
         return metrics
+
+    def _backward(self, loss: torch.Tensor, sync: bool) -> None:
+        acc = self.accelerator
+        if acc.distributed_type == DistributedType.DEEPSPEED:
+            # DeepSpeed reduces gradients and steps only on the boundary micro-batch that accelerate marks.
+            acc.gradient_state._set_sync_gradients(sync)
+            try:
+                acc.backward(loss)
+            finally:
+                acc.gradient_state._set_sync_gradients(True)
+            return
+        with nullcontext() if sync else acc.no_sync(self.model):
+            acc.backward(loss)
 
     def _token_weights(self, tokens_of: list[int], local_tokens: int, global_tokens: float) -> list[float]:
         """Per-rollout weight of each of its tokens, so that summing weight * token loss gives the configured
@@ -376,6 +396,7 @@ class GRPOTrainer:
             shutil.rmtree(staging)
         acc.wait_for_everyone()
         acc.save_state(str(staging))
+        acc.wait_for_everyone()  # every process has written its shard and RNG state before the rename
         if acc.is_main_process:
             (staging / "trainer_state.json").write_text(json.dumps({"step": self.step, "history": self.history}))
             if self.config.use_peft:

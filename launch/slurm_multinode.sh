@@ -1,0 +1,17 @@
+#!/usr/bin/env bash
+# sbatch --nodes=2 launch/slurm_multinode.sh RECIPE [key=value ...]
+# One task per node; each starts 8 GPU processes with Accelerate, rank 0's host as the rendezvous.
+#SBATCH --job-name=tmem-rl
+#SBATCH --ntasks-per-node=1
+#SBATCH --gpus-per-node=8
+#SBATCH --cpus-per-task=64
+#SBATCH --output=logs/%x-%j.out
+set -euo pipefail
+recipe=${1:?usage: sbatch --nodes=N launch/slurm_multinode.sh RECIPE [key=value ...]}
+shift
+head_node=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)
+gpus_per_node=${GPUS_PER_NODE:-8}
+srun bash -c "accelerate launch --config_file launch/accelerate_multinode.yaml \
+    --num_machines $SLURM_NNODES --num_processes $((SLURM_NNODES * gpus_per_node)) \
+    --machine_rank \$SLURM_NODEID --main_process_ip $head_node --main_process_port 29500 \
+    -m tmem_rl.cli train $recipe $*"

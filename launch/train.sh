@@ -1,0 +1,15 @@
+#!/usr/bin/env bash
+# Launch `tmem-rl train` with an Accelerate config.
+#   launch/train.sh RECIPE [ACCELERATE_CONFIG] [key=value ...]
+# ACCELERATE_CONFIG defaults to one process on this machine; e.g. launch/accelerate_cpu_2proc.yaml.
+set -euo pipefail
+recipe=${1:?usage: launch/train.sh RECIPE [ACCELERATE_CONFIG] [key=value ...]}
+shift
+config=""
+if [[ $# -gt 0 && "$1" == *.yaml ]]; then config=$1; shift; fi
+here="$(cd "$(dirname "$0")/.." && pwd)"
+python="${PYTHON:-$here/.venv/bin/python}"
+if [[ -n "$config" ]]; then
+  exec "$python" -m accelerate.commands.launch --config_file "$config" -m tmem_rl.cli train "$recipe" "$@"
+fi
+exec "$python" -m tmem_rl.cli train "$recipe" "$@"
