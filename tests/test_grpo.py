@@ -125,3 +125,45 @@ def test_resume_reproduces_the_uninterrupted_run(tmp_path, env):
         torch.testing.assert_close(p, q, atol=1e-6, rtol=1e-5)
     assert (tmp_path / "a" / "reward_curve.png").exists()
     assert len((tmp_path / "b" / "metrics.jsonl").read_text().splitlines()) == 3
+
+
+def test_gae_on_known_numbers():
+    from tmem_rl.trainers.ppo import gae
+
+    adv, ret = gae([0.0, 0.0, 1.0], [0.5, 0.5, 0.5], gamma=1.0, lam=1.0)
+    assert adv == pytest.approx([0.5, 0.5, 0.5]) and ret == pytest.approx([1.0, 1.0, 1.0])
+    adv, _ = gae([0.0, 0.0, 1.0], [0.5, 0.5, 0.5], gamma=1.0, lam=0.5)
+    assert adv == pytest.approx([0.125, 0.25, 0.5])
+    adv, _ = gae([0.0, 1.0], [0.0, 0.0], gamma=0.9, lam=1.0)
+    assert adv == pytest.approx([0.9, 1.0])
+
+
+def test_ppo_step_moves_policy_and_fits_the_value_head(tmp_path, env):
+    from tmem_rl.trainers.ppo import PPOConfig, PPOTrainer
+
+    model, tok = tiny_model(num_layers=2, tokenizer_path="tests/fixtures/tokenizer")
+    cfg = PPOConfig(output_dir=str(tmp_path), num_generations=2, questions_per_step=1, learning_rate=3e-3,
+                    report_to=[], save_steps=0, micro_batch_size=4, max_completion_length=8, seed=1, vf_coef=1.0)
+    trainer = PPOTrainer(cfg, model, tok, env, FastWeightConfig(lr=0.05, epochs=1, num_layers=2),
+                         EpisodeConfig(l_max=60, max_extraction_tokens=8, max_answer_tokens=6),
+                         accelerator=Accelerator(cpu=True))
+    batch = trainer.generate_rollouts(0)
+    good, bad = batch.trajectories
+    good.reward, bad.reward = 1.0, 0.0
+
+    def answer_logp(traj):
+        seg = traj.segments[-1]
+        rows = build_rows([{"prompt_ids": seg.prompt_ids, "completion_ids": seg.completion_ids,
+                            "snapshot": seg.snapshot}], tok.pad_token_id, "cpu")
+        load_snapshots(trainer.replay, rows.snapshot_keys, batch.snapshots)
+        with torch.no_grad():
+            logp, values = completion_logprobs(trainer.model, trainer.replay, rows, 1.0, trainer.value_head)
+        return logp.sum().item(), values[0, -1].item()
+
+    (g0, gv0), (b0, bv0) = answer_logp(good), answer_logp(bad)
+    assert gv0 == bv0 == 0.0  # zero-initialised critic
+    for _ in range(3):
+        trainer.train_step(batch)
+    (g1, gv1), (b1, bv1) = answer_logp(good), answer_logp(bad)
+    assert (g1 - b1) > (g0 - b0) + 0.05
+    assert gv1 > bv1, "the critic must learn that the rewarded answer's last state is worth more"

@@ -10,7 +10,7 @@ RECIPES = sorted(Path(__file__).resolve().parents[1].joinpath("recipes").glob("*
 @pytest.mark.parametrize("path", RECIPES, ids=lambda p: p.name)
 def test_every_recipe_validates(path):
     recipe = load_recipe(path)
-    assert recipe.algorithm == "grpo"
+    assert recipe.algorithm in ("grpo", "ppo")
     assert path.read_text().startswith("# "), "a recipe opens with the command that launches it"
     assert "tmem-rl train" in path.read_text().splitlines()[0] or "tmem_rl.cli train" in path.read_text()
 
@@ -63,3 +63,13 @@ def test_value_errors_from_the_section_name_it(tmp_path):
     path = write(tmp_path, "outer_loop:\n  loss_type: sum\n")
     with pytest.raises(RecipeError, match=rf"{path}: section 'outer_loop'.*loss_type"):
         load_recipe(path)
+
+
+def test_ppo_recipes_get_ppo_settings(tmp_path):
+    path = write(tmp_path, "algorithm: ppo\nouter_loop:\n  vf_coef: 0.5\n  num_generations: 1\n")
+    recipe = load_recipe(path)
+    assert type(recipe.outer_loop).__name__ == "PPOConfig" and recipe.outer_loop.vf_coef == 0.5
+    with pytest.raises(RecipeError, match="unknown key 'outer_loop.vf_coef'"):
+        load_recipe(write(tmp_path, "outer_loop:\n  vf_coef: 0.5\n"))
+    with pytest.raises(RecipeError, match="'algorithm' must be one of"):
+        load_recipe(write(tmp_path, "algorithm: dpo\n"))

@@ -59,19 +59,25 @@ def load_snapshots(replay: FastWeights, keys: list[str], snapshots: dict[str, Sn
         replay.restore(snapshots[key], [slot])
 
 
-def completion_logprobs(model, replay: FastWeights | None, rows: SegmentRows, temperature: float = 1.0) -> torch.Tensor:
-    """Per-token log-probs [N, C] of the completion tokens (0 where completion_mask is 0).
+def completion_logprobs(model, replay: FastWeights | None, rows: SegmentRows, temperature: float = 1.0,
+                        value_head=None):
+    """Per-token log-probs [N, C] of the completion tokens (0 where completion_mask is 0); with `value_head`, also
+    its value estimate [N, C] at the state before each completion token.
 
-    `model` may be wrapped (DDP, DeepSpeed): it is called as a whole, keeping only the logits that predict
-    completion tokens.
+    `model` may be wrapped (DDP): it is called as a whole, keeping only the logits that predict completion tokens.
     """
     width_c = rows.completion_ids.shape[1]
     position_ids = (rows.attention_mask.cumsum(-1) - 1).clamp(min=0)
     use = replay.use(rows.slots) if replay is not None and bool((rows.slots >= 0).any()) else nullcontext()
     with use:
-        logits = model(input_ids=rows.input_ids, attention_mask=rows.attention_mask, position_ids=position_ids,
-                       logits_to_keep=width_c + 1, use_cache=False).logits
-    logits = logits[:, :-1].float() / temperature  # position t predicts token t+1: [N, C, V]
+        out = model(input_ids=rows.input_ids, attention_mask=rows.attention_mask, position_ids=position_ids,
+                    logits_to_keep=width_c + 1, use_cache=False, output_hidden_states=value_head is not None)
+    logits = out.logits[:, :-1].float() / temperature  # position t predicts token t+1: [N, C, V]
     logp = torch.log_softmax(logits, dim=-1).gather(-1, rows.completion_ids.unsqueeze(-1)).squeeze(-1)
-    return logp * rows.completion_mask
+    logp = logp * rows.completion_mask
+    if value_head is None:
+        return logp
+    hidden = out.hidden_states[-1][:, -(width_c + 1) : -1]  # [N, C, d], same positions as the logits
+    values = value_head(hidden.to(value_head.weight.dtype)).squeeze(-1).float() * rows.completion_mask
+    return logp, values
 

@@ -19,7 +19,8 @@ import yaml
 from tmem_rl.memory import FastWeightConfig
 from tmem_rl.models import DEFAULT_MODEL
 from tmem_rl.rollout import EpisodeConfig
-from tmem_rl.trainers.grpo import GRPOConfig
+from tmem_rl.trainers.grpo import GRPOConfig, GRPOTrainer
+from tmem_rl.trainers.ppo import PPOConfig, PPOTrainer
 
 
 class RecipeError(ValueError):
@@ -49,9 +50,10 @@ class TrainRecipe:
     inner_loop: FastWeightConfig = field(default_factory=FastWeightConfig)
     episode: EpisodeConfig = field(default_factory=EpisodeConfig)
     outer_loop: GRPOConfig = field(default_factory=GRPOConfig)
+    """GRPOConfig, or PPOConfig when algorithm is ppo."""
 
 
-ALGORITHMS = ("grpo",)
+ALGORITHMS = {"grpo": (GRPOConfig, GRPOTrainer), "ppo": (PPOConfig, PPOTrainer)}
 
 
 def _type_ok(value: Any, annotation: Any) -> bool:
@@ -130,11 +132,16 @@ def load_recipe(path: str | Path, overrides: list[str] | None = None) -> TrainRe
         raise RecipeError(f"{path}: not valid YAML: {err}") from err
     except FileNotFoundError as err:
         raise RecipeError(f"{path}: no such recipe file") from err
+    if not isinstance(data, dict):
+        raise RecipeError(f"{path}: a recipe is a mapping of sections, got {type(data).__name__}")
     for override in overrides or []:
         _apply_override(data, override, path)
+    algorithm = data.get("algorithm", "grpo")
+    if algorithm not in ALGORITHMS:
+        raise RecipeError(f"{path}: 'algorithm' must be one of {tuple(ALGORITHMS)}, got {algorithm!r}")
+    outer = data.pop("outer_loop", {})
     recipe = _build(TrainRecipe, data, "", path)
-    if recipe.algorithm not in ALGORITHMS:
-        raise RecipeError(f"{path}: 'algorithm' must be one of {ALGORITHMS}, got {recipe.algorithm!r}")
+    recipe.outer_loop = _build(ALGORITHMS[algorithm][0], outer, "outer_loop", path)
     return recipe
 
 
@@ -143,9 +150,8 @@ def run_recipe(recipe: TrainRecipe, resume: bool = False) -> list[dict]:
 
     from tmem_rl.envs import make_env
     from tmem_rl.models import load_policy
-    from tmem_rl.trainers.grpo import GRPOTrainer
-
     model, tokenizer = load_policy(recipe.model.name, dtype=getattr(torch, recipe.model.dtype))
     env = make_env(recipe.env.name, **recipe.env.kwargs)
-    trainer = GRPOTrainer(recipe.outer_loop, model, tokenizer, env, recipe.inner_loop, recipe.episode)
+    trainer_cls = ALGORITHMS[recipe.algorithm][1]
+    trainer = trainer_cls(recipe.outer_loop, model, tokenizer, env, recipe.inner_loop, recipe.episode)
     return trainer.train(resume=resume)

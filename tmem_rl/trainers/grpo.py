@@ -158,6 +158,9 @@ class GRPOTrainer:
 
             self.reference = copy.deepcopy(policy).eval().requires_grad_(False)
             self.reference_replay = FastWeights(self.reference, max(config.micro_batch_size, 1), fast_config)
+        self.value_head = self.make_value_head(policy)
+        if self.value_head is not None:
+            policy.value_head = self.value_head  # a submodule, so that wrappers (DDP) and checkpoints include it
         params = [p for p in policy.parameters() if p.requires_grad]
         if config.optim == "sgd":
             optimizer = torch.optim.SGD(params, lr=config.learning_rate, weight_decay=config.weight_decay)
@@ -179,6 +182,10 @@ class GRPOTrainer:
         self.step = 0
         self.history: list[dict] = []
         Path(config.output_dir).mkdir(parents=True, exist_ok=True)
+
+    def make_value_head(self, policy):
+        """GRPO needs no critic."""
+        return None
 
     # ---- data ----------------------------------------------------------------------------------------------
 
@@ -221,13 +228,13 @@ class GRPOTrainer:
         started = time.perf_counter()
         trajectories = batch.trajectories
         rewards, reward_parts = self.rewards(trajectories)
-        advantages = group_advantages(rewards, cfg.num_generations, cfg.scale_rewards)
         segments = [
-            {**asdict(seg), "advantage": advantages[i].item(), "rollout": i}
+            {**asdict(seg), "rollout": i}
             for i, traj in enumerate(trajectories)
             for seg in traj.segments
             if seg.completion_ids
         ]
+        self.assign_advantages(segments, rewards, batch.snapshots)
         tokens_of = [sum(len(s["completion_ids"]) for s in segments if s["rollout"] == i)
                      for i in range(len(trajectories))]
         local_tokens = sum(tokens_of)
@@ -271,6 +278,12 @@ class GRPOTrainer:
         metrics["update_seconds"] = time.perf_counter() - started
         return metrics
 
+    def assign_advantages(self, segments: list[dict], rewards: torch.Tensor, snapshots) -> None:
+        """GRPO: every generated token of a rollout carries its group-relative advantage."""
+        advantages = group_advantages(rewards, self.config.num_generations, self.config.scale_rewards)
+        for seg in segments:
+            seg["advantages"] = [advantages[seg["rollout"]].item()] * len(seg["completion_ids"])
+
     def _backward(self, loss: torch.Tensor, sync: bool) -> None:
         acc = self.accelerator
         if acc.distributed_type == DistributedType.DEEPSPEED:
@@ -301,14 +314,17 @@ class GRPOTrainer:
         cfg = self.config
         rows = build_rows(chunk, self.tokenizer.pad_token_id, self.accelerator.device)
         load_snapshots(self.replay, rows.snapshot_keys, snapshots)
-        logp = completion_logprobs(self.model, self.replay, rows, cfg.temperature)  # [n, C]
+        if self.value_head is not None:
+            logp, values = completion_logprobs(self.model, self.replay, rows, cfg.temperature, self.value_head)
+        else:
+            logp, values = completion_logprobs(self.model, self.replay, rows, cfg.temperature), None  # [n, C]
         mask = rows.completion_mask.float()
         old = torch.zeros_like(logp)
         for i, seg in enumerate(chunk):
             recorded = seg["logprobs"]
             old[i, : len(seg["completion_ids"])] = (torch.tensor(recorded, device=logp.device) if recorded is not None
                                                     else logp[i, : len(seg["completion_ids"])].detach())
-        advantage = torch.tensor([s["advantage"] for s in chunk], device=logp.device).unsqueeze(1)
+        advantage = self._per_token(chunk, "advantages", logp)
         weight = torch.tensor([weight_of[s["rollout"]] for s in chunk], device=logp.device).unsqueeze(1)
         ratio = torch.exp(logp - old)
         eps_high = cfg.epsilon if cfg.epsilon_high is None else cfg.epsilon_high
@@ -319,11 +335,20 @@ class GRPOTrainer:
             kl = torch.exp(ref - logp) - (ref - logp) - 1
             per_token = per_token + cfg.beta * kl
             sums["kl"] += (kl * mask).sum().item()
+        if values is not None:
+            per_token = per_token + self.value_loss(chunk, values, logp)
         piece = (per_token * mask * weight).sum()
         sums["loss"] += piece.item()
         sums["clipped"] += (((ratio < 1 - cfg.epsilon) | (ratio > 1 + eps_high)).float() * mask).sum().item()
         sums["tokens"] += mask.sum().item()
         return piece
+
+    @staticmethod
+    def _per_token(chunk: list[dict], key: str, like: torch.Tensor) -> torch.Tensor:
+        out = torch.zeros_like(like)
+        for i, seg in enumerate(chunk):
+            out[i, : len(seg[key])] = torch.tensor(seg[key], device=like.device, dtype=like.dtype)
+        return out
 
     @torch.no_grad()
     def _reference_logprobs(self, rows, snapshots) -> torch.Tensor:
