@@ -1,0 +1,161 @@
+"""GRPO step throughput: tmem_rl (fast weights off / on) vs TRL's GRPOTrainer, side by side in one run.
+
+Same model (randomly initialised, SmolLM2-135M shape by default: its completions run to the length limit, so
+every system generates exactly the same number of tokens), same chat prompt, group size and completion length.
+
+- tmem off: episodes whose stream fits the budget: generate the answer, GRPO update. The same work as TRL.
+- tmem on: each rollout's stream exceeds L_max once: an extraction of the same length, an inner update on
+  `--pairs` QA pairs, then the answer; the loss covers both segments, each under its live fast weights. A random
+  model writes no parseable JSON, so the parser is replaced by one that returns `--pairs` pairs drawn from the
+  text: the inner update then costs what it costs with a real extractor.
+
+Prints JSON with tmem_tokens_per_s (fast weights off), trl_tokens_per_s, ratio_vs_trl, tmem_on_tokens_per_s and
+fast_weights_overhead (seconds per generated token, on / off).
+
+    python benchmarks/grpo_step.py                  # CPU, 2 questions x 4 generations x 32 tokens
+    python benchmarks/grpo_step.py --layers 30 --completion 128 --steps 4
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import tempfile
+import time
+
+import torch
+from accelerate import Accelerator
+from transformers import AutoModelForCausalLM, TrainerCallback
+
+import tmem_rl.rollout as rollout
+from tmem_rl.envs.base import Environment, ParseRecord, QAPair, Task
+from tmem_rl.extraction import answer_messages
+from tmem_rl.memory import FastWeightConfig
+from tmem_rl.models import FIXTURE_TOKENIZER, load_tokenizer
+from tmem_rl.rollout import EpisodeConfig
+from tmem_rl.trainers.grpo import GRPOConfig, GRPOTrainer
+
+from inner_update import SHAPES  # noqa: E402  (benchmarks/ is the working directory's sibling)
+
+QUESTION = "Which city did Maya move to, and when is her birthday?"
+STREAM = [
+    "Maya: I finally moved to Lisbon last spring. Omar: The weather has been strange lately. "
+    "Maya: My birthday is on March 14, we should celebrate. Lena: I work as a nurse in Porto. " * 2,
+    "Omar: I adopted a dog called Biscuit. Lena: Let's meet at the harbour cafe at noon on Friday.",
+]
+
+
+class BenchEnv(Environment):
+    name = "bench"
+
+    def __init__(self, chunks):
+        self.chunks = tuple(chunks)
+
+    def __len__(self):
+        return 64
+
+    def task(self, index):
+        return Task(f"bench-{index}", QUESTION, self.chunks, ("Lisbon, March 14",))
+
+    def score(self, task, prediction):
+        value = (hash(prediction) % 1000) / 1000.0  # arbitrary but varied: GRPO needs spread within a group
+        return {"reward": value, "f1": value}
+
+
+def fixed_pairs(count):
+    def parse(text, prefilled=False, source=None):
+        words = (source or "maya lisbon").split()
+        pairs = [QAPair(f"What is item {i} of the text?", words[(7 * i) % len(words)]) for i in range(count)]
+        return ParseRecord(raw=text, pairs=pairs)
+
+    return parse
+
+
+def tmem_run(model_fn, tokenizer, args, fast_weights: bool) -> float:
+    env = BenchEnv(STREAM if fast_weights else STREAM[1:])
+    with tempfile.TemporaryDirectory() as out:
+        cfg = GRPOConfig(output_dir=out, max_steps=args.steps, questions_per_step=args.questions,
+                         num_generations=args.generations, learning_rate=1e-6, report_to=[], save_steps=0,
+                         max_completion_length=args.completion, micro_batch_size=args.questions * args.generations)
+        chunk_tokens = len(tokenizer(STREAM[0])["input_ids"])
+        episode = EpisodeConfig(l_max=chunk_tokens - 1 if fast_weights else 100_000, extraction_retries=0,
+                                max_extraction_tokens=args.completion, max_answer_tokens=args.completion,
+                                grounding=False)
+        trainer = GRPOTrainer(cfg, model_fn(), tokenizer, env, FastWeightConfig(num_layers=min(4, args.layers)),
+                              episode, accelerator=Accelerator(cpu=not torch.cuda.is_available()))
+        original = rollout.parse_qa_pairs
+        rollout.parse_qa_pairs = fixed_pairs(args.pairs)
+        try:
+            history = trainer.train()
+        finally:
+            rollout.parse_qa_pairs = original
+    timed = history[1:] or history  # the first step warms up allocators and kernels
+    return sum(h["completion_tokens"] for h in timed) / sum(h["step_seconds"] for h in timed)
+
+
+class StepTimer(TrainerCallback):
+    def __init__(self):
+        self.times = []
+
+    def on_step_begin(self, args, state, control, **kwargs):
+        self._start = time.perf_counter()
+
+    def on_step_end(self, args, state, control, **kwargs):
+        self.times.append(time.perf_counter() - self._start)
+
+
+def trl_run(model_fn, tokenizer, args) -> float:
+    from datasets import Dataset
+    from trl import GRPOConfig as TRLConfig
+    from trl import GRPOTrainer as TRLTrainer
+
+    user = f"Text:\n{STREAM[1]}\n\nQuestion: {QUESTION}"
+    data = Dataset.from_list([{"prompt": answer_messages(user)} for _ in range(64)])
+    reward = lambda completions, **_: [(hash(str(c)) % 1000) / 1000.0 for c in completions]  # noqa: E731
+    timer = StepTimer()
+    with tempfile.TemporaryDirectory() as out:
+        cfg = TRLConfig(output_dir=out, max_steps=args.steps, per_device_train_batch_size=args.questions * args.generations,
+                        num_generations=args.generations, max_completion_length=args.completion,
+                        learning_rate=1e-6, report_to=[], logging_steps=1, save_strategy="no", beta=0.0,
+                        use_cpu=not torch.cuda.is_available(), bf16=False, seed=0)
+        trainer = TRLTrainer(model=model_fn(), reward_funcs=reward, args=cfg, train_dataset=data,
+                             processing_class=tokenizer, callbacks=[timer])
+        trainer.train()
+    timed = timer.times[1:] or timer.times
+    tokens = args.questions * args.generations * args.completion
+    return tokens * len(timed) / sum(timed)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--shape", choices=sorted(SHAPES), default="smollm2-135m")
+    parser.add_argument("--layers", type=int, default=8, help="decoder layers of the random model")
+    parser.add_argument("--questions", type=int, default=2)
+    parser.add_argument("--generations", type=int, default=4)
+    parser.add_argument("--completion", type=int, default=32)
+    parser.add_argument("--pairs", type=int, default=8)
+    parser.add_argument("--steps", type=int, default=3)
+    args = parser.parse_args()
+
+    config = SHAPES[args.shape]()
+    config.num_hidden_layers = args.layers
+    tokenizer = load_tokenizer(FIXTURE_TOKENIZER)
+    tokenizer.padding_side = "left"
+
+    def model_fn():
+        torch.manual_seed(0)
+        return AutoModelForCausalLM.from_config(config)
+
+    results = {"shape": args.shape, "layers": args.layers, "questions": args.questions,
+               "generations": args.generations, "completion_tokens": args.completion, "pairs": args.pairs,
+               "device": "cuda" if torch.cuda.is_available() else "cpu", "threads": torch.get_num_threads()}
+    results["tmem_tokens_per_s"] = tmem_run(model_fn, tokenizer, args, fast_weights=False)
+    results["trl_tokens_per_s"] = trl_run(model_fn, tokenizer, args)
+    results["tmem_on_tokens_per_s"] = tmem_run(model_fn, tokenizer, args, fast_weights=True)
+    results["ratio_vs_trl"] = results["tmem_tokens_per_s"] / results["trl_tokens_per_s"]
+    results["fast_weights_overhead"] = results["tmem_tokens_per_s"] / results["tmem_on_tokens_per_s"]
+    print(json.dumps(results, indent=2))
+
+
+if __name__ == "__main__":
+    main()
