@@ -84,7 +84,7 @@ def main(argv: list[str] | None = None) -> int:
 
         history = run_recipe(load_recipe(args.recipe, args.overrides), resume=args.resume)
         if history:
-            print(json.dumps({k: round(v, 4) for k, v in history[-1].items()}, indent=2))
+            print(json.dumps({k: float(f"{v:.4g}") for k, v in history[-1].items()}, indent=2))
     elif args.command == "envs":
         from tmem_rl.envs import available_envs
 

@@ -249,7 +249,9 @@ class EpisodeRunner:
             pending = [g for g in pending if not supervision[g].pairs]
         to_absorb = {g: s.pairs for g, s in supervision.items() if s.pairs}
         t0 = time.perf_counter()
-        stats = self.fast.absorb(self.tokenizer, to_absorb, prompt_fn=lambda q: answer_messages(env.answer_prompt(q, ""))) if to_absorb else {}
+        # Pairs are learned in the shape in which the environment will ask its question.
+        pair_prompt = lambda q: answer_messages(env.answer_prompt(q, ""))  # noqa: E731
+        stats = self.fast.absorb(self.tokenizer, to_absorb, prompt_fn=pair_prompt) if to_absorb else {}
         elapsed = time.perf_counter() - t0
         for g in rollouts:
             pairs_so_far[g].extend(supervision[g].pairs)

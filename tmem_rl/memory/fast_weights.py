@@ -59,7 +59,7 @@ def find_target_modules(model: nn.Module, config: FastWeightConfig) -> dict[str,
         linears = {
             name: m
             for name, m in layers[index].named_modules()
-            if isinstance(m, nn.Linear) and not name.endswith("base_layer") or isinstance(_base_linear(m), nn.Linear)
+            if isinstance(_linear_of(m), nn.Linear) and not name.endswith("base_layer")
         }
         by_leaf = {name.rsplit(".", 1)[-1]: name for name in linears if "lora_" not in name}
         for target in config.target_modules:
@@ -72,13 +72,9 @@ def find_target_modules(model: nn.Module, config: FastWeightConfig) -> dict[str,
     return found
 
 
-def _base_linear(module: nn.Module) -> nn.Module | None:
+def _linear_of(module: nn.Module) -> nn.Module:
+    """The plain linear layer itself, or the one a PEFT LoRA wrapper holds as `base_layer`."""
     base = getattr(module, "base_layer", None)
-    return base if base is not None else None
-
-
-def _linear_of(module: nn.Module) -> nn.Linear:
-    base = _base_linear(module)
     return base if isinstance(base, nn.Linear) else module
 
 
