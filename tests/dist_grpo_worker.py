@@ -5,6 +5,7 @@ final parameters to OUT/rank<r>.pt.
 """
 
 import argparse
+import json
 import sys
 from pathlib import Path
 
@@ -14,12 +15,29 @@ from accelerate import Accelerator
 sys.path.insert(0, str(Path(__file__).parent))
 
 from tmem_rl.envs import make_env  # noqa: E402
-from tmem_rl.memory import FastWeightConfig  # noqa: E402
+from tmem_rl.memory import FastWeightConfig, FastWeights, svd_init  # noqa: E402
 from tmem_rl.models import tiny_model  # noqa: E402
 from tmem_rl.rollout import EpisodeBatch, EpisodeConfig  # noqa: E402
 from tmem_rl.trainers.grpo import GRPOConfig, GRPOTrainer  # noqa: E402
 
 GROUP = 2
+
+
+def deepspeed_accelerator(config: str) -> Accelerator:
+    """Accelerate supports DeepSpeed on GPUs only: on CPU it starts the gloo process group but records a single
+    process. Correct the shared process counts so the CPU test exercises the multi-process DeepSpeed path."""
+    import os
+
+    import torch.distributed as dist
+    from accelerate.state import PartialState
+    from accelerate.utils import DeepSpeedPlugin
+
+    os.environ["ACCELERATE_USE_DEEPSPEED"] = "true"
+    acc = Accelerator(deepspeed_plugin=DeepSpeedPlugin(hf_ds_config=config))
+    state = PartialState()
+    state.num_processes, state.process_index = dist.get_world_size(), dist.get_rank()
+    state.local_process_index = int(os.environ.get("LOCAL_RANK", 0))
+    return acc
 
 
 def main() -> None:
@@ -29,9 +47,10 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=2)
     parser.add_argument("--loss-type", default="dapo")
     parser.add_argument("--optim", default="sgd")
+    parser.add_argument("--deepspeed", default=None, help="DeepSpeed config file (ZeRO-2 / ZeRO-3)")
     args = parser.parse_args()
     torch.set_num_threads(1)
-    acc = Accelerator(cpu=True)
+    acc = deepspeed_accelerator(args.deepspeed) if args.deepspeed else Accelerator(cpu=True)
     batch = EpisodeBatch.load(args.batch)
     groups = len(batch.trajectories) // GROUP
     model, tok = tiny_model(num_layers=2, tokenizer_path=Path(__file__).parent / "fixtures" / "tokenizer")
@@ -45,8 +64,28 @@ def main() -> None:
     for _ in range(args.steps):
         trainer.train_step(EpisodeBatch(mine, batch.snapshots))
         trainer.step += 1
-    state = {k: v.detach().clone() for k, v in acc.unwrap_model(trainer.model).state_dict().items()}
-    torch.save(state, Path(args.out) / f"rank{acc.process_index}.pt")
+    if args.deepspeed:
+        import deepspeed
+
+        state = acc.get_state_dict(trainer.model)  # whole tensors, on the main process
+        # Fast weights built on the (under ZeRO-3 partitioned) model must take the SVD of the whole weights.
+        late = FastWeights(acc.unwrap_model(trainer.model), 1, FastWeightConfig(num_layers=2))
+        whole = {}
+        for name, module in late.modules.items():
+            with deepspeed.zero.GatheredParameters([module.weight]):
+                whole[name] = svd_init(module.weight.detach().float(), late.config.rank)
+        same_a = all(torch.allclose(late.A[name], whole[name], atol=1e-4, rtol=1e-4) for name in late.A)
+        local_shapes = [list(m.weight.shape) for m in late.modules.values()]
+        late.remove()
+        trainer.save_checkpoint()
+        trainer.step = 0
+        trainer.load_checkpoint()
+        (Path(args.out) / f"rank{acc.process_index}.json").write_text(json.dumps(
+            {"same_a": same_a, "step_after_reload": trainer.step, "local_weight_shapes": local_shapes}))
+    else:
+        state = acc.unwrap_model(trainer.model).state_dict()
+    if state is not None:
+        torch.save({k: v.detach().clone() for k, v in state.items()}, Path(args.out) / f"rank{acc.process_index}.pt")
     acc.wait_for_everyone()
 
 

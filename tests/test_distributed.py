@@ -1,5 +1,6 @@
-"""Multi-process GRPO on CPU (gloo): the same update as one process with the same global batch."""
+"""Multi-process GRPO on CPU (gloo, DeepSpeed ZeRO-2/3): the same update as one process with the same global batch."""
 
+import json
 import os
 import subprocess
 import sys
@@ -40,15 +41,20 @@ def fixed_batch(tmp_path_factory):
     return path
 
 
-def run_workers(nproc, batch, out, loss_type):
+LAUNCH = Path(__file__).resolve().parents[1] / "launch"
+
+
+def run_workers(nproc, batch, out, loss_type, deepspeed=None):
     out.mkdir(parents=True, exist_ok=True)
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    port = 29500 + nproc + hash((loss_type, deepspeed)) % 400
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc), "--master_port",
-           str(29500 + nproc + hash(loss_type) % 50), str(WORKER), "--batch", str(batch), "--out", str(out),
-           "--loss-type", loss_type]
+           str(port), str(WORKER), "--batch", str(batch), "--out", str(out), "--loss-type", loss_type]
+    if deepspeed:
+        cmd += ["--deepspeed", str(deepspeed)]
     result = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env)
     assert result.returncode == 0, result.stderr[-3000:]
-    return [torch.load(out / f"rank{r}.pt") for r in range(nproc)]
+    return [torch.load(out / f"rank{r}.pt") for r in range(nproc) if (out / f"rank{r}.pt").exists()]
 
 
 @pytest.mark.parametrize("loss_type", ["dapo", "grpo"])
@@ -64,3 +70,18 @@ def test_two_process_gloo_matches_one_process(fixed_batch, tmp_path, loss_type):
         torch.testing.assert_close(rank0[key], single[key], atol=2e-5, rtol=1e-4)
         moved += 0 if torch.allclose(single[key], initial[key]) else 1
     assert moved > len(single) // 2, "the steps must have changed most parameters for the comparison to mean anything"
+
+
+@pytest.mark.parametrize("stage", [2, 3])
+def test_deepspeed_zero_two_processes(fixed_batch, tmp_path, stage):
+    (single,) = run_workers(1, fixed_batch, tmp_path / "one", "dapo")
+    (gathered, *_) = run_workers(2, fixed_batch, tmp_path / "ds", "dapo", LAUNCH / f"deepspeed_zero{stage}.json")
+    for key in single:
+        torch.testing.assert_close(gathered[key].float(), single[key], atol=2e-5, rtol=1e-4)
+    for rank in (0, 1):
+        report = json.loads((tmp_path / "ds" / f"rank{rank}.json").read_text())
+        assert report["same_a"], "fast weights must take the SVD of the whole weight, not a shard"
+        assert report["step_after_reload"] == 2, "the checkpoint must reload"
+        if stage == 3:
+            assert all(shape == [0] for shape in report["local_weight_shapes"]), "ZeRO-3 should partition weights"
+    assert (tmp_path / "ds" / "run" / "checkpoint-2" / "trainer_state.json").exists()
