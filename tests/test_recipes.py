@@ -85,7 +85,7 @@ def test_train_entry_point_runs_checkpoints_and_resumes(tmp_path):
     tok.save_pretrained(tmp_path / "tiny")
     out = tmp_path / "run"
     overrides = [f"model.name={tmp_path / 'tiny'}", f"outer_loop.output_dir={out}", "outer_loop.max_steps=2",
-                 "outer_loop.save_steps=1", "outer_loop.report_to=[]", "inner_loop.num_layers=2",
+                 "outer_loop.save_steps=1", "inner_loop.num_layers=2",
                  "inner_loop.epochs=1", "episode.max_extraction_tokens=8", "episode.max_answer_tokens=4",
                  "env.kwargs.num_distractors=4", "outer_loop.num_generations=2", "outer_loop.questions_per_step=1"]
     recipe = str(next(p for p in RECIPES if p.name == "quickstart_cpu.yaml"))
@@ -93,6 +93,7 @@ def test_train_entry_point_runs_checkpoints_and_resumes(tmp_path):
     lines = (out / "metrics.jsonl").read_text().splitlines()
     assert len(lines) == 2 and (out / "checkpoint-2" / "trainer_state.json").exists()
     assert (out / "reward_curve.png").stat().st_size > 1000
+    assert list(out.rglob("events.out.tfevents*")), "the recipe reports to TensorBoard"
     longer = [o if not o.startswith("outer_loop.max_steps") else "outer_loop.max_steps=3" for o in overrides]
     assert main(["train", recipe, *longer, "--resume"]) == 0
     steps = [json.loads(line)["step"] for line in (out / "metrics.jsonl").read_text().splitlines()]
