@@ -167,3 +167,14 @@ def test_ppo_step_moves_policy_and_fits_the_value_head(tmp_path, env):
     (g1, gv1), (b1, bv1) = answer_logp(good), answer_logp(bad)
     assert (g1 - b1) > (g0 - b0) + 0.05
     assert gv1 > bv1, "the critic must learn that the rewarded answer's last state is worth more"
+
+
+@pytest.mark.parametrize("use_peft", [False, True])
+def test_kl_to_the_reference_is_zero_before_training_and_grows_after(tmp_path, env, use_peft):
+    trainer = make_trainer(tmp_path, env, use_peft=use_peft, beta=0.1, learning_rate=1e-2)
+    batch = trainer.generate_rollouts(0)
+    batch.trajectories[0].reward, batch.trajectories[1].reward = 1.0, 0.0
+    first = trainer.train_step(batch)
+    assert first["kl"] == pytest.approx(0.0, abs=1e-6)  # the policy still is the reference when step 1 is scored
+    second = trainer.train_step(batch)
+    assert second["kl"] > 1e-6
