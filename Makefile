@@ -31,6 +31,7 @@ test-fast: install
 bench: install
 	$(PY) benchmarks/inner_update.py
 	$(PY) benchmarks/svd_vs_random.py
+	$(PY) benchmarks/grpo_step.py
 
 clean:
 	rm -rf .venv build *.egg-info
