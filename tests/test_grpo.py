@@ -1,5 +1,3 @@
-import json
-
 import pytest
 import torch
 from accelerate import Accelerator
@@ -8,7 +6,7 @@ from tmem_rl.envs import make_env
 from tmem_rl.logprobs import build_rows, completion_logprobs, load_snapshots
 from tmem_rl.memory import FastWeightConfig, FastWeights
 from tmem_rl.models import tiny_model
-from tmem_rl.rollout import EpisodeBatch, EpisodeConfig, EpisodeRunner
+from tmem_rl.rollout import EpisodeConfig, EpisodeRunner
 from tmem_rl.trainers.grpo import GRPOConfig, GRPOTrainer, group_advantages
 
 from test_rollout import ScriptedRunner

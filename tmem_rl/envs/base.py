@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import enum
 from abc import ABC, abstractmethod
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from typing import Any
 
 
@@ -167,17 +167,3 @@ class Environment(ABC):
             return StepResult(Observation(kind="end", text=""), reward=metrics["reward"], done=True, info=metrics)
         raise ValueError(f"environment {self.name!r} has no tools; got action {action.kind.value!r}")
 
-
-def to_json(obj: Any) -> Any:
-    """Dataclass records -> plain JSON-serialisable values."""
-    if hasattr(obj, "to_dict"):
-        return obj.to_dict()
-    if hasattr(obj, "__dataclass_fields__"):
-        return {k: to_json(v) for k, v in asdict(obj).items()}
-    if isinstance(obj, enum.Enum):
-        return obj.value
-    if isinstance(obj, (list, tuple)):
-        return [to_json(v) for v in obj]
-    if isinstance(obj, dict):
-        return {k: to_json(v) for k, v in obj.items()}
-    return obj
