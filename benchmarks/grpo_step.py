@@ -30,7 +30,8 @@ from accelerate import Accelerator
 from transformers import AutoModelForCausalLM, TrainerCallback
 
 import tmem_rl.rollout as rollout
-from tmem_rl.envs.base import Environment, ParseRecord, QAPair, Task
+from tmem_rl.envs.base import Environment, Task
+from tmem_rl.records import ParseRecord, QAPair
 from tmem_rl.extraction import answer_messages
 from tmem_rl.memory import FastWeightConfig
 from tmem_rl.models import FIXTURE_TOKENIZER, load_tokenizer
@@ -160,7 +161,7 @@ def main() -> None:
     results["trl_tokens_per_s"] = trl_run(model_fn, tokenizer, args)
     results["ratio_vs_trl"] = results["tmem_tokens_per_s"] / results["trl_tokens_per_s"]
     results["fast_weights_overhead"] = results["fast_weights_off_tokens_per_s"] / results["fast_weights_on_tokens_per_s"]
-    print(json.dumps(results, indent=2))
+    print(json.dumps(results))
 
 
 if __name__ == "__main__":

@@ -1,8 +1,10 @@
 """Inner-update speed: tmem_rl's batched update vs a plain loop over PEFT LoRA adapters vs the compute floor.
 
-Prints JSON with tmem_s, peft_loop_s, floor_s, speedup_vs_peft, ratio_to_floor. All three train G rollouts'
-rank-r adapters on P QA pairs each for E epochs (batch 16, SGD), on a randomly initialised model of the chosen
-shape (weights do not change the cost).
+Prints one JSON line with tmem_s, peft_loop_s, floor_s, speedup_vs_peft, ratio_to_floor, and init_s (building
+the fast weights: the top-r SVD of every adapted matrix, done once per run, not per update) beside
+full_svd_init_s (the same with a full SVD). All three updates train G rollouts' rank-r adapters on P QA pairs each
+for E epochs (batch 16, SGD), on a randomly initialised model of the chosen shape built directly on the target
+device (weights do not change the cost).
 
     python benchmarks/inner_update.py                       # SmolLM2-135M shape, CPU, G=8, P=16, E=5
     python benchmarks/inner_update.py --shape qwen3-4b --device cuda --dtype bfloat16
@@ -19,11 +21,11 @@ import torch
 from peft import LoraConfig, get_peft_model
 from transformers import AutoConfig, AutoModelForCausalLM, LlamaConfig
 
-from tmem_rl.envs.base import QAPair
 from tmem_rl.memory import FastWeightConfig, FastWeights
 from tmem_rl.memory.inner_loop import answer_token_losses, collate_pairs
-from tmem_rl.memory.fast_weights import adapted_layer_indices, decoder_layers
+from tmem_rl.memory.layers import adapted_layer_indices, decoder_layers, linear_of
 from tmem_rl.models import FIXTURE_TOKENIZER, load_tokenizer
+from tmem_rl.records import QAPair
 
 SHAPES = {
     "smollm2-135m": lambda: LlamaConfig(
@@ -67,12 +69,16 @@ def timed(fn, device: str, repeats: int) -> float:
     return best
 
 
-def tmem_update(model, tokenizer, pairs, cfg):
-    fast = FastWeights(model, len(pairs), cfg)
-    try:
-        fast.absorb(tokenizer, pairs)
-    finally:
-        fast.remove()
+def tmem_update(fast, tokenizer, pairs):
+    fast.reset()
+    fast.absorb(tokenizer, pairs)
+
+
+def full_svd_init(fast) -> None:
+    """What construction cost with a full SVD of every adapted matrix (the reference for init_s)."""
+    for module in fast.modules.values():
+        _, s, vh = torch.linalg.svd(linear_of(module).weight.float(), full_matrices=False)
+        (s[: fast.config.rank, None] * vh[: fast.config.rank]).contiguous()
 
 
 def peft_loop(model, tokenizer, pairs, cfg):
@@ -89,7 +95,7 @@ def peft_loop(model, tokenizer, pairs, cfg):
             peft_model.set_adapter(f"r{g}")
             params = [p for n, p in peft_model.named_parameters() if f"lora_B.r{g}." in n]
             opt = torch.optim.SGD(params, lr=cfg.lr)
-            batch, _ = collate_pairs(tokenizer, {0: rollout_pairs}, cfg.max_pair_tokens, device)
+            batch, _, _ = collate_pairs(tokenizer, {0: rollout_pairs}, cfg.max_pair_tokens, device)
             for _ in range(cfg.epochs):
                 for start in range(0, len(rollout_pairs), cfg.batch_size):
                     rows = slice(start, start + cfg.batch_size)
@@ -106,12 +112,13 @@ class _Stop(Exception):
     pass
 
 
-def floor(model, tokenizer, pairs, cfg):
+def floor(fast, tokenizer, pairs):
     """The least work an update needs: one no-grad pass up to the first adapted layer, then E epochs of the
     adapted layers' forward and backward, the LM head evaluated only at answer positions."""
-    fast = FastWeights(model, len(pairs), cfg)
+    model, cfg = fast.model, fast.config
+    fast.reset()
     device = next(model.parameters()).device
-    batch, _ = collate_pairs(tokenizer, pairs, cfg.max_pair_tokens, device)
+    batch, _, _ = collate_pairs(tokenizer, pairs, cfg.max_pair_tokens, device)
     layers = decoder_layers(model)
     first = adapted_layer_indices(model, cfg)[0]
     captured = {}
@@ -145,7 +152,8 @@ def floor(model, tokenizer, pairs, cfg):
                     for p, g in zip(params, grads):
                         p.sub_(cfg.lr * g)
     finally:
-        fast.remove()
+        for p in params:
+            p.requires_grad_(False)
 
 
 def main() -> None:
@@ -166,7 +174,8 @@ def main() -> None:
         config.num_hidden_layers = args.num_layers
     torch.manual_seed(0)
     dtype = getattr(torch, args.dtype)
-    model = AutoModelForCausalLM.from_config(config, dtype=dtype).to(args.device).eval()
+    with torch.device(args.device):  # built where it runs: no random init of billions of weights on a CPU first
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype).eval()
     for p in model.parameters():
         p.requires_grad_(False)
     tokenizer = load_tokenizer(FIXTURE_TOKENIZER)
@@ -175,13 +184,18 @@ def main() -> None:
     results = {"shape": args.shape, "layers": config.num_hidden_layers, "device": args.device, "dtype": args.dtype,
                "rollouts": args.rollouts, "pairs_per_rollout": args.pairs, "epochs": args.epochs,
                "batch_size": cfg.batch_size, "threads": torch.get_num_threads()}
-    results["tmem_s"] = timed(lambda: tmem_update(model, tokenizer, pairs, cfg), args.device, args.repeats)
-    results["floor_s"] = timed(lambda: floor(model, tokenizer, pairs, cfg), args.device, args.repeats)
+    results["init_s"] = timed(lambda: FastWeights(model, args.rollouts, cfg).remove(), args.device, args.repeats)
+    fast = FastWeights(model, args.rollouts, cfg)
+    results["full_svd_init_s"] = timed(lambda: full_svd_init(fast), args.device, 1)
+    results["init_speedup_vs_full_svd"] = results["full_svd_init_s"] / results["init_s"]
+    results["tmem_s"] = timed(lambda: tmem_update(fast, tokenizer, pairs), args.device, args.repeats)
+    results["floor_s"] = timed(lambda: floor(fast, tokenizer, pairs), args.device, args.repeats)
     results["ratio_to_floor"] = results["tmem_s"] / results["floor_s"]
+    fast.remove()
     if not args.skip_peft:
         results["peft_loop_s"] = timed(lambda: peft_loop(model, tokenizer, pairs, cfg), args.device, 1)
         results["speedup_vs_peft"] = results["peft_loop_s"] / results["tmem_s"]
-    print(json.dumps(results, indent=2))
+    print(json.dumps(results))
 
 
 if __name__ == "__main__":

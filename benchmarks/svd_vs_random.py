@@ -16,7 +16,7 @@ import argparse
 import json
 
 from tmem_rl.envs import make_env
-from tmem_rl.envs.base import QAPair
+from tmem_rl.records import QAPair
 from tmem_rl.extraction import answer_messages
 from tmem_rl.memory import FastWeightConfig, FastWeights
 from tmem_rl.models import DEFAULT_MODEL, load_policy
@@ -60,7 +60,7 @@ def main() -> None:
         results[f"{init}_steps"] = reached
         results[f"{init}_final_loss"] = curve[-1]
         results[f"{init}_loss_at"] = {str(k): round(curve[k], 4) for k in (0, 5, 10, 20, 40) if k < len(curve)}
-    print(json.dumps(results, indent=2))
+    print(json.dumps(results))
 
 
 if __name__ == "__main__":

@@ -16,9 +16,12 @@ sys.path.insert(0, str(Path(__file__).parent))
 
 from tmem_rl.envs import make_env  # noqa: E402
 from tmem_rl.memory import FastWeightConfig, FastWeights, svd_init  # noqa: E402
-from tmem_rl.models import tiny_model  # noqa: E402
+from tmem_rl.models import FIXTURE_TOKENIZER, tiny_model  # noqa: E402
 from tmem_rl.rollout import EpisodeBatch, EpisodeConfig  # noqa: E402
 from tmem_rl.trainers.grpo import GRPOConfig, GRPOTrainer  # noqa: E402
+from tmem_rl.trainers.ppo import PPOConfig, PPOTrainer  # noqa: E402
+
+ALGORITHMS = {"grpo": (GRPOConfig, GRPOTrainer), "ppo": (PPOConfig, PPOTrainer)}
 
 GROUP = 2
 
@@ -48,17 +51,19 @@ def main() -> None:
     parser.add_argument("--loss-type", default="dapo")
     parser.add_argument("--optim", default="sgd")
     parser.add_argument("--deepspeed", default=None, help="DeepSpeed config file (ZeRO-2 / ZeRO-3)")
+    parser.add_argument("--algorithm", default="grpo", choices=sorted(ALGORITHMS))
     args = parser.parse_args()
     torch.set_num_threads(1)
     acc = deepspeed_accelerator(args.deepspeed) if args.deepspeed else Accelerator(cpu=True)
     batch = EpisodeBatch.load(args.batch)
     groups = len(batch.trajectories) // GROUP
-    model, tok = tiny_model(num_layers=2, tokenizer_path=Path(__file__).parent / "fixtures" / "tokenizer")
-    cfg = GRPOConfig(output_dir=str(Path(args.out) / "run"), num_generations=GROUP, questions_per_step=groups,
+    model, tok = tiny_model(num_layers=2, tokenizer_path=FIXTURE_TOKENIZER)
+    config_cls, trainer_cls = ALGORITHMS[args.algorithm]
+    cfg = config_cls(output_dir=str(Path(args.out) / "run"), num_generations=GROUP, questions_per_step=groups,
                      learning_rate=0.05, optim=args.optim, report_to=[], save_steps=0, micro_batch_size=3, loss_type=args.loss_type,
                      max_completion_length=16, seed=3)
     env = make_env("facts", num_tasks=4)
-    trainer = GRPOTrainer(cfg, model, tok, env, FastWeightConfig(num_layers=2), EpisodeConfig(), accelerator=acc)
+    trainer = trainer_cls(cfg, model, tok, env, FastWeightConfig(num_layers=2), EpisodeConfig(), accelerator=acc)
     per_rank = groups // acc.num_processes
     mine = batch.trajectories[acc.process_index * per_rank * GROUP : (acc.process_index + 1) * per_rank * GROUP]
     for _ in range(args.steps):

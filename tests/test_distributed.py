@@ -11,7 +11,7 @@ import torch
 
 from tmem_rl.envs import make_env
 from tmem_rl.memory import FastWeightConfig, FastWeights
-from tmem_rl.rollout import EpisodeConfig
+from tmem_rl.rollout import EpisodeBatch, EpisodeConfig
 
 from test_rollout import ScriptedRunner
 
@@ -20,9 +20,9 @@ WORKER = Path(__file__).parent / "dist_grpo_worker.py"
 
 @pytest.fixture(scope="module")
 def fixed_batch(tmp_path_factory):
-    from tmem_rl.models import tiny_model
+    from tmem_rl.models import FIXTURE_TOKENIZER, tiny_model
 
-    model, tok = tiny_model(num_layers=2, tokenizer_path=Path(__file__).parent / "fixtures" / "tokenizer")
+    model, tok = tiny_model(num_layers=2, tokenizer_path=FIXTURE_TOKENIZER)
     env = make_env("facts", num_tasks=4, num_distractors=6, num_facts=3, lines_per_chunk=3)
     fast = FastWeights(model, 8, FastWeightConfig(num_layers=2, lr=0.5, epochs=2))
     runner = ScriptedRunner(model, tok, fast, EpisodeConfig(l_max=40, grounding=False, record_logprobs=True))
@@ -44,15 +44,16 @@ def fixed_batch(tmp_path_factory):
 LAUNCH = Path(__file__).resolve().parents[1] / "launch"
 
 
-def run_workers(nproc, batch, out, loss_type, deepspeed=None):
+def run_workers(nproc, batch, out, loss_type, deepspeed=None, algorithm="grpo", timeout=600):
     out.mkdir(parents=True, exist_ok=True)
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    port = 29500 + nproc + hash((loss_type, deepspeed)) % 400
+    port = 29500 + nproc + hash((loss_type, deepspeed, algorithm)) % 400
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc), "--master_port",
-           str(port), str(WORKER), "--batch", str(batch), "--out", str(out), "--loss-type", loss_type]
+           str(port), str(WORKER), "--batch", str(batch), "--out", str(out), "--loss-type", loss_type,
+           "--algorithm", algorithm]
     if deepspeed:
         cmd += ["--deepspeed", str(deepspeed)]
-    result = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env)
+    result = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env)
     assert result.returncode == 0, result.stderr[-3000:]
     return [torch.load(out / f"rank{r}.pt") for r in range(nproc) if (out / f"rank{r}.pt").exists()]
 
@@ -61,9 +62,9 @@ def run_workers(nproc, batch, out, loss_type, deepspeed=None):
 def test_two_process_gloo_matches_one_process(fixed_batch, tmp_path, loss_type):
     (single,) = run_workers(1, fixed_batch, tmp_path / "one", loss_type)
     rank0, rank1 = run_workers(2, fixed_batch, tmp_path / "two", loss_type)
-    from tmem_rl.models import tiny_model
+    from tmem_rl.models import FIXTURE_TOKENIZER, tiny_model
 
-    initial = tiny_model(num_layers=2, tokenizer_path=Path(__file__).parent / "fixtures" / "tokenizer")[0].state_dict()
+    initial = tiny_model(num_layers=2, tokenizer_path=FIXTURE_TOKENIZER)[0].state_dict()
     moved = 0
     for key in single:
         assert torch.equal(rank0[key], rank1[key]), f"{key} differs across ranks"
@@ -85,3 +86,21 @@ def test_deepspeed_zero_two_processes(fixed_batch, tmp_path, stage):
         if stage == 3:
             assert all(shape == [0] for shape in report["local_weight_shapes"]), "ZeRO-3 should partition weights"
     assert (tmp_path / "ds" / "run" / "checkpoint-2" / "trainer_state.json").exists()
+
+
+def test_ppo_under_zero3_with_unequal_segment_counts(fixed_batch, tmp_path):
+    """The second process holds fewer segments: its value passes are collective too (ZeRO-3 gathers), so it must
+    run as many as the first or both hang."""
+    from tmem_rl.models import FIXTURE_TOKENIZER, tiny_model
+
+    batch = EpisodeBatch.load(fixed_batch)
+    segments = [sum(len(t.segments) for t in batch.trajectories[r * 4 : r * 4 + 4]) for r in (0, 1)]
+    assert -(-segments[0] // 3) > -(-segments[1] // 3), "the processes must have different micro-batch counts"
+    (gathered, *_) = run_workers(2, fixed_batch, tmp_path / "ppo", "dapo", LAUNCH / "deepspeed_zero3.json",
+                                 algorithm="ppo", timeout=300)
+    initial = tiny_model(num_layers=2, tokenizer_path=FIXTURE_TOKENIZER)[0].state_dict()
+    moved = sum(not torch.allclose(gathered[k].float(), initial[k]) for k in initial if k in gathered)
+    assert moved > len(initial) // 2, "the PPO steps must have changed most parameters"
+    assert "value_head.weight" in gathered
+    report = json.loads((tmp_path / "ppo" / "rank1.json").read_text())
+    assert report["step_after_reload"] == 2

@@ -92,3 +92,22 @@ def test_resume_finishes_each_question_exactly_once(tiny_path, tmp_path):
 def test_unknown_method_is_rejected(tmp_path):
     with pytest.raises(ValueError, match="available: none, full-context"):
         EvalConfig(data=FIXTURE, out=str(tmp_path), methods=["rag"])
+
+
+def test_eval_loads_the_model_on_the_chosen_device(tiny_path, tmp_path, monkeypatch):
+    from tmem_rl.cli import main
+
+    devices = []
+    original = harness.load_policy
+
+    def recording_load(name, *args, **kwargs):
+        devices.append(str(kwargs.get("device")))
+        return original(name, *args, **kwargs)
+
+    monkeypatch.setattr(harness, "load_policy", recording_load)
+    assert main(["eval", "--data", FIXTURE, "--model", tiny_path, "--method", "none", "--max-questions", "1",
+                 "--greedy", "--device", "cpu", "--out", str(tmp_path / "run")]) == 0
+    assert devices == ["cpu"]
+    assert json.loads((tmp_path / "run" / "config.json").read_text())["device"] == "cpu"
+    assert EvalConfig(data=FIXTURE, out=str(tmp_path)).device == ("cuda" if harness.torch.cuda.is_available()
+                                                                  else "cpu")

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 
-from tmem_rl.envs.base import QAPair
+from tmem_rl.records import QAPair
 from tmem_rl.extraction import (
     grounded,
     EXTRACTION_PREFILL,

@@ -9,7 +9,7 @@ import pytest
 
 from tmem_rl.envs import Action, ActionKind, make_env
 from tmem_rl.envs.facts import NAMES, FactsEnv
-from tmem_rl.rewards import best_over_golds, exact_match, normalize_answer, token_f1
+from tmem_rl.metrics.qa import best_over_golds, exact_match, normalize_answer, token_f1
 
 # ---- rewards --------------------------------------------------------------------------------------------------
 
@@ -209,3 +209,19 @@ def test_make_env():
     assert isinstance(env, FactsEnv)
     assert env.name == "facts" and len(env) == 3
     assert make_env("facts", num_tasks=3, seed=0).task(2) == env.task(2)
+
+
+def test_builtin_environments_work_from_a_source_checkout(tmp_path):
+    """No installed package metadata (no site-packages, the repo on PYTHONPATH): the shipped environments are
+    still found, as on a machine that runs the code without installing it."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    repo = Path(__file__).resolve().parents[1]
+    code = "from tmem_rl.envs import make_env, available_envs; print(available_envs(), len(make_env('facts', num_tasks=3)))"
+    result = subprocess.run([sys.executable, "-S", "-c", code], cwd=tmp_path, capture_output=True, text=True,
+                            env={**os.environ, "PYTHONPATH": str(repo)}, timeout=60)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert result.stdout.strip() == "['facts', 'locomo'] 3"

@@ -4,9 +4,9 @@ import pytest
 import torch
 from peft import LoraConfig, get_peft_model
 
-from tmem_rl.envs.base import QAPair
-from tmem_rl.memory import FastWeightConfig, FastWeights
-from tmem_rl.memory.inner_loop import IGNORE, format_pair, minibatch_schedule, slot_generator
+from tmem_rl.memory import FastWeightConfig, FastWeights, svd_init
+from tmem_rl.memory.inner_loop import IGNORE, NO_ANSWER_TOKEN, format_pair, minibatch_schedule, slot_generator
+from tmem_rl.records import QAPair
 
 PAIRS = {
     0: [QAPair("Where does Maya live?", "Lisbon"), QAPair("What is Maya's dog called?", "Biscuit"),
@@ -153,14 +153,88 @@ def test_snapshot_restore_and_save_load_round_trip(tiny, tmp_path):
     with torch.no_grad(), fast.use([0, 0, 0]):
         trained = model(input_ids=ids, attention_mask=mask).logits
     fast.save(tmp_path / "fw")
+    saved = {name: (fast.A[name].clone(), fast.B[name].clone()) for name in fast.modules}
     fast.restore(snap, [1])
+    for key, tensor in fast.trainable().items():
+        assert torch.equal(tensor[1], tensor[0]), key  # a copy of stored values: exact by construction
     with torch.no_grad(), fast.use([1, 1, 1]):
-        assert torch.equal(model(input_ids=ids, attention_mask=mask).logits, trained)
+        torch.testing.assert_close(model(input_ids=ids, attention_mask=mask).logits, trained, atol=1e-5, rtol=1e-5)
     fast.remove()
     loaded = FastWeights.load(model, tmp_path / "fw")
     assert loaded.config.train_a and loaded.versions == [1, 0]
+    for name, (a, b) in saved.items():
+        assert torch.equal(loaded.A[name], a) and torch.equal(loaded.B[name], b)
     with torch.no_grad(), loaded.use([0, 0, 0]):
-        assert torch.equal(model(input_ids=ids, attention_mask=mask).logits, trained)
+        # Same values, but a kernel may take another path: close, not bit-equal.
+        torch.testing.assert_close(model(input_ids=ids, attention_mask=mask).logits, trained, atol=1e-5, rtol=1e-5)
+
+
+def test_a_is_stored_contiguous(tiny):
+    model, _ = tiny
+    for init in ("svd", "random"):
+        fast = FastWeights(model, 2, FastWeightConfig(init=init))
+        assert all(a.is_contiguous() for a in fast.A.values()), init
+        fast.remove()
+
+
+def test_fast_weights_follow_the_model_to_another_device(tiny):
+    """Built before the model moves (as before `accelerator.prepare`), they go where the model went. The meta
+    device stands in for a GPU here; tests on a GPU machine also run the trainer there."""
+    model, _ = tiny
+    fast = FastWeights(model, 2, FastWeightConfig())
+    model.to("meta")
+    linear = next(iter(fast.modules.values()))
+    with fast.use([0, 1, -1]):
+        out = linear(torch.randn(3, 5, linear.in_features, device="meta"))  # runs the fast-weight hook
+    assert out.device.type == "meta" and out.shape == (3, 5, linear.out_features)
+    assert all(b.device.type == "meta" for b in fast.B.values())
+    assert all(a.device.type == "meta" for a in fast.A.values())
+
+
+def test_loss_before_is_the_loss_before_any_step(tiny):
+    """Per slot, the token-mean answer loss under the fast weights as they were, not the first epoch's running
+    mean (which already includes steps)."""
+    model, tok = tiny
+    cfg = FastWeightConfig(lr=0.5, epochs=2, batch_size=1)
+    fast = FastWeights(model, 2, cfg)
+    reference = FastWeights(model, 2, cfg)
+
+    def true_loss(slot, pairs):
+        total = count = 0.0
+        for pair in pairs:
+            ids, labels = format_pair(tok, pair, cfg.max_pair_tokens)
+            with torch.no_grad(), fast.use([slot]):
+                logits = model(input_ids=torch.tensor([ids])).logits[0, :-1]
+            targets = torch.tensor(labels[1:])
+            keep = targets != IGNORE
+            total += torch.nn.functional.cross_entropy(logits[keep], targets[keep], reduction="sum").item()
+            count += keep.sum().item()
+        return total / count
+
+    expected = {s: true_loss(s, PAIRS[s]) for s in (0, 1)}
+    first = fast.absorb(tok, {0: PAIRS[0], 1: PAIRS[1]})
+    for s in (0, 1):
+        assert first[s]["loss_before"] == pytest.approx(expected[s], rel=1e-4)
+        assert first[s]["loss_before"] != pytest.approx(first[s]["epoch_losses"][0], rel=1e-3)
+    again = true_loss(0, PAIRS[0])  # now under slot 0's trained fast weights
+    second = fast.absorb(tok, {0: PAIRS[0]})
+    assert second[0]["loss_before"] == pytest.approx(again, rel=1e-4)
+    assert second[0]["loss_before"] == pytest.approx(first[0]["loss_after"], rel=1e-4)
+    reference.remove()
+
+
+def test_pairs_without_an_answer_token_after_truncation_are_dropped_with_a_reason(tiny):
+    model, tok = tiny
+    long_question = "Tell me everything about the harbour " * 40
+    cfg = FastWeightConfig(lr=0.05, epochs=1, max_pair_tokens=64)
+    fast = FastWeights(model, 2, cfg)
+    stats = fast.absorb(tok, {0: [QAPair(long_question, "Biscuit"), *PAIRS[0]], 1: [QAPair(long_question, "x")]})
+    assert stats[0]["num_pairs"] == len(PAIRS[0])
+    assert [d["reason"] for d in stats[0]["dropped"]] == [NO_ANSWER_TOKEN]
+    assert stats[0]["dropped"][0]["item"]["output"] == "Biscuit"
+    assert stats[1]["num_pairs"] == 0 and stats[1]["loss_before"] is None
+    assert fast.versions == [1, 0], "a slot that trained nothing keeps its version"
+    assert all(b[1].abs().sum() == 0 for b in fast.B.values())
 
 
 def test_train_a_changes_a_per_slot_only(tiny):
@@ -189,7 +263,33 @@ def test_svd_init_is_scaled_top_singular_directions(tiny):
     model, _ = tiny
     fast = FastWeights(model, 1, FastWeightConfig(rank=3))
     name, module = next(iter(fast.modules.items()))
-    u, s, vh = torch.linalg.svd(module.weight.detach(), full_matrices=False)
-    torch.testing.assert_close(fast.A[name], torch.diag(s[:3]) @ vh[:3])
-    # A A^T = S_r^2: rows are orthogonal with the singular values' squares as norms.
-    torch.testing.assert_close(fast.A[name] @ fast.A[name].T, torch.diag(s[:3] ** 2), atol=1e-4, rtol=1e-4)
+    u, s, vh = torch.linalg.svd(module.weight.detach().double(), full_matrices=False)
+    a = fast.A[name].double()
+    # Rows are the top singular directions up to sign, scaled by the singular values.
+    torch.testing.assert_close(a.abs(), (torch.diag(s[:3]) @ vh[:3]).abs(), atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(a @ a.T, torch.diag(s[:3] ** 2), atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("shape", [(96, 40), (40, 96)])
+def test_truncated_svd_init_matches_the_full_svd(shape):
+    """Gram-eigendecomposition init vs the full SVD: singular values within 1e-5 relative, the top-r row space
+    within 1e-4 (projector distance), on a spectrum with a gap at r and on a plain random matrix."""
+    rank = 6
+    generator = torch.Generator().manual_seed(0)
+    d_out, d_in = shape
+    left, _ = torch.linalg.qr(torch.randn(d_out, d_out, generator=generator, dtype=torch.float64))
+    right, _ = torch.linalg.qr(torch.randn(d_in, d_in, generator=generator, dtype=torch.float64))
+    spectrum = torch.logspace(1, -3, min(shape), dtype=torch.float64)
+    designed = (left[:, : min(shape)] * spectrum) @ right[:, : min(shape)].T
+    plain = torch.randn(shape, generator=generator, dtype=torch.float64) * 0.02
+    for weight in (designed.float(), plain.float()):
+        a = svd_init(weight, rank).double()
+        _, s, vh = torch.linalg.svd(weight.double(), full_matrices=False)
+        norms = a.norm(dim=1)
+        torch.testing.assert_close(norms, s[:rank], rtol=1e-5, atol=0)
+        directions = a / norms[:, None]
+        projector_gap = (directions.T @ directions - vh[:rank].T @ vh[:rank]).norm()
+        assert projector_gap < 1e-4, projector_gap
+        assert a.dtype == torch.float64 and svd_init(weight, rank).dtype == torch.float32
+        largest = a.gather(1, a.abs().argmax(dim=1, keepdim=True))
+        assert (largest > 0).all(), "signs are fixed so every process builds the same A"

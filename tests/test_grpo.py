@@ -3,9 +3,9 @@ import torch
 from accelerate import Accelerator
 
 from tmem_rl.envs import make_env
-from tmem_rl.logprobs import build_rows, completion_logprobs, load_snapshots
+from tmem_rl.logprobs import build_rows, completion_logprobs, load_snapshots, segment_rows
 from tmem_rl.memory import FastWeightConfig, FastWeights
-from tmem_rl.models import tiny_model
+from tmem_rl.models import FIXTURE_TOKENIZER, tiny_model
 from tmem_rl.rollout import EpisodeConfig, EpisodeRunner
 from tmem_rl.trainers.grpo import GRPOConfig, GRPOTrainer, group_advantages
 
@@ -17,12 +17,8 @@ def env():
     return make_env("facts", num_tasks=4, num_distractors=6, num_facts=3, lines_per_chunk=3)
 
 
-def segment_dicts(batch):
-    return [
-        {"prompt_ids": s.prompt_ids, "completion_ids": s.completion_ids, "snapshot": s.snapshot,
-         "logprobs": s.logprobs, "kind": s.kind}
-        for t in batch.trajectories for s in t.segments
-    ]
+def all_segments(batch):
+    return [s for t in batch.trajectories for s in t.segments]
 
 
 def test_recomputed_logprobs_equal_those_recorded_under_the_live_snapshot(tiny, env):
@@ -30,18 +26,18 @@ def test_recomputed_logprobs_equal_those_recorded_under_the_live_snapshot(tiny, 
     fast = FastWeights(model, 2, FastWeightConfig(lr=0.5, epochs=3))
     runner = ScriptedRunner(model, tok, fast, EpisodeConfig(l_max=40, grounding=False, record_logprobs=True))
     batch = runner.run(env, [env.task(0), env.task(1)])
-    segments = segment_dicts(batch)
-    assert len({s["snapshot"] for s in segments}) >= 4, "need several distinct live snapshots to mean anything"
+    segments = all_segments(batch)
+    assert len({s.snapshot for s in segments}) >= 4, "need several distinct live snapshots to mean anything"
     replay = FastWeights(model, 8, FastWeightConfig())
-    rows = build_rows(segments, tok.pad_token_id, "cpu")
+    rows = segment_rows(segments, tok.pad_token_id, "cpu")
     load_snapshots(replay, rows.snapshot_keys, batch.snapshots)
     with torch.no_grad():
         recomputed = completion_logprobs(model, replay, rows)
         base = completion_logprobs(model, None, rows)
     for i, seg in enumerate(segments):
-        n = len(seg["completion_ids"])
-        torch.testing.assert_close(recomputed[i, :n], torch.tensor(seg["logprobs"]), atol=1e-4, rtol=1e-4)
-        if seg["snapshot"] is not None:  # the fast weights matter: the base model scores these tokens differently
+        n = len(seg.completion_ids)
+        torch.testing.assert_close(recomputed[i, :n], torch.tensor(seg.logprobs), atol=1e-4, rtol=1e-4)
+        if seg.snapshot is not None:  # the fast weights matter: the base model scores these tokens differently
             assert (recomputed[i, :n] - base[i, :n]).abs().max() > 1e-3
 
 
@@ -70,7 +66,7 @@ def test_group_advantages():
 
 
 def make_trainer(tmp_path, env, use_peft=False, **overrides):
-    model, tok = tiny_model(num_layers=2, tokenizer_path="tests/fixtures/tokenizer")
+    model, tok = tiny_model(num_layers=2, tokenizer_path=FIXTURE_TOKENIZER)
     settings = dict(output_dir=str(tmp_path), num_generations=2, questions_per_step=1, learning_rate=3e-3,
                     max_steps=3, report_to=[], save_steps=0, micro_batch_size=4, use_peft=use_peft,
                     max_completion_length=8, seed=1)
@@ -89,9 +85,7 @@ def test_grpo_step_moves_policy_toward_the_higher_reward_completion(tmp_path, en
     good.reward, bad.reward = 1.0, 0.0
 
     def answer_logp(traj):
-        seg = traj.segments[-1]
-        rows = build_rows([{"prompt_ids": seg.prompt_ids, "completion_ids": seg.completion_ids,
-                            "snapshot": seg.snapshot}], trainer.tokenizer.pad_token_id, "cpu")
+        rows = segment_rows([traj.segments[-1]], trainer.tokenizer.pad_token_id, "cpu")
         load_snapshots(trainer.replay, rows.snapshot_keys, batch.snapshots)
         with torch.no_grad():
             return completion_logprobs(trainer.model, trainer.replay, rows).sum().item()
@@ -139,7 +133,7 @@ def test_gae_on_known_numbers():
 def test_ppo_step_moves_policy_and_fits_the_value_head(tmp_path, env):
     from tmem_rl.trainers.ppo import PPOConfig, PPOTrainer
 
-    model, tok = tiny_model(num_layers=2, tokenizer_path="tests/fixtures/tokenizer")
+    model, tok = tiny_model(num_layers=2, tokenizer_path=FIXTURE_TOKENIZER)
     cfg = PPOConfig(output_dir=str(tmp_path), num_generations=2, questions_per_step=1, learning_rate=3e-3,
                     report_to=[], save_steps=0, micro_batch_size=4, max_completion_length=8, seed=1, vf_coef=1.0)
     trainer = PPOTrainer(cfg, model, tok, env, FastWeightConfig(lr=0.05, epochs=1, num_layers=2),
@@ -150,12 +144,10 @@ def test_ppo_step_moves_policy_and_fits_the_value_head(tmp_path, env):
     good.reward, bad.reward = 1.0, 0.0
 
     def answer_logp(traj):
-        seg = traj.segments[-1]
-        rows = build_rows([{"prompt_ids": seg.prompt_ids, "completion_ids": seg.completion_ids,
-                            "snapshot": seg.snapshot}], tok.pad_token_id, "cpu")
+        rows = segment_rows([traj.segments[-1]], tok.pad_token_id, "cpu")
         load_snapshots(trainer.replay, rows.snapshot_keys, batch.snapshots)
         with torch.no_grad():
-            logp, values = completion_logprobs(trainer.model, trainer.replay, rows, 1.0, trainer.value_head)
+            logp, values = completion_logprobs(trainer.model, trainer.replay, rows, trainer.value_head)
         return logp.sum().item(), values[0, -1].item()
 
     (g0, gv0), (b0, bv0) = answer_logp(good), answer_logp(bad)
@@ -176,3 +168,103 @@ def test_kl_to_the_reference_is_zero_before_training_and_grows_after(tmp_path, e
     assert first["kl"] == pytest.approx(0.0, abs=1e-6)  # the policy still is the reference when step 1 is scored
     second = trainer.train_step(batch)
     assert second["kl"] > 1e-6
+
+
+def test_first_step_with_retries_and_several_temperatures_has_ratio_one(tmp_path, env):
+    """Fully on-policy, every token's ratio is 1: each segment is re-scored at the temperature it was sampled at."""
+    trainer = make_trainer(tmp_path, env, temperature=0.9)
+    trainer.runner.config.extraction_retries = 2
+    trainer.runner.config.retry_temperature = 0.4
+    trainer.runner.config.max_extraction_tokens = 12
+    batch = trainer.generate_rollouts(0)
+    temperatures = {s.temperature for s in all_segments(batch)}
+    assert temperatures == {0.9, 0.4}, "the random policy's extractions must fail and be retried at 0.4"
+    batch.trajectories[0].reward, batch.trajectories[1].reward = 1.0, 0.0
+    metrics = trainer.train_step(batch)
+    assert metrics["clip_fraction"] == 0.0
+
+
+def test_trainer_copies_the_episode_config(tmp_path, env):
+    model, tok = tiny_model(num_layers=2, tokenizer_path=FIXTURE_TOKENIZER)
+    episode = EpisodeConfig(l_max=60, max_extraction_tokens=8, max_answer_tokens=6)
+    given = dict(vars(episode))
+    cfg = GRPOConfig(output_dir=str(tmp_path), num_generations=2, questions_per_step=1, report_to=[], save_steps=0,
+                     temperature=0.5, max_completion_length=4)
+    trainer = GRPOTrainer(cfg, model, tok, env, FastWeightConfig(num_layers=2), episode,
+                          accelerator=Accelerator(cpu=True))
+    assert vars(episode) == given
+    assert trainer.runner.config.temperature == 0.5 and trainer.runner.config.max_answer_tokens == 4
+
+
+def test_more_questions_per_step_than_tasks_is_a_clear_error(tmp_path, env):
+    model, tok = tiny_model(num_layers=2, tokenizer_path=FIXTURE_TOKENIZER)
+    cfg = GRPOConfig(output_dir=str(tmp_path), num_generations=2, questions_per_step=len(env) + 1, report_to=[])
+    with pytest.raises(ValueError, match=rf"questions_per_step={len(env) + 1} but environment 'facts' has"):
+        GRPOTrainer(cfg, model, tok, env, FastWeightConfig(num_layers=2), accelerator=Accelerator(cpu=True))
+
+
+def moved_fraction(trainer, before):
+    """Share of the decoder layers' elements that an optimizer step changed (embeddings of unseen tokens get no
+    gradient, so they are left out)."""
+    changed = total = 0
+    for name, p in trainer.policy.named_parameters():
+        if ".layers." in name:
+            changed += (p.detach().float() != before[name].float()).sum().item()
+            total += p.numel()
+    return changed / total
+
+
+@pytest.fixture
+def fresh_accelerate_state():
+    """Accelerate's state is process-wide; a test that asks for other mixed precision starts and ends clean."""
+    from accelerate.state import AcceleratorState
+
+    AcceleratorState._reset_state(reset_partial_state=True)
+    yield
+    AcceleratorState._reset_state(reset_partial_state=True)
+
+
+@pytest.mark.parametrize("weights", ["float32", "bfloat16"])
+def test_full_fine_tuning_keeps_fp32_masters_under_bf16_autocast(tmp_path, env, weights, fresh_accelerate_state):
+    model, tok = tiny_model(num_layers=2, tokenizer_path=FIXTURE_TOKENIZER)
+    model.to(getattr(torch, weights))
+    cfg = GRPOConfig(output_dir=str(tmp_path), num_generations=2, questions_per_step=1, learning_rate=1e-6,
+                     report_to=[], save_steps=0, micro_batch_size=4, max_completion_length=8, seed=1,
+                     mixed_precision="bf16")
+    build = lambda: GRPOTrainer(cfg, model, tok, env, FastWeightConfig(num_layers=2),  # noqa: E731
+                                EpisodeConfig(l_max=60, max_extraction_tokens=8, max_answer_tokens=6),
+                                accelerator=Accelerator(cpu=True, mixed_precision="bf16"))
+    if weights == "bfloat16":
+        with pytest.warns(UserWarning, match="full fine-tuning of torch.bfloat16 weights.*float32"):
+            trainer = build()
+    else:
+        trainer = build()
+    batch = trainer.generate_rollouts(0)
+    batch.trajectories[0].reward, batch.trajectories[1].reward = 1.0, 0.0
+    before = {n: p.detach().clone() for n, p in trainer.policy.named_parameters()}
+    trainer.train_step(batch)
+    moved = moved_fraction(trainer, before)
+    if weights == "float32":
+        assert moved > 0.9, f"only {moved:.1%} of the fp32 master weights moved at lr 1e-6"
+    else:
+        assert moved < 0.1, f"{moved:.1%} moved: bf16 weights were expected to round lr-1e-6 steps away"
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
+@pytest.mark.parametrize("algorithm", ["grpo", "ppo"])
+def test_trainer_on_gpu_places_fast_weights_replay_and_reference_with_the_model(tmp_path, env, algorithm):
+    from tmem_rl.trainers.ppo import PPOConfig, PPOTrainer
+
+    config_cls, trainer_cls = (GRPOConfig, GRPOTrainer) if algorithm == "grpo" else (PPOConfig, PPOTrainer)
+    model, tok = tiny_model(num_layers=2, tokenizer_path=FIXTURE_TOKENIZER)  # built on the CPU, as users load
+    cfg = config_cls(output_dir=str(tmp_path), num_generations=2, questions_per_step=1, learning_rate=1e-3,
+                     report_to=[], save_steps=0, micro_batch_size=4, max_completion_length=8, beta=0.1)
+    trainer = trainer_cls(cfg, model, tok, env, FastWeightConfig(num_layers=2),
+                          EpisodeConfig(l_max=60, max_extraction_tokens=8, max_answer_tokens=6),
+                          accelerator=Accelerator())
+    metrics = trainer.train_step(trainer.generate_rollouts(0))
+    assert next(trainer.policy.parameters()).device.type == "cuda"
+    for fast in (trainer.fast, trainer.replay, trainer.reference_replay):
+        assert all(b.device.type == "cuda" for b in fast.B.values())
+    assert next(trainer.reference.parameters()).device.type == "cuda"
+    assert metrics["clip_fraction"] == 0.0 and torch.isfinite(torch.tensor(metrics["loss"]))

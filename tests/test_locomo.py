@@ -15,7 +15,7 @@ from tmem_rl.envs.locomo import (
     load_locomo,
     render_stream,
 )
-from tmem_rl.evaluation.locomo_metric import (
+from tmem_rl.metrics.locomo import (
     adversarial_score,
     aggregate,
     exact_match,

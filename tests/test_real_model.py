@@ -3,7 +3,7 @@
 import pytest
 
 from tmem_rl.envs import make_env
-from tmem_rl.envs.base import QAPair
+from tmem_rl.records import QAPair
 from tmem_rl.extraction import answer_messages
 from tmem_rl.memory import FastWeightConfig, FastWeights
 from tmem_rl.models import load_policy

@@ -14,6 +14,16 @@ def _add_dataclass_args(parser: argparse.ArgumentParser, cls) -> None:
         parser.add_argument(flag, type=type(f.default), default=f.default, help=f"(default: {f.default})")
 
 
+def _json_object(text: str) -> dict:
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as err:
+        raise argparse.ArgumentTypeError(f"not valid JSON ({err.msg}): {text!r}") from err
+    if not isinstance(value, dict):
+        raise argparse.ArgumentTypeError(f"expected a JSON object like '{{\"enable_thinking\": false}}', got {text!r}")
+    return value
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="tmem-rl", description="RL for LLM agents with fast-weight memory")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -41,6 +51,10 @@ def main(argv: list[str] | None = None) -> int:
     ev.add_argument("--retrieval-k", type=int, default=None)
     ev.add_argument("--batch-size", type=int, default=None, help="questions answered (or read) per batch")
     ev.add_argument("--seed", type=int, default=0)
+    ev.add_argument("--device", default=None, help="cuda, cuda:1, cpu ... (default: cuda when available)")
+    ev.add_argument("--chat-template-kwargs", type=_json_object, default=None,
+                    help='JSON passed to the chat template, e.g. \'{"enable_thinking": true}\' '
+                         "(default: thinking off where the template has the switch)")
     train = sub.add_parser("train", help="train with a YAML recipe (GRPO); key=value overrides after the recipe")
     train.add_argument("recipe")
     train.add_argument("overrides", nargs="*", help="dotted overrides, e.g. outer_loop.max_steps=2")
@@ -69,12 +83,14 @@ def main(argv: list[str] | None = None) -> int:
         settings = MethodSettings(**{k: v for k, v in (("context_budget", args.context_budget),
                                                        ("retrieval_k", args.retrieval_k),
                                                        ("answer_batch_size", args.batch_size)) if v is not None})
-        optional = {k: v for k, v in (("model", args.model), ("l_max", args.l_max)) if v is not None}
+        optional = {k: v for k, v in (("model", args.model), ("l_max", args.l_max), ("device", args.device))
+                    if v is not None}
         config = EvalConfig(
             data=args.data, out=args.out, env=args.env, methods=args.method, max_questions=args.max_questions,
             per_category=args.per_category,
             sample_ids=args.sample_ids, episode_unit=args.episode_unit, greedy=args.greedy, resume=args.resume,
-            fast_weights=fast, methods_settings=settings, seed=args.seed, **optional,
+            fast_weights=fast, methods_settings=settings, seed=args.seed,
+            chat_template_kwargs=args.chat_template_kwargs, **optional,
         )
         summary = run_eval(config)
         print(markdown_table(summary))

@@ -11,7 +11,7 @@ import json
 import re
 from typing import Any
 
-from tmem_rl.envs.base import ParseRecord, QAPair
+from tmem_rl.records import ParseRecord, QAPair
 
 EXTRACTION_PREFILL = "["
 
@@ -21,8 +21,18 @@ MAX_PREVIOUS_SHOWN = 20
 
 # strict=False: small models put raw newlines inside strings.
 _DECODER = json.JSONDecoder(strict=False)
+# What the decoder raises on text it cannot read: ValueError covers JSONDecodeError and integer literals past
+# Python's digit limit; RecursionError comes from the C decoder, which recurses once per nesting level.
+_DECODE_FAILURES = (ValueError, RecursionError)
 _FENCE = re.compile(r"```[\w+-]*")
+_OPENER = re.compile(r"[\[{]")
 _CLOSER_AHEAD = re.compile(r"\s*[\]}]")
+_OBJECT_AHEAD = re.compile(r"\s*\{")
+# A bracket, or a whole string (possibly unterminated) so that the brackets inside it are passed over.
+_BRACKET_OR_STRING = re.compile(r'"(?:[^"\\]+|\\.)*"?|[\[\]{}]', re.DOTALL)
+# QA pairs nest 2-4 levels. Once the decoder has hit its recursion limit, openers that nest this deep are skipped
+# instead of decoded: each such attempt would recurse to the limit again, making long "[[[[..." runs quadratic.
+_SKIPPED_NESTING = 32
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -32,27 +42,39 @@ _CLOSER_AHEAD = re.compile(r"\s*[\]}]")
 
 def parse_qa_pairs(text: str, prefilled: bool = False, source: str | None = None) -> ParseRecord:
     """Model text -> QA pairs. `prefilled`: the prompt ended with EXTRACTION_PREFILL and `text` continues it.
-    `source`: the text that was read; when given, pairs whose answer is not in it are dropped (see `grounded`)."""
+    `source`: the text that was read; when given, pairs whose answer is not in it are dropped (see `grounded`).
+    Never raises: whatever goes wrong is the record's `error`."""
     record = ParseRecord(raw=text)
+    # Last resort for failures no branch below foresaw: one unreadable sample must cost one record, not the run.
+    try:
+        _parse_into(record, text, prefilled, source)
+    except Exception as err:
+        record.pairs = []  # they may not have been deduplicated or grounded yet
+        record.error = f"parser error: {type(err).__name__}: {err}"
+    return record
+
+
+def _parse_into(record: ParseRecord, text: str, prefilled: bool, source: str | None) -> None:
     body = (text or "").strip()
     if not body:
         record.error = "empty"
-        return record
+        return
     if prefilled and not body.startswith(EXTRACTION_PREFILL):
         body = EXTRACTION_PREFILL + body
     body = _remove_trailing_commas(_unfence(body))
 
-    value, truncated_tail, error = _locate_json(body)
-    if truncated_tail:
-        record.dropped.append({"item": truncated_tail, "reason": "truncated"})
+    value, unread_tail, error = _locate_json(body)
+    if unread_tail is not None:
+        record.dropped.append(unread_tail)
     if error is not None:
         record.error = error
-        return record
+        return
 
     items, error = _as_items(value)
     if error is not None:
-        record.error = "truncated" if truncated_tail and error == "empty" else error
-        return record
+        # No item was complete before the unreadable tail, so the tail's reason is the record's.
+        record.error = unread_tail["reason"] if unread_tail is not None and error == "empty" else error
+        return
 
     seen: set[tuple[str, str]] = set()
     for item in items:
@@ -73,7 +95,6 @@ def parse_qa_pairs(text: str, prefilled: bool = False, source: str | None = None
         record.dropped.extend(ungrounded)
     if not record.pairs:
         record.error = "all items dropped"
-    return record
 
 
 def _unfence(text: str) -> str:
@@ -108,8 +129,8 @@ def _looks_like_pairs(value: Any) -> bool:
     return isinstance(value, dict) or (isinstance(value, list) and any(isinstance(v, dict) for v in value))
 
 
-def _locate_json(text: str) -> tuple[Any, str, str | None]:
-    """Find the JSON in `text` -> (value, truncated tail or "", error or None).
+def _locate_json(text: str) -> tuple[Any, dict[str, Any] | None, str | None]:
+    """Find the JSON in `text` -> (value, dropped entry for an unreadable tail or None, error or None).
 
     Tries each "[" / "{" in order, so prose before the JSON is skipped. A bracketed aside like "[1]" is kept only as
     a fallback, in case no pair-shaped JSON follows. An array of objects that never closes is salvaged object by
@@ -117,46 +138,80 @@ def _locate_json(text: str) -> tuple[Any, str, str | None]:
     """
     fallback: Any = None
     found_fallback = False
+    too_deep: set[int] = set()  # openers known to nest too deep to decode
     pos = 0
-    while True:
-        starts = [i for i in (text.find("[", pos), text.find("{", pos)) if i != -1]
-        if not starts:
-            break
-        start = min(starts)
-        try:
-            value, end = _DECODER.raw_decode(text, start)
-        except json.JSONDecodeError:
-            if text[start] == "[" and text[start + 1 :].lstrip().startswith("{"):
-                items, tail = _salvage_array(text, start)
-                return items, tail, None
+    while opener := _OPENER.search(text, pos):
+        start = opener.start()
+        decoded = _decode_at(text, start, too_deep)
+        if decoded is None:
+            if text[start] == "[" and _OBJECT_AHEAD.match(text, start + 1):
+                items, unread_tail = _salvage_array(text, start)
+                return items, unread_tail, None
             pos = start + 1
             continue
+        value, end = decoded
         if _looks_like_pairs(value):
-            return value, "", None
+            return value, None, None
         if not found_fallback:
             fallback, found_fallback = value, True
         pos = end
     if found_fallback:
-        return fallback, "", None
+        return fallback, None, None
     try:  # a bare JSON scalar has no bracket to find
-        return _DECODER.decode(text), "", None
-    except json.JSONDecodeError:
-        return None, "", "no JSON found"
+        return _DECODER.decode(text), None, None
+    except _DECODE_FAILURES:
+        return None, None, "nesting too deep" if too_deep else "no JSON found"
 
 
-def _salvage_array(text: str, start: int) -> tuple[list[Any], str]:
-    """Decode the items of the array opening at `start` one by one -> (complete items, unreadable tail)."""
+def _decode_at(text: str, start: int, too_deep: set[int]) -> tuple[Any, int] | None:
+    """(value, end) of the JSON at `start`, or None where it cannot be read. Hitting the recursion limit adds the
+    deeply nested openers to `too_deep`, so that none of them is decoded again."""
+    if start in too_deep:
+        return None
+    try:
+        return _DECODER.raw_decode(text, start)
+    except RecursionError:
+        too_deep.add(start)
+        too_deep.update(_deeply_nested_openers(text, start))
+    except ValueError:
+        pass
+    return None
+
+
+def _deeply_nested_openers(text: str, start: int) -> set[int]:
+    """The openers in the value at `start` that nest at least _SKIPPED_NESTING levels, by counting brackets outside
+    strings. Where the text is valid JSON this count is the decoder's nesting, so decoding at any of these openers
+    either fails or gives a value far too deep to hold QA pairs."""
+    open_positions: list[int] = []
+    deep: set[int] = set()
+    for token in _BRACKET_OR_STRING.finditer(text, start):
+        char = text[token.start()]
+        if char in "[{":
+            open_positions.append(token.start())
+            if len(open_positions) >= _SKIPPED_NESTING:
+                deep.add(open_positions[-_SKIPPED_NESTING])
+        elif char in "]}":
+            open_positions.pop()
+            if not open_positions:
+                break  # the value at `start` has closed
+    return deep
+
+
+def _salvage_array(text: str, start: int) -> tuple[list[Any], dict[str, Any] | None]:
+    """Decode the items of the array opening at `start` one by one -> (complete items, dropped entry for the
+    unreadable tail or None)."""
     items: list[Any] = []
     pos = start + 1
     while True:
         while pos < len(text) and text[pos] in " \t\r\n,":
             pos += 1
         if pos >= len(text) or text[pos] == "]":
-            return items, ""
+            return items, None
         try:
             item, pos = _DECODER.raw_decode(text, pos)
-        except json.JSONDecodeError:
-            return items, text[pos:]
+        except _DECODE_FAILURES as err:
+            reason = "nesting too deep" if isinstance(err, RecursionError) else "truncated"
+            return items, {"item": text[pos:], "reason": reason}
         items.append(item)
 
 

@@ -1,4 +1,5 @@
-"""Log-probs of generated segments, each under the fast weights that were live when it was generated.
+"""Log-probs of generated segments, each under the fast weights that were live when it was generated and at the
+temperature it was sampled at.
 
 The inner update is a stop-gradient: a segment's fast weights are restored from its snapshot as constants, and
 the gradient flows only into the slow weights (through the base layers and the fast-weight hooks' inputs).
@@ -8,6 +9,7 @@ from __future__ import annotations
 
 from contextlib import nullcontext
 from dataclasses import dataclass
+from typing import Sequence
 
 import torch
 
@@ -20,36 +22,44 @@ class SegmentRows:
     attention_mask: torch.Tensor  # [N, T]
     completion_mask: torch.Tensor  # [N, C] 1 on real completion tokens (right-padded within the last C columns)
     completion_ids: torch.Tensor  # [N, C]
-    slots: torch.Tensor  # [N] replay slot per row, -1 = base model
-    snapshot_keys: list[str | None]
+    temperatures: torch.Tensor  # [N] the temperature each row's completion was sampled at
+    slots: torch.Tensor  # [N] fast-weight slot per row, -1 = base model
+    snapshot_keys: list[str]  # replay slot i holds snapshot_keys[i] (segment_rows only)
 
 
-def build_rows(segments: list[dict], pad_id: int, device, slots: list[int] | None = None) -> SegmentRows:
-    """Segments ({"prompt_ids", "completion_ids", "snapshot"}) -> one padded batch. Rows sharing a snapshot share
-    a replay slot; `slots` instead names the fast-weight slot of each row directly (at generation time)."""
-    keys = [] if slots is not None else sorted({s["snapshot"] for s in segments if s["snapshot"] is not None})
-    slot_of = {k: i for i, k in enumerate(keys)}
-    width_c = max(len(s["completion_ids"]) for s in segments)
-    total = max(len(s["prompt_ids"]) + width_c for s in segments)
-    n = len(segments)
+def build_rows(prompts: Sequence[Sequence[int]], completions: Sequence[Sequence[int]],
+               temperatures: Sequence[float], slots: Sequence[int], pad_id: int, device,
+               snapshot_keys: list[str] | None = None) -> SegmentRows:
+    """Prompts and completions -> one padded batch; row i runs under fast-weight slot slots[i]."""
+    width_c = max(len(c) for c in completions)
+    total = max(len(p) + width_c for p in prompts)
+    n = len(prompts)
     input_ids = torch.full((n, total), pad_id, dtype=torch.long)
     attention_mask = torch.zeros((n, total), dtype=torch.long)
     completion_ids = torch.full((n, width_c), pad_id, dtype=torch.long)
     completion_mask = torch.zeros((n, width_c), dtype=torch.long)
-    for i, s in enumerate(segments):
+    for i, (prompt, completion) in enumerate(zip(prompts, completions)):
         # prompt then completion right-padded to width_c, the whole thing left-padded to `total`: completion
         # tokens then sit in the last width_c columns of every row.
-        seq = list(s["prompt_ids"]) + list(s["completion_ids"])
-        c = len(s["completion_ids"])
-        start = total - width_c - len(s["prompt_ids"])
+        seq = list(prompt) + list(completion)
+        start = total - width_c - len(prompt)
         input_ids[i, start : start + len(seq)] = torch.tensor(seq)
         attention_mask[i, start : start + len(seq)] = 1
-        completion_ids[i, :c] = torch.tensor(s["completion_ids"])
-        completion_mask[i, :c] = 1
-    if slots is None:
-        slots = [slot_of[s["snapshot"]] if s["snapshot"] is not None else -1 for s in segments]
+        completion_ids[i, : len(completion)] = torch.tensor(list(completion))
+        completion_mask[i, : len(completion)] = 1
     return SegmentRows(input_ids.to(device), attention_mask.to(device), completion_mask.to(device),
-                       completion_ids.to(device), torch.tensor(slots).to(device), keys)
+                       completion_ids.to(device), torch.tensor(list(temperatures), dtype=torch.float32).to(device),
+                       torch.tensor(list(slots)).to(device), snapshot_keys or [])
+
+
+def segment_rows(segments: Sequence, pad_id: int, device) -> SegmentRows:
+    """Recorded segments (`prompt_ids`, `completion_ids`, `snapshot`, `temperature`) -> one batch; rows sharing a
+    snapshot share a replay slot (see `load_snapshots`)."""
+    keys = sorted({s.snapshot for s in segments if s.snapshot is not None})
+    slot_of = {k: i for i, k in enumerate(keys)}
+    return build_rows([s.prompt_ids for s in segments], [s.completion_ids for s in segments],
+                      [s.temperature for s in segments],
+                      [slot_of[s.snapshot] if s.snapshot is not None else -1 for s in segments], pad_id, device, keys)
 
 
 def load_snapshots(replay: FastWeights, keys: list[str], snapshots: dict[str, Snapshot]) -> None:
@@ -59,20 +69,20 @@ def load_snapshots(replay: FastWeights, keys: list[str], snapshots: dict[str, Sn
         replay.restore(snapshots[key], [slot])
 
 
-def completion_logprobs(model, replay: FastWeights | None, rows: SegmentRows, temperature: float = 1.0,
-                        value_head=None):
-    """Per-token log-probs [N, C] of the completion tokens (0 where completion_mask is 0); with `value_head`, also
-    its value estimate [N, C] at the state before each completion token.
+def completion_logprobs(model, fast: FastWeights | None, rows: SegmentRows, value_head=None):
+    """Per-token log-probs [N, C] of the completion tokens at each row's sampling temperature (0 where
+    completion_mask is 0); with `value_head`, also its value estimate [N, C] at the state before each completion
+    token.
 
     `model` may be wrapped (DDP): it is called as a whole, keeping only the logits that predict completion tokens.
     """
     width_c = rows.completion_ids.shape[1]
     position_ids = (rows.attention_mask.cumsum(-1) - 1).clamp(min=0)
-    use = replay.use(rows.slots) if replay is not None and bool((rows.slots >= 0).any()) else nullcontext()
+    use = fast.use(rows.slots) if fast is not None else nullcontext()
     with use:
         out = model(input_ids=rows.input_ids, attention_mask=rows.attention_mask, position_ids=position_ids,
                     logits_to_keep=width_c + 1, use_cache=False, output_hidden_states=value_head is not None)
-    logits = out.logits[:, :-1].float() / temperature  # position t predicts token t+1: [N, C, V]
+    logits = out.logits[:, :-1].float() / rows.temperatures.view(-1, 1, 1)  # position t predicts t+1: [N, C, V]
     logp = torch.log_softmax(logits, dim=-1).gather(-1, rows.completion_ids.unsqueeze(-1)).squeeze(-1)
     logp = logp * rows.completion_mask
     if value_head is None:
@@ -80,4 +90,3 @@ def completion_logprobs(model, replay: FastWeights | None, rows: SegmentRows, te
     hidden = out.hidden_states[-1][:, -(width_c + 1) : -1]  # [N, C, d], same positions as the logits
     values = value_head(hidden.to(value_head.weight.dtype)).squeeze(-1).float() * rows.completion_mask
     return logp, values
-

@@ -14,7 +14,8 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, Llama
 
 DEFAULT_MODEL = "smollm2-135m-instruct"
 CACHE_ENV = "TMEM_RL_CACHE"
-FIXTURE_TOKENIZER = Path(__file__).resolve().parent.parent / "tests" / "fixtures" / "tokenizer"
+# Shipped inside the package (see package-data in pyproject.toml) so tiny_model() works from an installed wheel.
+FIXTURE_TOKENIZER = Path(__file__).resolve().parent / "assets" / "tokenizer"
 
 
 @dataclass(frozen=True)

@@ -32,7 +32,8 @@ class ModelSection:
     name: str = DEFAULT_MODEL
     """Known short name, HF folder or hub id."""
     dtype: str = "float32"
-    """float32 | bfloat16 | float16."""
+    """float32 | bfloat16 | float16. Full fine-tuning wants float32 master weights with
+    outer_loop.mixed_precision: bf16; bfloat16 suits LoRA slow weights and evaluation."""
 
 
 @dataclass
@@ -147,10 +148,14 @@ def load_recipe(path: str | Path, overrides: list[str] | None = None) -> TrainRe
 
 def run_recipe(recipe: TrainRecipe, resume: bool = False) -> list[dict]:
     import torch
+    from accelerate import PartialState
 
     from tmem_rl.envs import make_env
     from tmem_rl.models import load_policy
-    model, tokenizer = load_policy(recipe.model.name, dtype=getattr(torch, recipe.model.dtype))
+
+    # Straight onto this process's accelerator: the fast weights' SVD and every copy then start there too.
+    device = PartialState().device
+    model, tokenizer = load_policy(recipe.model.name, dtype=getattr(torch, recipe.model.dtype), device=device)
     env = make_env(recipe.env.name, **recipe.env.kwargs)
     trainer_cls = ALGORITHMS[recipe.algorithm][1]
     trainer = trainer_cls(recipe.outer_loop, model, tokenizer, env, recipe.inner_loop, recipe.episode)

@@ -26,11 +26,15 @@ from typing import Any
 
 import torch
 from safetensors.torch import load_file, save_file
+from transformers import LogitsProcessor, LogitsProcessorList
+from transformers.generation.logits_process import TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper
 
-from tmem_rl.envs.base import Action, ActionKind, Environment, EpisodeState, QAPair, Supervision, Task
-from tmem_rl.logprobs import build_rows, completion_logprobs
+from tmem_rl.chat import chat_ids, chat_template_kwargs, stop_token_ids, strip_thinking
+from tmem_rl.envs.base import Action, ActionKind, Environment, EpisodeState, Task
 from tmem_rl.extraction import EXTRACTION_PREFILL, answer_messages, extraction_messages, parse_qa_pairs
+from tmem_rl.logprobs import build_rows, completion_logprobs
 from tmem_rl.memory.fast_weights import FastWeights, Snapshot
+from tmem_rl.records import QAPair, Supervision
 
 MEMORY_MODES = ("fast_weights", "none")
 
@@ -62,7 +66,11 @@ class EpisodeConfig:
     """Temperature of retries, so that a greedy policy does not repeat a failed extraction verbatim."""
     record_logprobs: bool = False
     """Store each generated token's log-prob (teacher-forced, same fast weights) for the outer loop."""
+    chat_template_kwargs: dict[str, Any] | None = None
+    """Passed to the chat template for extraction prompts, answer prompts and the inner loop's pairs alike. None:
+    the template's defaults, except that a template with a thinking switch (Qwen3) gets enable_thinking=False."""
     seed: int = 0
+    """Seeds the runner's own sampling generator at the start of every episode (the global RNG is left alone)."""
 
     def __post_init__(self):
         if self.memory not in MEMORY_MODES:
@@ -83,7 +91,7 @@ class Segment:
     text: str
     fast_weight_version: int  # number of absorbs into this rollout before generation; 0 = base model
     snapshot: str | None  # key into EpisodeBatch.snapshots; None = base model
-    temperature: float = 1.0  # the policy temperature the tokens were sampled at (log-probs use it too)
+    temperature: float  # the temperature the tokens were sampled at: every log-prob of them is taken at it
     logprobs: list[float] | None = None  # per completion token, when EpisodeConfig.record_logprobs
 
 
@@ -164,7 +172,13 @@ class EpisodeRunner:
         self.config = config or EpisodeConfig()
         if self.config.memory == "fast_weights" and fast is None:
             raise ValueError("memory='fast_weights' needs a FastWeights object")
-        self.device = next(model.parameters()).device
+        self.chat_kwargs = chat_template_kwargs(tokenizer, self.config.chat_template_kwargs)
+        self.stop_ids = stop_token_ids(model, tokenizer)
+        self.generator = torch.Generator(device=self.device)
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
 
     def run(self, env: Environment, tasks: list[Task]) -> EpisodeBatch:
         """Run one rollout per task (repeat a task G times for a GRPO group), all in lockstep."""
@@ -182,7 +196,9 @@ class EpisodeRunner:
         n = len(tasks)
         if self.fast is not None and n > self.fast.num_slots:
             raise ValueError(f"{n} rollouts but only {self.fast.num_slots} fast-weight slots")
-        torch.manual_seed(cfg.seed)
+        if self.generator.device != self.device:
+            self.generator = torch.Generator(device=self.device)
+        self.generator.manual_seed(cfg.seed)
         if self.fast is not None:
             self.fast.reset(range(n))
         ep = Episode(
@@ -240,18 +256,20 @@ class EpisodeRunner:
             for g, prompt, completion, lp in zip(pending, prompts, completions, logprobs):
                 text = self.tokenizer.decode(completion, skip_special_tokens=True)
                 source = "\n".join(context[g]) if cfg.grounding else None
-                record = parse_qa_pairs(text, prefilled=cfg.prefill, source=source)
+                record = parse_qa_pairs(strip_thinking(text), prefilled=cfg.prefill, source=source)
                 supervision[g].attempts.append(record)
                 supervision[g].pairs = record.pairs
-                self._add_segment(trajectories[g], Segment("extraction", states[g].cursor - 1, attempt, prompt,
-                                                           completion, text, 0, None, temperature, lp), snapshots)
+                self._add_segment(trajectories[g], snapshots, kind="extraction", chunk_index=states[g].cursor - 1,
+                                  attempt=attempt, prompt_ids=prompt, completion_ids=completion, text=text,
+                                  temperature=temperature, logprobs=lp)
                 trajectories[g].timings["generate_extraction"] += elapsed
             pending = [g for g in pending if not supervision[g].pairs]
         to_absorb = {g: s.pairs for g, s in supervision.items() if s.pairs}
         t0 = time.perf_counter()
         # Pairs are learned in the shape in which the environment will ask its question.
         pair_prompt = lambda q: answer_messages(env.answer_prompt(q, ""))  # noqa: E731
-        stats = self.fast.absorb(self.tokenizer, to_absorb, prompt_fn=pair_prompt) if to_absorb else {}
+        stats = (self.fast.absorb(self.tokenizer, to_absorb, prompt_fn=pair_prompt,
+                                  chat_template_kwargs=self.chat_kwargs) if to_absorb else {})
         elapsed = time.perf_counter() - t0
         for g in rollouts:
             pairs_so_far[g].extend(supervision[g].pairs)
@@ -264,7 +282,7 @@ class EpisodeRunner:
                     "fast_weight_version": self.fast.versions[g],
                 }
             )
-            if g in stats:
+            if g in stats and stats[g]["num_pairs"]:
                 snapshots[self._snapshot_key(g)] = self.fast.snapshot([g])
 
     def _answer(self, env: Environment, ep: "Episode") -> None:
@@ -273,8 +291,9 @@ class EpisodeRunner:
         answers = self.answer(env, everyone, tasks, ["\n".join(c) for c in ep.context])
         for g, out in enumerate(answers):
             traj = ep.trajectories[g]
-            self._add_segment(traj, Segment("answer", ep.states[g].cursor, 0, out.prompt_ids, out.completion_ids,
-                                            out.text, 0, None, self.config.temperature, out.logprobs), ep.snapshots)
+            self._add_segment(traj, ep.snapshots, kind="answer", chunk_index=ep.states[g].cursor, attempt=0,
+                              prompt_ids=out.prompt_ids, completion_ids=out.completion_ids, text=out.text,
+                              temperature=self.config.temperature, logprobs=out.logprobs)
             result = env.step(ep.states[g], Action(ActionKind.ANSWER, out.text))
             traj.prediction = out.text
             traj.reward = result.reward
@@ -294,7 +313,7 @@ class EpisodeRunner:
         elapsed = time.perf_counter() - t0
         logprobs = self._logprobs(prompts, completions, slots, cfg.temperature)
         return [
-            Generated(self.tokenizer.decode(c, skip_special_tokens=True).strip(), p, c, elapsed, lp)
+            Generated(strip_thinking(self.tokenizer.decode(c, skip_special_tokens=True)).strip(), p, c, elapsed, lp)
             for p, c, lp in zip(prompts, completions, logprobs)
         ]
 
@@ -306,12 +325,12 @@ class EpisodeRunner:
     def _snapshot_key(self, g: int) -> str:
         return f"{g}/{self._version(g)}"
 
-    def _add_segment(self, traj: Trajectory, segment: Segment, snapshots) -> None:
+    def _add_segment(self, traj: Trajectory, snapshots, **fields) -> None:
         """Append a generated segment, stamped with the fast-weight version live for its rollout right now."""
-        segment.fast_weight_version = self._version(traj.rollout)
-        segment.snapshot = self._snapshot_key(traj.rollout) if segment.fast_weight_version else None
-        assert segment.snapshot is None or segment.snapshot in snapshots, "a live version must have a snapshot"
-        traj.segments.append(segment)
+        version = self._version(traj.rollout)
+        snapshot = self._snapshot_key(traj.rollout) if version else None
+        assert snapshot is None or snapshot in snapshots, "a live version must have a snapshot"
+        traj.segments.append(Segment(fast_weight_version=version, snapshot=snapshot, **fields))
 
     @torch.no_grad()
     def _logprobs(self, prompts, completions, slots, temperature) -> list[list[float] | None]:
@@ -320,17 +339,16 @@ class EpisodeRunner:
             return [None] * len(prompts)
         if self.config.memory != "fast_weights":
             slots = [-1] * len(slots)
-        segments = [{"prompt_ids": p, "completion_ids": c, "snapshot": None} for p, c in zip(prompts, completions)]
-        rows = build_rows(segments, self.tokenizer.pad_token_id, self.device, slots=list(slots))
-        logp = completion_logprobs(self.model, self.fast, rows, temperature)
+        rows = build_rows(prompts, completions, [temperature] * len(prompts), slots, self.tokenizer.pad_token_id,
+                          self.device)
+        logp = completion_logprobs(self.model, self.fast, rows)
         return [logp[i, : len(c)].tolist() for i, c in enumerate(completions)]
 
     def _count_tokens(self, text: str) -> int:
         return len(self.tokenizer(text, add_special_tokens=False)["input_ids"])
 
     def prompt_ids(self, messages: list[dict[str, str]], prefill: str = "") -> list[int]:
-        text = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
-        return self.tokenizer(text + prefill, add_special_tokens=False)["input_ids"]
+        return chat_ids(self.tokenizer, messages, self.chat_kwargs, generation_prompt=True, suffix=prefill)
 
     @torch.no_grad()
     def generate(self, prompts: list[list[int]], slots: list[int], max_new_tokens: int, sample: bool,
@@ -343,10 +361,11 @@ class EpisodeRunner:
         for i, p in enumerate(prompts):  # left padding: every row's continuation starts at the same column
             input_ids[i, width - len(p) :] = torch.tensor(p)
             attention_mask[i, width - len(p) :] = 1
-        if sample:
-            kwargs = dict(do_sample=True, temperature=temperature, top_p=self.config.top_p, top_k=self.config.top_k)
-        else:
-            kwargs = dict(do_sample=False, temperature=None, top_p=None, top_k=None)
+        # Sampling draws from the runner's own generator (Gumbel-max over HF's warped scores, decoded greedily), so
+        # an episode is reproducible from EpisodeConfig.seed and the caller's global RNG is never touched.
+        processors = LogitsProcessorList(
+            [*self._warpers(temperature), GumbelNoise(self.generator)] if sample else []
+        )
         if self.config.memory != "fast_weights":
             slots = [-1] * len(slots)
         live = self.fast.use(slots) if self.fast is not None and max(slots) >= 0 else nullcontext()
@@ -356,13 +375,33 @@ class EpisodeRunner:
                 attention_mask=attention_mask.to(self.device),
                 max_new_tokens=max_new_tokens,
                 pad_token_id=pad,
-                eos_token_id=self.tokenizer.eos_token_id,
-                **kwargs,
+                eos_token_id=self.stop_ids,
+                do_sample=False, temperature=None, top_p=None, top_k=None,
+                logits_processor=processors,
             )
         completions = []
         for row in out[:, width:].tolist():
-            if self.tokenizer.eos_token_id in row:  # keep the end token: it was generated and carries log-prob
-                row = row[: row.index(self.tokenizer.eos_token_id) + 1]
-            completions.append(row)
+            end = next((i for i, token in enumerate(row) if token in self.stop_ids), None)
+            # Keep the end token: it was generated and carries log-prob.
+            completions.append(row if end is None else row[: end + 1])
         return completions
 
+    def _warpers(self, temperature: float) -> list[LogitsProcessor]:
+        warpers: list[LogitsProcessor] = [TemperatureLogitsWarper(temperature)]
+        if self.config.top_k:
+            warpers.append(TopKLogitsWarper(self.config.top_k))
+        if self.config.top_p < 1.0:
+            warpers.append(TopPLogitsWarper(self.config.top_p))
+        return warpers
+
+
+class GumbelNoise(LogitsProcessor):
+    """Adds Gumbel noise from a given generator: the argmax of the result is a sample from softmax(scores)."""
+
+    def __init__(self, generator: torch.Generator):
+        self.generator = generator
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        uniform = torch.rand(scores.shape, generator=self.generator, device=scores.device, dtype=torch.float32)
+        gumbel = -torch.log(-torch.log(uniform.clamp(min=1e-20, max=1.0 - 1e-7)))
+        return scores.float() + gumbel

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib
 from importlib.metadata import entry_points
 from typing import Callable
 
@@ -11,14 +12,16 @@ from tmem_rl.envs.base import (  # noqa: F401  (re-exported contract)
     Environment,
     EpisodeState,
     Observation,
-    ParseRecord,
-    QAPair,
     StepResult,
-    Supervision,
     Task,
 )
+from tmem_rl.records import ParseRecord, QAPair, Supervision  # noqa: F401  (what extraction actions produce)
 
 _REGISTRY: dict[str, Callable[..., Environment]] = {}
+
+# The environments that ship with tmem_rl, imported on first use. They need no installed package metadata, so they
+# also work from a source checkout on PYTHONPATH; other packages add theirs through the entry point group.
+BUILTIN_ENVS = {"facts": "tmem_rl.envs.facts:FactsEnv", "locomo": "tmem_rl.envs.locomo:LocomoEnv"}
 
 
 def register_env(name: str):
@@ -32,12 +35,15 @@ def register_env(name: str):
 
 
 def available_envs() -> list[str]:
-    names = set(_REGISTRY)
+    names = set(_REGISTRY) | set(BUILTIN_ENVS)
     names.update(ep.name for ep in entry_points(group="tmem_rl.envs"))
     return sorted(names)
 
 
 def make_env(name: str, **kwargs) -> Environment:
+    if name not in _REGISTRY and name in BUILTIN_ENVS:
+        module, cls = BUILTIN_ENVS[name].split(":")
+        _REGISTRY[name] = getattr(importlib.import_module(module), cls)
     if name not in _REGISTRY:
         for ep in entry_points(group="tmem_rl.envs"):
             if ep.name == name:

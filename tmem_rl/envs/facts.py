@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 from tmem_rl.envs import register_env
 from tmem_rl.envs.base import Environment, Task
-from tmem_rl.rewards import best_over_golds, exact_match, token_f1
+from tmem_rl.metrics.qa import best_over_golds, exact_match, token_f1
 
 NAMES = (
     "Maya", "Omar", "Lena", "Tariq", "Sofia", "Jonas", "Priya", "Mateo", "Aisha", "Felix", "Hana", "Diego",

@@ -3,7 +3,7 @@
 The stream is the whole conversation, one turn per chunk, sessions in order, each session opened by its date (temporal
 questions are answered relative to those dates). Every question of a conversation becomes one task over the same
 stream. Prompts and scoring follow the benchmark's official evaluation code, so that numbers are comparable with
-published ones; see `tmem_rl.evaluation.locomo_metric`.
+published ones; see `tmem_rl.metrics.locomo`.
 
 Data: the official ``locomo10.json`` (a list of samples, CC BY-NC 4.0); point ``data`` at a local copy.
 """
@@ -19,7 +19,7 @@ from typing import Any
 
 from tmem_rl.envs import register_env
 from tmem_rl.envs.base import Environment, Task
-from tmem_rl.evaluation.locomo_metric import CATEGORY_NAMES, score_answer
+from tmem_rl.metrics.locomo import CATEGORY_NAMES, score_answer
 
 QA_PROMPT = (
     "Based on the above context, write an answer in the form of a short phrase for the following question. "

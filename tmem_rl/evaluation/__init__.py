@@ -1,1 +1,1 @@
-"""Benchmark metrics, kept apart from environments so that offline result files can be rescored without one."""
+"""Evaluation: memory methods side by side on a benchmark, result records, reports and charts."""

@@ -17,11 +17,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import torch
 from tqdm import tqdm
 
 from tmem_rl.envs import make_env
 from tmem_rl.envs.base import Task
-from tmem_rl.evaluation.locomo_metric import CATEGORY_NAMES, aggregate
+from tmem_rl.metrics.locomo import CATEGORY_NAMES, aggregate
 from tmem_rl.evaluation.methods import METHODS, Answered, MethodSettings
 from tmem_rl.memory import FastWeightConfig, FastWeights
 from tmem_rl.models import DEFAULT_MODEL, load_policy
@@ -58,6 +59,9 @@ class EvalConfig:
     top_k: int = 10
     fast_weights: FastWeightConfig = field(default_factory=FastWeightConfig)
     methods_settings: MethodSettings = field(default_factory=MethodSettings)
+    chat_template_kwargs: dict[str, Any] | None = None
+    """Chat-template settings for every prompt (None: thinking off where the template has the switch)."""
+    device: str = field(default_factory=lambda: "cuda" if torch.cuda.is_available() else "cpu")
     seed: int = 0
 
     def __post_init__(self):
@@ -144,13 +148,14 @@ def run_eval(config: EvalConfig) -> dict[str, Any]:
     tasks = env.tasks()
     done = {(r["method"], r["question_id"]) for r in read_records(results_path)}
 
-    model, tokenizer = load_policy(config.model)
+    model, tokenizer = load_policy(config.model, device=config.device)
     settings = config.methods_settings
     fast = FastWeights(model, settings.answer_batch_size, config.fast_weights)
     runner = EpisodeRunner(model, tokenizer, fast, EpisodeConfig(
         l_max=config.l_max, max_extraction_tokens=config.max_extraction_tokens,
         max_answer_tokens=config.max_answer_tokens, do_sample=not config.greedy,
         temperature=config.temperature, top_p=config.top_p, top_k=config.top_k, seed=config.seed,
+        chat_template_kwargs=config.chat_template_kwargs,
     ))
     for method_name in config.methods:
         method = METHODS[method_name](runner, env, settings)

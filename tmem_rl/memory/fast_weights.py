@@ -19,63 +19,10 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from tmem_rl.memory.config import FastWeightConfig
+from tmem_rl.memory.inner_loop import inner_update, user_turn
+from tmem_rl.memory.layers import find_target_modules, linear_of
 
 Snapshot = dict[str, torch.Tensor]  # "B.<module>" / "A.<module>" -> [n, ...] for the n snapshotted slots
-
-
-def decoder_layers(model: nn.Module) -> nn.ModuleList:
-    """The model's stack of decoder layers (HF causal LMs keep it at get_decoder().layers)."""
-    decoder = model.get_decoder() if hasattr(model, "get_decoder") else model
-    layers = getattr(decoder, "layers", None)
-    if isinstance(layers, nn.ModuleList):
-        return layers
-    n = getattr(getattr(model, "config", None), "num_hidden_layers", None)
-    for module in model.modules():
-        if isinstance(module, nn.ModuleList) and len(module) == n:
-            return module
-    raise ValueError(f"cannot find the decoder layers of {type(model).__name__}")
-
-
-def adapted_layer_indices(model: nn.Module, config: FastWeightConfig) -> list[int]:
-    n = len(decoder_layers(model))
-    if config.layers is None:
-        if config.num_layers > n:
-            raise ValueError(f"FastWeightConfig.num_layers={config.num_layers} but the model has {n} layers")
-        return list(range(n - config.num_layers, n))
-    indices = sorted({i % n for i in config.layers if -n <= i < n})
-    if len(indices) != len(set(config.layers)):
-        raise ValueError(f"FastWeightConfig.layers={config.layers}: the model has layers 0..{n - 1}")
-    return indices
-
-
-def find_target_modules(model: nn.Module, config: FastWeightConfig) -> dict[str, nn.Linear]:
-    """Qualified name -> linear module, for every target name in every adapted layer."""
-    layers = decoder_layers(model)
-    prefix = {id(m): name for name, m in model.named_modules()}[id(layers)]
-    found: dict[str, nn.Linear] = {}
-    for index in adapted_layer_indices(model, config):
-        # A PEFT LoRA on the slow weights wraps the linear (its `base_layer`); hooking the wrapper puts the fast
-        # delta on top of the slow adapter's output.
-        linears = {
-            name: m
-            for name, m in layers[index].named_modules()
-            if isinstance(_linear_of(m), nn.Linear) and not name.endswith("base_layer")
-        }
-        by_leaf = {name.rsplit(".", 1)[-1]: name for name in linears if "lora_" not in name}
-        for target in config.target_modules:
-            if target not in by_leaf:
-                raise ValueError(
-                    f"target module {target!r} not found in decoder layer {index}; "
-                    f"available: {', '.join(sorted(by_leaf))}"
-                )
-            found[f"{prefix}.{index}.{by_leaf[target]}"] = linears[by_leaf[target]]
-    return found
-
-
-def _linear_of(module: nn.Module) -> nn.Module:
-    """The plain linear layer itself, or the one a PEFT LoRA wrapper holds as `base_layer`."""
-    base = getattr(module, "base_layer", None)
-    return base if isinstance(base, nn.Linear) else module
 
 
 def _full_weight(weight: torch.Tensor) -> torch.Tensor:
@@ -88,10 +35,26 @@ def _full_weight(weight: torch.Tensor) -> torch.Tensor:
     return weight.detach()
 
 
-def svd_init(weight: torch.Tensor, rank: int) -> torch.Tensor:
-    """A = S_r V_r^T: the top-r right singular directions of W, scaled by their singular values. [r, d_in]"""
-    _, s, vh = torch.linalg.svd(weight.float(), full_matrices=False)
-    return s[:rank, None] * vh[:rank]
+def svd_init(weight: torch.Tensor, rank: int, dtype: torch.dtype = torch.float64) -> torch.Tensor:
+    """A = S_r V_r^T: the top-r right singular directions of W, scaled by their singular values. [r, d_in]
+
+    Only the top r are needed, so this takes the eigendecomposition of the smaller Gram matrix (d x d with
+    d = min(d_in, d_out)) instead of a full SVD: one matmul and a small symmetric eigensolve. Squaring W squares
+    its condition number, which costs nothing for the largest singular values; float64 keeps the rest exact
+    enough. Each row's sign is fixed (largest entry positive) so every process and device gets the same A.
+    """
+    w = weight.detach().to(dtype)
+    d_out, d_in = w.shape
+    if d_in <= d_out:
+        eigenvalues, eigenvectors = torch.linalg.eigh(w.T @ w)  # ascending; W^T W = V S^2 V^T
+        v_top = eigenvectors[:, -rank:].flip(-1).T  # [r, d_in]
+        a = eigenvalues[-rank:].flip(-1).clamp(min=0).sqrt()[:, None] * v_top
+    else:
+        _, eigenvectors = torch.linalg.eigh(w @ w.T)  # W W^T = U S^2 U^T, and U_r^T W = S_r V_r^T
+        a = eigenvectors[:, -rank:].flip(-1).T @ w
+    largest = a.gather(1, a.abs().argmax(dim=1, keepdim=True))
+    a = a * torch.where(largest < 0, -1.0, 1.0).to(a.dtype)
+    return a.float().contiguous()
 
 
 class FastWeights:
@@ -106,7 +69,7 @@ class FastWeights:
         self.B: dict[str, torch.Tensor] = {}
         self._a_init: dict[str, torch.Tensor] = {}
         for name, module in self.modules.items():
-            linear = _linear_of(module)
+            linear = linear_of(module)
             d_out, d_in = linear.out_features, linear.in_features
             if r > min(d_in, d_out):
                 raise ValueError(f"rank {r} exceeds min(d_in, d_out) = {min(d_in, d_out)} of {name}")
@@ -116,12 +79,14 @@ class FastWeights:
             else:
                 a = torch.empty(r, d_in)
                 nn.init.kaiming_uniform_(a, a=math.sqrt(5), generator=generator)  # PEFT's lora_A default
-            a = a.to(device=weight.device, dtype=torch.float32)
+            a = a.to(device=weight.device, dtype=torch.float32).contiguous()
             self._a_init[name] = a
             # Fast weights are kept in float32 whatever the model's dtype: SGD steps of lr 5e-4 vanish in bf16.
             self.A[name] = a.expand(num_slots, r, d_in).clone() if self.config.train_a else a
             self.B[name] = torch.zeros(num_slots, d_out, r, device=weight.device)  # [G, d_out, r]
-        self._slots: torch.Tensor | None = None
+        self._slots: torch.Tensor | None = None  # [N] slot per batch row while `use` is active
+        self._rows: torch.Tensor | None = None  # [N] slots clamped to valid indices
+        self._keep: torch.Tensor | None = None  # [N, 1, 1] 0 on base-model rows (slot -1), else 1
         self._handles = [m.register_forward_hook(self._make_hook(n)) for n, m in self.modules.items()]
         self.versions = [0] * num_slots  # number of absorbs into each slot since its last reset
 
@@ -137,30 +102,46 @@ class FastWeights:
             if slots.numel() != rows:
                 raise RuntimeError(f"fast weights: {slots.numel()} slots set for a batch of {rows} rows")
             x3 = x.reshape(rows, -1, x.shape[-1])  # [N, T, d_in]
-            idx = slots.clamp(min=0)
             a = self.A[name]
             if a.dim() == 2:
                 xa = x3 @ a.to(x.dtype).T  # [N, T, r]
             else:
-                xa = torch.bmm(x3, a[idx].to(x.dtype).transpose(1, 2))
-            b = self.B[name][idx]  # [N, d_out, r]
-            if bool((slots < 0).any()):
-                b = b * (slots >= 0).to(b.dtype).view(-1, 1, 1)
+                xa = torch.bmm(x3, a[self._rows].to(x.dtype).transpose(1, 2))
+            # Base-model rows are masked arithmetically rather than by a data-dependent branch: no host sync in a
+            # hook that runs in every adapted linear at every decoding step.
+            b = self.B[name][self._rows] * self._keep  # [N, d_out, r]
             delta = torch.bmm(xa, b.to(x.dtype).transpose(1, 2))  # [N, T, d_out]
             return output + delta.reshape(output.shape)
 
         return hook
 
+    @property
+    def device(self) -> torch.device:
+        """Where the model's adapted weights are now (under ZeRO-3, where their partitions live)."""
+        return linear_of(next(iter(self.modules.values()))).weight.device
+
+    def follow_model(self) -> None:
+        """Move the fast weights to the model's device if the model moved since they were built (`.to()`,
+        `accelerator.prepare`). Every entry point calls this, so construction order never matters."""
+        device = self.device
+        if next(iter(self.B.values())).device == device:
+            return
+        for store in (self.A, self.B, self._a_init):
+            for name in store:
+                store[name] = store[name].to(device)
+
     @contextmanager
     def use(self, slots: Sequence[int] | torch.Tensor) -> Iterator[None]:
         """Inside this block batch row i runs with slot slots[i]'s delta (-1: base model only)."""
-        previous = self._slots
-        device = next(iter(self.B.values())).device
-        self._slots = torch.as_tensor(slots, dtype=torch.long, device=device).reshape(-1)
+        self.follow_model()
+        previous = self._slots, self._rows, self._keep
+        self._slots = torch.as_tensor(slots, dtype=torch.long).reshape(-1).to(self.device)
+        self._rows = self._slots.clamp(min=0)
+        self._keep = (self._slots >= 0).to(torch.float32).view(-1, 1, 1)
         try:
             yield
         finally:
-            self._slots = previous
+            self._slots, self._rows, self._keep = previous
 
     def remove(self) -> None:
         """Detach the hooks: the model becomes the plain base model again."""
@@ -179,6 +160,7 @@ class FastWeights:
 
     def reset(self, slots: Sequence[int] | None = None) -> None:
         """Forget everything absorbed into these slots (all by default)."""
+        self.follow_model()
         slots = list(range(self.num_slots)) if slots is None else list(slots)
         with torch.no_grad():
             for name in self.modules:
@@ -195,6 +177,7 @@ class FastWeights:
 
     def restore(self, snapshot: Snapshot, slots: Sequence[int] | None = None) -> None:
         """Load a snapshot (of len(slots) rows) into these slots."""
+        self.follow_model()
         slots = list(range(self.num_slots)) if slots is None else list(slots)
         with torch.no_grad():
             for key, t in self.trainable().items():
@@ -227,15 +210,18 @@ class FastWeights:
 
     # ---- the inner update ------------------------------------------------------------------------------------
 
-    def absorb(self, tokenizer, pairs_by_slot: dict[int, list], prompt_fn=None) -> dict[int, dict]:
+    def absorb(self, tokenizer, pairs_by_slot: dict[int, list], prompt_fn=None,
+               chat_template_kwargs: dict | None = None) -> dict[int, dict]:
         """Train each slot's fast weights on its own QA pairs, all slots in the same batched passes.
 
-        `prompt_fn(question) -> chat messages` renders each pair's question (default: a bare user turn).
-        Returns per slot {"loss_before", "loss_after", "epoch_losses", "num_pairs", "seconds"}.
+        `prompt_fn(question) -> chat messages` renders each pair's question (default: a bare user turn);
+        `chat_template_kwargs` go to the chat template, as when the agent generates.
+        Returns per slot {"loss_before", "loss_after", "epoch_losses", "num_pairs", "dropped", "seconds"}; a slot
+        whose pairs all had to be dropped is reported but not updated (its version stays).
         """
-        from tmem_rl.memory.inner_loop import inner_update, user_turn
-
-        stats = inner_update(self, tokenizer, pairs_by_slot, prompt_fn or user_turn)
-        for slot in stats:
-            self.versions[slot] += 1
+        self.follow_model()
+        stats = inner_update(self, tokenizer, pairs_by_slot, prompt_fn or user_turn, chat_template_kwargs or {})
+        for slot, record in stats.items():
+            if record["num_pairs"]:
+                self.versions[slot] += 1
         return stats

@@ -9,8 +9,9 @@ from typing import Callable
 import torch
 from torch import nn
 
-from tmem_rl.envs.base import QAPair
-from tmem_rl.memory.fast_weights import FastWeights, adapted_layer_indices, decoder_layers
+from tmem_rl.chat import chat_ids
+from tmem_rl.memory.layers import adapted_layer_indices, decoder_layers
+from tmem_rl.records import QAPair
 
 IGNORE = -100
 
@@ -22,19 +23,24 @@ def user_turn(instruction: str) -> list[dict[str, str]]:
     return [{"role": "user", "content": instruction}]
 
 
-def format_pair(tokenizer, pair: QAPair, max_tokens: int, prompt_fn: PromptFn = user_turn) -> tuple[list[int], list[int]]:
+def format_pair(tokenizer, pair: QAPair, max_tokens: int, prompt_fn: PromptFn = user_turn,
+                template_kwargs: dict | None = None) -> tuple[list[int], list[int]]:
     """Chat-formatted (input_ids, labels) for one pair; labels only on the answer turn.
 
-    `prompt_fn` renders the question as chat messages; the agent passes its answering prompt so that what is
-    absorbed has the shape of how it is later asked.
+    `prompt_fn` renders the question as chat messages; the agent passes its answering prompt and its chat-template
+    settings so that what is absorbed has the shape of how it is later asked.
     """
     user = prompt_fn(pair.instruction)
-    prompt = tokenizer.apply_chat_template(user, add_generation_prompt=True, tokenize=True, return_dict=False)
-    full = tokenizer.apply_chat_template(
-        user + [{"role": "assistant", "content": pair.output}], tokenize=True, return_dict=False
-    )
-    if full[: len(prompt)] != prompt:
+    kwargs = template_kwargs or {}
+    prompt_text = tokenizer.apply_chat_template(user, add_generation_prompt=True, tokenize=False, **kwargs)
+    full_text = tokenizer.apply_chat_template(user + [{"role": "assistant", "content": pair.output}],
+                                              tokenize=False, **kwargs)
+    if not full_text.startswith(prompt_text):
         raise ValueError("the chat template renders the prompt differently inside a full conversation")
+    # The answer is tokenized after the prompt's own tokens, as generation produces it: tokenizing the whole text
+    # at once can merge across the boundary (a prompt ending in "\n\n" before the answer's first word).
+    prompt = chat_ids(tokenizer, user, kwargs, generation_prompt=True)
+    full = prompt + tokenizer(full_text[len(prompt_text):], add_special_tokens=False)["input_ids"]
     ids = full[:max_tokens]
     labels = [IGNORE] * min(len(prompt), len(ids)) + ids[len(prompt) :]
     return ids, labels
@@ -48,16 +54,30 @@ class PairBatch:
     slots: torch.Tensor  # [P] fast-weight slot of each pair
 
 
+NO_ANSWER_TOKEN = "no answer token within max_pair_tokens"
+
+
 def collate_pairs(
-    tokenizer, pairs_by_slot: dict[int, list[QAPair]], max_tokens: int, device, prompt_fn: PromptFn = user_turn
-) -> tuple[PairBatch, dict]:
-    rows, slots, rows_of_slot = [], [], {}
+    tokenizer, pairs_by_slot: dict[int, list[QAPair]], max_tokens: int, device, prompt_fn: PromptFn = user_turn,
+    template_kwargs: dict | None = None,
+) -> tuple[PairBatch | None, dict[int, list[int]], dict[int, list[dict]]]:
+    """-> (batch of every trainable pair or None, batch rows of each slot, dropped pairs of each slot).
+
+    A pair whose prompt fills `max_tokens` keeps no answer token after truncation: it would train nothing, so it
+    is dropped with a reason instead of silently counting as learned."""
+    rows, slots, rows_of_slot, dropped = [], [], {}, {}
     for slot, pairs in pairs_by_slot.items():
-        rows_of_slot[slot] = []
+        rows_of_slot[slot], dropped[slot] = [], []
         for pair in pairs:
+            ids, labels = format_pair(tokenizer, pair, max_tokens, prompt_fn, template_kwargs)
+            if all(label == IGNORE for label in labels[1:]):
+                dropped[slot].append({"item": pair.to_dict(), "reason": NO_ANSWER_TOKEN})
+                continue
             rows_of_slot[slot].append(len(rows))
-            rows.append(format_pair(tokenizer, pair, max_tokens, prompt_fn))
+            rows.append((ids, labels))
             slots.append(slot)
+    if not rows:
+        return None, rows_of_slot, dropped
     width = max(len(ids) for ids, _ in rows)
     pad = tokenizer.pad_token_id
     input_ids = torch.full((len(rows), width), pad, dtype=torch.long)
@@ -68,7 +88,7 @@ def collate_pairs(
         labels[i, : len(lab)] = torch.tensor(lab)
         mask[i, : len(ids)] = 1
     batch = PairBatch(input_ids.to(device), mask.to(device), labels.to(device), torch.tensor(slots, device=device))
-    return batch, rows_of_slot
+    return batch, rows_of_slot, dropped
 
 
 def minibatch_schedule(num_items: int, batch_size: int, shuffle: bool, generator: torch.Generator) -> list[list[int]]:
@@ -164,9 +184,9 @@ def per_slot_mean(losses: torch.Tensor, row_slots: torch.Tensor, num_slots: int)
     return sums / counts.clamp(min=1), counts
 
 
-def inner_update(
-    fast: FastWeights, tokenizer, pairs_by_slot: dict[int, list[QAPair]], prompt_fn: PromptFn = user_turn
-) -> dict[int, dict]:
+def inner_update(fast, tokenizer, pairs_by_slot: dict[int, list[QAPair]], prompt_fn: PromptFn = user_turn,
+                 template_kwargs: dict | None = None) -> dict[int, dict]:
+    """SGD epochs on the fast weights `fast` (a FastWeights), every slot on its own pairs in the same passes."""
     start = time.perf_counter()
     cfg = fast.config
     pairs_by_slot = {s: list(p) for s, p in pairs_by_slot.items() if p}
@@ -176,8 +196,14 @@ def inner_update(
         if not 0 <= slot < fast.num_slots:
             raise IndexError(f"fast-weight slot {slot} out of range 0..{fast.num_slots - 1}")
     model = fast.model
-    device = next(iter(fast.B.values())).device
-    batch, rows_of_slot = collate_pairs(tokenizer, pairs_by_slot, cfg.max_pair_tokens, device, prompt_fn)
+    device = fast.device
+    batch, rows_of_slot, dropped = collate_pairs(tokenizer, pairs_by_slot, cfg.max_pair_tokens, device, prompt_fn,
+                                                 template_kwargs)
+    trained = [s for s in pairs_by_slot if rows_of_slot[s]]
+    stats = {s: {"num_pairs": 0, "loss_before": None, "loss_after": None, "epoch_losses": [],
+                 "dropped": dropped[s], "seconds": 0.0} for s in pairs_by_slot}
+    if batch is None:
+        return stats
     stack = AdaptedStack(model, adapted_layer_indices(model, cfg))
     if cfg.prefix_cache:
         stack.capture(batch.input_ids, batch.attention_mask)
@@ -194,18 +220,21 @@ def inner_update(
         losses, token_rows = answer_token_losses(stack.head, hidden, batch.labels[rows])
         return per_slot_mean(losses, row_slots[token_rows], fast.num_slots)[0]
 
+    every_row = torch.arange(batch.input_ids.shape[0], device=device)
+    with torch.no_grad():
+        before = slot_losses(every_row).tolist()
     params = fast.trainable()
     for t in params.values():
         t.requires_grad_(True)
-    epoch_losses: dict[int, list[float]] = {s: [] for s in pairs_by_slot}
+    epoch_losses: dict[int, list[float]] = {s: [] for s in trained}
     try:
-        generators = {s: slot_generator(cfg.seed, s, fast.versions[s]) for s in pairs_by_slot}
+        generators = {s: slot_generator(cfg.seed, s, fast.versions[s]) for s in trained}
         for _ in range(cfg.epochs):
             schedules = {
                 s: minibatch_schedule(len(rows_of_slot[s]), cfg.batch_size, cfg.shuffle, generators[s])
-                for s in pairs_by_slot
+                for s in trained
             }
-            sums = {s: 0.0 for s in pairs_by_slot}
+            sums = {s: 0.0 for s in trained}
             for step in range(max(len(sched) for sched in schedules.values())):
                 # Step k takes each slot's k-th minibatch; slots with fewer pairs sit out (zero gradient).
                 rows = [rows_of_slot[s][i] for s, sched in schedules.items() if step < len(sched) for i in sched[step]]
@@ -218,25 +247,20 @@ def inner_update(
                     for t, g in zip(params.values(), grads):
                         if g is not None:
                             t.sub_(cfg.lr * g)
+                losses_now = per_slot.detach().tolist()  # one device sync per step, not one per slot
                 for s, sched in schedules.items():
                     if step < len(sched):
-                        sums[s] += per_slot[s].item() * len(sched[step])
-            for s in pairs_by_slot:
+                        sums[s] += losses_now[s] * len(sched[step])
+            for s in trained:
                 epoch_losses[s].append(sums[s] / len(rows_of_slot[s]))
     finally:
         for t in params.values():
             t.requires_grad_(False)
             t.grad = None
     with torch.no_grad():
-        after = slot_losses(torch.arange(batch.input_ids.shape[0], device=device))
+        after = slot_losses(every_row).tolist()
     seconds = time.perf_counter() - start
-    return {
-        s: {
-            "num_pairs": len(rows_of_slot[s]),
-            "loss_before": epoch_losses[s][0] if epoch_losses[s] else after[s].item(),
-            "loss_after": after[s].item(),
-            "epoch_losses": epoch_losses[s],
-            "seconds": seconds,
-        }
-        for s in pairs_by_slot
-    }
+    for s in trained:
+        stats[s].update(num_pairs=len(rows_of_slot[s]), loss_before=before[s], loss_after=after[s],
+                        epoch_losses=epoch_losses[s], seconds=seconds)
+    return stats

@@ -11,10 +11,12 @@ gloo on CPU or NCCL on GPU); each process runs its share of the step's questions
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import random
 import shutil
 import time
+import warnings
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -27,9 +29,9 @@ from transformers import get_scheduler
 from trl.models.utils import unwrap_model_for_generation
 
 from tmem_rl.envs.base import Environment
-from tmem_rl.logprobs import build_rows, completion_logprobs, load_snapshots
+from tmem_rl.logprobs import SegmentRows, completion_logprobs, load_snapshots, segment_rows
 from tmem_rl.memory import FastWeightConfig, FastWeights
-from tmem_rl.rollout import EpisodeBatch, EpisodeConfig, EpisodeRunner, Trajectory
+from tmem_rl.rollout import EpisodeBatch, EpisodeConfig, EpisodeRunner, Segment, Trajectory
 
 LOSS_TYPES = ("grpo", "bnpo", "dapo", "dr_grpo")
 RewardFunc = Callable[..., list[float]]
@@ -69,6 +71,9 @@ class GRPOConfig:
     top_k: int = 0
     micro_batch_size: int = 8
     """Generated segments per forward/backward pass."""
+    mixed_precision: str | None = None
+    """no | bf16 | fp16: Accelerate's autocast over fp32 master weights (load the model in float32). None: what
+    `accelerate launch` configured, else no."""
     reward_weights: dict[str, float] = field(default_factory=lambda: {"outcome": 1.0})
     """Weight per reward: "outcome" is the environment's score; others name functions passed to the trainer."""
     use_peft: bool = False
@@ -91,6 +96,19 @@ class GRPOConfig:
             raise ValueError(f"GRPOConfig.optim={self.optim!r}: expected adamw_torch or sgd")
         if self.num_generations < 2:
             raise ValueError("GRPOConfig.num_generations must be >= 2: advantages are relative within a group")
+        if self.questions_per_step < 1:
+            raise ValueError(f"GRPOConfig.questions_per_step={self.questions_per_step}: expected at least 1")
+        if self.mixed_precision not in (None, "no", "bf16", "fp16"):
+            raise ValueError(f"GRPOConfig.mixed_precision={self.mixed_precision!r}: expected no, bf16 or fp16")
+
+
+@dataclass
+class TrainingSegment:
+    """One generated segment as the outer loop uses it: the rollout it belongs to and a target per token."""
+
+    segment: Segment
+    rollout: int  # index of its trajectory in this process's batch
+    advantages: list[float] = field(default_factory=list)
 
 
 def group_advantages(rewards: torch.Tensor, group_size: int, scale: bool) -> torch.Tensor:
@@ -112,6 +130,8 @@ def valid_extraction_reward(trajectories: list[dict], **_) -> list[float]:
 
 
 class GRPOTrainer:
+    segment_type: type[TrainingSegment] = TrainingSegment
+
     def __init__(
         self,
         config: GRPOConfig,
@@ -132,12 +152,16 @@ class GRPOTrainer:
             raise ValueError(f"reward_weights names unknown reward functions {unknown}; "
                              f"available: outcome, {', '.join(self.reward_funcs)}")
         self.accelerator = accelerator or Accelerator(cpu=not torch.cuda.is_available(),
+                                                      mixed_precision=config.mixed_precision,
                                                       log_with=config.report_to or None,
                                                       project_dir=config.output_dir)
         acc = self.accelerator
         if config.questions_per_step % acc.num_processes:
             raise ValueError(f"questions_per_step={config.questions_per_step} does not divide among "
                              f"{acc.num_processes} processes")
+        if config.questions_per_step > len(env):
+            raise ValueError(f"questions_per_step={config.questions_per_step} but environment {env.name!r} has "
+                             f"{len(env)} tasks: every process must get its share of distinct questions")
         set_seed(config.seed)
         if config.use_peft:
             from peft import LoraConfig, get_peft_model
@@ -149,7 +173,7 @@ class GRPOTrainer:
         fast_config = fast_config or FastWeightConfig()
         local_rollouts = config.questions_per_step // acc.num_processes * config.num_generations
         # Fast weights are built on the model before wrapping, so their SVD sees the initial weights and hooks sit
-        # on the modules that every wrapper calls.
+        # on the modules that every wrapper calls; they follow the model to whatever device `prepare` puts it on.
         self.fast = FastWeights(policy, local_rollouts, fast_config)
         self.replay = FastWeights(policy, max(config.micro_batch_size, 1), fast_config)
         self.reference = None
@@ -162,6 +186,13 @@ class GRPOTrainer:
         if self.value_head is not None:
             policy.value_head = self.value_head  # a submodule, so that wrappers (DDP) and checkpoints include it
         params = [p for p in policy.parameters() if p.requires_grad]
+        low_precision = sorted({str(p.dtype) for p in params if p.dtype in (torch.bfloat16, torch.float16)})
+        if low_precision and not config.use_peft:
+            warnings.warn(
+                f"full fine-tuning of {', '.join(low_precision)} weights: optimizer steps of lr "
+                f"{config.learning_rate:g} mostly round away in {low_precision[0]}. Load the model in float32 "
+                "(model.dtype: float32) and set outer_loop.mixed_precision: bf16 for fp32 master weights with bf16 "
+                "compute.", stacklevel=2)
         if config.optim == "sgd":
             optimizer = torch.optim.SGD(params, lr=config.learning_rate, weight_decay=config.weight_decay)
         else:
@@ -170,14 +201,15 @@ class GRPOTrainer:
                                   num_training_steps=config.max_steps)
         self.model, self.optimizer, self.scheduler = acc.prepare(model, optimizer, scheduler)
         self.policy = acc.unwrap_model(self.model)
-        episode_config = episode_config or EpisodeConfig()
-        episode_config.do_sample = True
-        episode_config.record_logprobs = True
-        episode_config.temperature = config.temperature
-        episode_config.top_p, episode_config.top_k = config.top_p, config.top_k
-        episode_config.max_answer_tokens = min(episode_config.max_answer_tokens, config.max_completion_length)
-        episode_config.max_extraction_tokens = min(episode_config.max_extraction_tokens,
-                                                   config.max_completion_length)
+        if self.reference is not None:
+            self.reference.to(acc.device)
+        # The trainer's sampling settings on a copy: the caller's EpisodeConfig stays as it was given.
+        given = episode_config or EpisodeConfig()
+        episode_config = dataclasses.replace(
+            given, do_sample=True, record_logprobs=True, temperature=config.temperature, top_p=config.top_p,
+            top_k=config.top_k, max_answer_tokens=min(given.max_answer_tokens, config.max_completion_length),
+            max_extraction_tokens=min(given.max_extraction_tokens, config.max_completion_length),
+        )
         self.runner = EpisodeRunner(self.policy, tokenizer, self.fast, episode_config)
         self.step = 0
         self.history: list[dict] = []
@@ -229,13 +261,13 @@ class GRPOTrainer:
         trajectories = batch.trajectories
         rewards, reward_parts = self.rewards(trajectories)
         segments = [
-            {**asdict(seg), "rollout": i}
+            self.segment_type(seg, i)
             for i, traj in enumerate(trajectories)
             for seg in traj.segments
             if seg.completion_ids
         ]
         self.assign_advantages(segments, rewards, batch.snapshots)
-        tokens_of = [sum(len(s["completion_ids"]) for s in segments if s["rollout"] == i)
+        tokens_of = [sum(len(s.segment.completion_ids) for s in segments if s.rollout == i)
                      for i in range(len(trajectories))]
         local_tokens = sum(tokens_of)
         global_tokens = acc.reduce(torch.tensor(float(local_tokens), device=acc.device), reduction="sum").item()
@@ -243,12 +275,8 @@ class GRPOTrainer:
 
         self.model.train()
         sums = {"loss": 0.0, "clipped": 0.0, "kl": 0.0, "tokens": 0.0}
-        chunks = [segments[i : i + cfg.micro_batch_size] for i in range(0, len(segments), cfg.micro_batch_size)]
-        passes = len(chunks)
-        if acc.num_processes > 1:
-            # Every forward of a wrapped model is collective (DDP syncs buffers, ZeRO-3 gathers parameters):
-            # processes with fewer segments run zero-weighted passes so that all run as many.
-            passes = int(acc.gather(torch.tensor([passes], device=acc.device)).max().item())
+        chunks = self._micro_batches(segments)
+        passes = self._passes_on_every_process(len(chunks))
         for k in range(passes):
             # Gradients are reduced once per step: every process's last backward syncs, the others do not.
             real = k < len(chunks)
@@ -278,11 +306,30 @@ class GRPOTrainer:
         metrics["update_seconds"] = time.perf_counter() - started
         return metrics
 
-    def assign_advantages(self, segments: list[dict], rewards: torch.Tensor, snapshots) -> None:
+    def _micro_batches(self, segments: list[TrainingSegment]) -> list[list[TrainingSegment]]:
+        size = self.config.micro_batch_size
+        return [segments[i : i + size] for i in range(0, len(segments), size)]
+
+    def _passes_on_every_process(self, local_passes: int) -> int:
+        """How many forward passes every process must run. Every forward of a wrapped model is collective (DDP
+        syncs buffers, ZeRO-3 gathers parameters): processes with fewer micro-batches run padding passes so that
+        all run as many."""
+        acc = self.accelerator
+        if acc.num_processes == 1:
+            return local_passes
+        return int(acc.gather(torch.tensor([local_passes], device=acc.device)).max().item())
+
+    def _rows(self, chunk: list[TrainingSegment], snapshots) -> SegmentRows:
+        """The chunk's padded batch, with the replay slots holding the fast weights each segment ran under."""
+        rows = segment_rows([s.segment for s in chunk], self.tokenizer.pad_token_id, self.accelerator.device)
+        load_snapshots(self.replay, rows.snapshot_keys, snapshots)
+        return rows
+
+    def assign_advantages(self, segments: list[TrainingSegment], rewards: torch.Tensor, snapshots) -> None:
         """GRPO: every generated token of a rollout carries its group-relative advantage."""
-        advantages = group_advantages(rewards, self.config.num_generations, self.config.scale_rewards)
-        for seg in segments:
-            seg["advantages"] = [advantages[seg["rollout"]].item()] * len(seg["completion_ids"])
+        advantages = group_advantages(rewards, self.config.num_generations, self.config.scale_rewards).tolist()
+        for s in segments:
+            s.advantages = [advantages[s.rollout]] * len(s.segment.completion_ids)
 
     def _backward(self, loss: torch.Tensor, sync: bool) -> None:
         acc = self.accelerator
@@ -310,22 +357,18 @@ class GRPOTrainer:
             return [world / max(global_tokens, 1.0)] * n
         return [1.0 / (n * cfg.max_completion_length)] * n  # dr_grpo
 
-    def _chunk_loss(self, chunk: list[dict], snapshots, weight_of: list[float], sums: dict) -> torch.Tensor:
+    def _chunk_loss(self, chunk: list[TrainingSegment], snapshots, weight_of: list[float],
+                    sums: dict) -> torch.Tensor:
         cfg = self.config
-        rows = build_rows(chunk, self.tokenizer.pad_token_id, self.accelerator.device)
-        load_snapshots(self.replay, rows.snapshot_keys, snapshots)
-        if self.value_head is not None:
-            logp, values = completion_logprobs(self.model, self.replay, rows, cfg.temperature, self.value_head)
-        else:
-            logp, values = completion_logprobs(self.model, self.replay, rows, cfg.temperature), None  # [n, C]
+        rows = self._rows(chunk, snapshots)
+        logp, aux = self.forward_chunk(rows)  # [n, C] at each segment's own sampling temperature
         mask = rows.completion_mask.float()
         old = torch.zeros_like(logp)
-        for i, seg in enumerate(chunk):
-            recorded = seg["logprobs"]
-            old[i, : len(seg["completion_ids"])] = (torch.tensor(recorded, device=logp.device) if recorded is not None
-                                                    else logp[i, : len(seg["completion_ids"])].detach())
-        advantage = self._per_token(chunk, "advantages", logp)
-        weight = torch.tensor([weight_of[s["rollout"]] for s in chunk], device=logp.device).unsqueeze(1)
+        for i, s in enumerate(chunk):
+            n, recorded = len(s.segment.completion_ids), s.segment.logprobs
+            old[i, :n] = torch.tensor(recorded, device=logp.device) if recorded is not None else logp[i, :n].detach()
+        advantage = self._per_token([s.advantages for s in chunk], logp)
+        weight = torch.tensor([weight_of[s.rollout] for s in chunk], device=logp.device).unsqueeze(1)
         ratio = torch.exp(logp - old)
         eps_high = cfg.epsilon if cfg.epsilon_high is None else cfg.epsilon_high
         clipped_ratio = torch.clamp(ratio, 1 - cfg.epsilon, 1 + eps_high)
@@ -335,19 +378,27 @@ class GRPOTrainer:
             kl = torch.exp(ref - logp) - (ref - logp) - 1
             per_token = per_token + cfg.beta * kl
             sums["kl"] += (kl * mask).sum().item()
-        if values is not None:
-            per_token = per_token + self.value_loss(chunk, values, logp)
+        per_token = per_token + self.extra_loss(chunk, aux, logp)
         piece = (per_token * mask * weight).sum()
         sums["loss"] += piece.item()
         sums["clipped"] += (((ratio < 1 - cfg.epsilon) | (ratio > 1 + eps_high)).float() * mask).sum().item()
         sums["tokens"] += mask.sum().item()
         return piece
 
+    def forward_chunk(self, rows: SegmentRows):
+        """The policy's log-probs of the chunk's tokens, and whatever else the trainer's loss needs from the same
+        pass (GRPO: nothing)."""
+        return completion_logprobs(self.model, self.replay, rows), None
+
+    def extra_loss(self, chunk: list[TrainingSegment], aux, like: torch.Tensor):
+        """Per-token loss terms beyond the policy gradient and the KL (GRPO: none)."""
+        return 0.0
+
     @staticmethod
-    def _per_token(chunk: list[dict], key: str, like: torch.Tensor) -> torch.Tensor:
+    def _per_token(values: list[list[float]], like: torch.Tensor) -> torch.Tensor:
         out = torch.zeros_like(like)
-        for i, seg in enumerate(chunk):
-            out[i, : len(seg[key])] = torch.tensor(seg[key], device=like.device, dtype=like.dtype)
+        for i, row in enumerate(values):
+            out[i, : len(row)] = torch.tensor(row, device=like.device, dtype=like.dtype)
         return out
 
     @torch.no_grad()
@@ -355,9 +406,9 @@ class GRPOTrainer:
         """The initial policy's log-probs, under the same fast weights."""
         if self.config.use_peft:
             with self.policy.disable_adapter():
-                return completion_logprobs(self.policy, self.replay, rows, self.config.temperature)
+                return completion_logprobs(self.policy, self.replay, rows)
         load_snapshots(self.reference_replay, rows.snapshot_keys, snapshots)
-        return completion_logprobs(self.reference, self.reference_replay, rows, self.config.temperature)
+        return completion_logprobs(self.reference, self.reference_replay, rows)
 
     @staticmethod
     def _rollout_stats(trajectories: list[Trajectory]) -> dict[str, float]:
@@ -367,8 +418,8 @@ class GRPOTrainer:
         return {
             "f1": mean([t.metrics.get("f1", t.reward) for t in trajectories]),
             "extraction_parse_rate": mean([float(bool(e["supervision"]["pairs"])) for e in extractions]),
-            "inner_loss_before": mean([u["loss_before"] for u in updates]),
-            "inner_loss_after": mean([u["loss_after"] for u in updates]),
+            "inner_loss_before": mean([u["loss_before"] for u in updates if u["num_pairs"]]),
+            "inner_loss_after": mean([u["loss_after"] for u in updates if u["num_pairs"]]),
         }
 
     # ---- the loop ------------------------------------------------------------------------------------------

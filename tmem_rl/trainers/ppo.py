@@ -8,13 +8,13 @@ advantages come from GAE over that token sequence and are whitened over the batc
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch import nn
 
-from tmem_rl.logprobs import build_rows, completion_logprobs, load_snapshots
-from tmem_rl.trainers.grpo import GRPOConfig, GRPOTrainer
+from tmem_rl.logprobs import SegmentRows, completion_logprobs
+from tmem_rl.trainers.grpo import GRPOConfig, GRPOTrainer, TrainingSegment
 
 
 @dataclass
@@ -50,8 +50,17 @@ def gae(rewards: list[float], values: list[float], gamma: float, lam: float) -> 
     return advantages, [a + v for a, v in zip(advantages, values)]
 
 
+@dataclass
+class ValuedSegment(TrainingSegment):
+    """A training segment with the critic's targets: rollout-time values and GAE returns, per token."""
+
+    old_values: list[float] = field(default_factory=list)
+    returns: list[float] = field(default_factory=list)
+
+
 class PPOTrainer(GRPOTrainer):
     config: PPOConfig
+    segment_type = ValuedSegment
 
     def make_value_head(self, policy):
         hidden = policy.config.get_text_config().hidden_size if hasattr(policy.config, "get_text_config") \
@@ -62,40 +71,45 @@ class PPOTrainer(GRPOTrainer):
         return head.to(next(policy.parameters()).device)
 
     @torch.no_grad()
-    def assign_advantages(self, segments: list[dict], rewards: torch.Tensor, snapshots) -> None:
+    def assign_advantages(self, segments: list[ValuedSegment], rewards: torch.Tensor, snapshots) -> None:
         cfg = self.config
-        # Rollout-time values for every generated token, under each segment's live fast weights.
-        for begin in range(0, len(segments), cfg.micro_batch_size):
-            chunk = segments[begin : begin + cfg.micro_batch_size]
-            rows = build_rows(chunk, self.tokenizer.pad_token_id, self.accelerator.device)
-            load_snapshots(self.replay, rows.snapshot_keys, snapshots)
-            _, values = completion_logprobs(self.model, self.replay, rows, cfg.temperature, self.value_head)
-            for i, seg in enumerate(chunk):
-                seg["old_values"] = values[i, : len(seg["completion_ids"])].tolist()
-        by_rollout: dict[int, list[dict]] = {}
-        for seg in segments:
-            by_rollout.setdefault(seg["rollout"], []).append(seg)
+        # Rollout-time values for every generated token, under each segment's live fast weights. The value pass
+        # is collective like the loss passes, so every process runs as many of them.
+        chunks = self._micro_batches(segments)
+        for k in range(self._passes_on_every_process(len(chunks))):
+            chunk = chunks[k] if k < len(chunks) else chunks[0]
+            _, values = self.forward_chunk(self._rows(chunk, snapshots))
+            if k < len(chunks):
+                for i, s in enumerate(chunk):
+                    s.old_values = values[i, : len(s.segment.completion_ids)].tolist()
+        by_rollout: dict[int, list[ValuedSegment]] = {}
+        for s in segments:
+            by_rollout.setdefault(s.rollout, []).append(s)
         for rollout, segs in by_rollout.items():
-            values = [v for s in segs for v in s["old_values"]]
+            values = [v for s in segs for v in s.old_values]
             token_rewards = [0.0] * len(values)
             token_rewards[-1] = rewards[rollout].item()
             advantages, returns = gae(token_rewards, values, cfg.gamma, cfg.lam)
             start = 0
             for s in segs:
-                n = len(s["completion_ids"])
-                s["advantages"], s["returns"] = advantages[start : start + n], returns[start : start + n]
+                n = len(s.segment.completion_ids)
+                s.advantages, s.returns = advantages[start : start + n], returns[start : start + n]
                 start += n
         if cfg.whiten_advantages:
-            flat = torch.tensor([a for s in segments for a in s["advantages"]])
+            flat = torch.tensor([a for s in segments for a in s.advantages])
             mean, std = flat.mean().item(), flat.std().item() if flat.numel() > 1 else 1.0
             for s in segments:
-                s["advantages"] = [(a - mean) / (std + 1e-8) for a in s["advantages"]]
+                s.advantages = [(a - mean) / (std + 1e-8) for a in s.advantages]
 
-    def value_loss(self, chunk: list[dict], values: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    def forward_chunk(self, rows: SegmentRows):
+        """Log-probs and the critic's values [n, C] from the same forward pass."""
+        return completion_logprobs(self.model, self.replay, rows, self.value_head)
+
+    def extra_loss(self, chunk: list[ValuedSegment], values: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
         """Clipped value loss per token (PPO's max of clipped and unclipped squared errors), times vf_coef."""
         cfg = self.config
-        returns = self._per_token(chunk, "returns", like)
-        old = self._per_token(chunk, "old_values", like)
+        returns = self._per_token([s.returns for s in chunk], like)
+        old = self._per_token([s.old_values for s in chunk], like)
         clipped = old + torch.clamp(values - old, -cfg.cliprange_value, cfg.cliprange_value)
         loss = 0.5 * torch.max((values - returns) ** 2, (clipped - returns) ** 2)
         return cfg.vf_coef * loss

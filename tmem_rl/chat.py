@@ -1,0 +1,46 @@
+"""Chat rendering shared by everything that builds a prompt: extraction, answering and the inner loop's pairs.
+
+One function renders messages to token ids with the same chat-template settings everywhere, so that what the inner
+loop trains on has exactly the shape of what the agent generates from.
+"""
+
+from __future__ import annotations
+
+import re
+
+THINKING_SWITCH = "enable_thinking"
+_THINK_BLOCK = re.compile(r"<think>.*?(</think>|$)\s*", re.DOTALL)
+
+
+def chat_template_kwargs(tokenizer, overrides: dict | None = None) -> dict:
+    """The settings passed to the chat template on every render. A template with a thinking switch (Qwen3) gets
+    thinking off unless `overrides` say otherwise: extractions and answers are short, and reasoning text would
+    otherwise be scored as the answer and learned as one."""
+    template = tokenizer.chat_template or ""
+    text = template if isinstance(template, str) else " ".join(template.values())
+    settings = {THINKING_SWITCH: False} if THINKING_SWITCH in text else {}
+    settings.update(overrides or {})
+    return settings
+
+
+def chat_ids(tokenizer, messages: list[dict[str, str]], template_kwargs: dict, generation_prompt: bool,
+             suffix: str = "") -> list[int]:
+    """Token ids of `messages` rendered by the chat template, plus `suffix` (e.g. a prefill) after them."""
+    text = tokenizer.apply_chat_template(messages, add_generation_prompt=generation_prompt, tokenize=False,
+                                         **template_kwargs)
+    return tokenizer(text + suffix, add_special_tokens=False)["input_ids"]
+
+
+def strip_thinking(text: str) -> str:
+    """Text without `<think>...</think>` blocks (an unclosed one runs to the end): a reasoning model's answer or
+    extraction is what follows its reasoning."""
+    return _THINK_BLOCK.sub("", text) if "<think>" in text else text
+
+
+def stop_token_ids(model, tokenizer) -> list[int]:
+    """Every id that ends a turn: the tokenizer's EOS and each EOS of the model's generation config (Qwen3 lists
+    two)."""
+    ids = [tokenizer.eos_token_id]
+    configured = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+    ids += configured if isinstance(configured, (list, tuple)) else [configured]
+    return list(dict.fromkeys(i for i in ids if i is not None))

@@ -1,0 +1,62 @@
+"""Where fast weights attach: a decoder's layer stack and the linear modules adapted in it."""
+
+from __future__ import annotations
+
+from torch import nn
+
+from tmem_rl.memory.config import FastWeightConfig
+
+
+def decoder_layers(model: nn.Module) -> nn.ModuleList:
+    """The model's stack of decoder layers (HF causal LMs keep it at get_decoder().layers)."""
+    decoder = model.get_decoder() if hasattr(model, "get_decoder") else model
+    layers = getattr(decoder, "layers", None)
+    if isinstance(layers, nn.ModuleList):
+        return layers
+    n = getattr(getattr(model, "config", None), "num_hidden_layers", None)
+    for module in model.modules():
+        if isinstance(module, nn.ModuleList) and len(module) == n:
+            return module
+    raise ValueError(f"cannot find the decoder layers of {type(model).__name__}")
+
+
+def adapted_layer_indices(model: nn.Module, config: FastWeightConfig) -> list[int]:
+    n = len(decoder_layers(model))
+    if config.layers is None:
+        if config.num_layers > n:
+            raise ValueError(f"FastWeightConfig.num_layers={config.num_layers} but the model has {n} layers")
+        return list(range(n - config.num_layers, n))
+    indices = sorted({i % n for i in config.layers if -n <= i < n})
+    if len(indices) != len(set(config.layers)):
+        raise ValueError(f"FastWeightConfig.layers={config.layers}: the model has layers 0..{n - 1}")
+    return indices
+
+
+def linear_of(module: nn.Module) -> nn.Module:
+    """The plain linear layer itself, or the one a PEFT LoRA wrapper holds as `base_layer`."""
+    base = getattr(module, "base_layer", None)
+    return base if isinstance(base, nn.Linear) else module
+
+
+def find_target_modules(model: nn.Module, config: FastWeightConfig) -> dict[str, nn.Module]:
+    """Qualified name -> linear module, for every target name in every adapted layer."""
+    layers = decoder_layers(model)
+    prefix = {id(m): name for name, m in model.named_modules()}[id(layers)]
+    found: dict[str, nn.Module] = {}
+    for index in adapted_layer_indices(model, config):
+        # A PEFT LoRA on the slow weights wraps the linear (its `base_layer`); hooking the wrapper puts the fast
+        # delta on top of the slow adapter's output.
+        linears = {
+            name: m
+            for name, m in layers[index].named_modules()
+            if isinstance(linear_of(m), nn.Linear) and not name.endswith("base_layer")
+        }
+        by_leaf = {name.rsplit(".", 1)[-1]: name for name in linears if "lora_" not in name}
+        for target in config.target_modules:
+            if target not in by_leaf:
+                raise ValueError(
+                    f"target module {target!r} not found in decoder layer {index}; "
+                    f"available: {', '.join(sorted(by_leaf))}"
+                )
+            found[f"{prefix}.{index}.{by_leaf[target]}"] = linears[by_leaf[target]]
+    return found
