@@ -46,6 +46,7 @@ def main() -> None:
     for init in ("svd", "random"):
         fast = FastWeights(model, args.rollouts, FastWeightConfig(init=init, lr=args.lr, epochs=args.max_steps))
         stats = fast.absorb(tokenizer, pairs, prompt_fn=lambda q: answer_messages(f"Question: {q}"))
+        stats = {slot: s for slot, s in stats.items() if s["num_pairs"]}  # slots left with no trainable pair
         fast.remove()
         # Mean over rollouts of the loss before each step (one step per epoch here).
         curve = [sum(s["epoch_losses"][k] for s in stats.values()) / len(stats) for k in range(args.max_steps)]

@@ -77,6 +77,10 @@ def test_reasoning_text_is_not_the_answer():
     assert strip_thinking("<think>\nIt is Lisbon, I think.\n</think>\n\nLisbon") == "Lisbon"
     assert strip_thinking("<think>still reasoning when the budget ran out") == ""
     assert strip_thinking("Lisbon") == "Lisbon"
+    # Tags inside the content are content: an extraction may quote one.
+    quoted = '[{"instruction": "Which tag opens reasoning?", "output": "<think>"}, {"instruction": "q", "output": "a"}]'
+    assert strip_thinking(quoted) == quoted
+    assert strip_thinking("use <think> then </think> tags") == "use <think> then </think> tags"
 
 
 def test_generation_stops_at_every_eos_of_the_generation_config(tiny):

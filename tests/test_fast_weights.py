@@ -293,3 +293,22 @@ def test_truncated_svd_init_matches_the_full_svd(shape):
         assert a.dtype == torch.float64 and svd_init(weight, rank).dtype == torch.float32
         largest = a.gather(1, a.abs().argmax(dim=1, keepdim=True))
         assert (largest > 0).all(), "signs are fixed so every process builds the same A"
+
+
+def test_the_hook_has_no_data_dependent_branch(tiny):
+    """A host sync (`bool(tensor)`) in the hook would stall every adapted linear at every decoding step on a GPU
+    and break graph capture; a full-graph trace of a hooked linear fails on one."""
+    model, _ = tiny
+    fast = FastWeights(model, 2, FastWeightConfig())
+    for b in fast.B.values():
+        b.normal_(0, 0.1)
+    linear = next(iter(fast.modules.values()))
+    x = torch.randn(3, 5, linear.in_features)
+    with fast.use([0, -1, 1]):
+        traced = torch.compile(linear, backend="eager", fullgraph=True)(x)
+        eager = linear(x)
+    torch.testing.assert_close(traced, eager)
+    with torch.no_grad():
+        base = torch.nn.functional.linear(x, linear.weight, linear.bias)
+    torch.testing.assert_close(eager[1], base[1])  # slot -1: the base model exactly
+    assert not torch.allclose(eager[0], base[0], atol=1e-4)

@@ -9,7 +9,9 @@ from __future__ import annotations
 import re
 
 THINKING_SWITCH = "enable_thinking"
-_THINK_BLOCK = re.compile(r"<think>.*?(</think>|$)\s*", re.DOTALL)
+# Reasoning comes first in a turn: a leading <think> block (an unclosed one runs to the end). Tags later in the text
+# are content (an extracted answer may quote one) and stay.
+_LEADING_THINK = re.compile(r"\s*<think>.*?(?:</think>\s*|$)", re.DOTALL)
 
 
 def chat_template_kwargs(tokenizer, overrides: dict | None = None) -> dict:
@@ -32,9 +34,9 @@ def chat_ids(tokenizer, messages: list[dict[str, str]], template_kwargs: dict, g
 
 
 def strip_thinking(text: str) -> str:
-    """Text without `<think>...</think>` blocks (an unclosed one runs to the end): a reasoning model's answer or
-    extraction is what follows its reasoning."""
-    return _THINK_BLOCK.sub("", text) if "<think>" in text else text
+    """The text after a reasoning model's leading `<think>...</think>` block: its answer or extraction."""
+    match = _LEADING_THINK.match(text)
+    return text[match.end() :] if match else text
 
 
 def stop_token_ids(model, tokenizer) -> list[int]:

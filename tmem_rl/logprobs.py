@@ -25,6 +25,7 @@ class SegmentRows:
     temperatures: torch.Tensor  # [N] the temperature each row's completion was sampled at
     slots: torch.Tensor  # [N] fast-weight slot per row, -1 = base model
     snapshot_keys: list[str]  # replay slot i holds snapshot_keys[i] (segment_rows only)
+    any_fast: bool  # some row runs under fast weights (known on the host, so checking it costs no sync)
 
 
 def build_rows(prompts: Sequence[Sequence[int]], completions: Sequence[Sequence[int]],
@@ -49,7 +50,7 @@ def build_rows(prompts: Sequence[Sequence[int]], completions: Sequence[Sequence[
         completion_mask[i, : len(completion)] = 1
     return SegmentRows(input_ids.to(device), attention_mask.to(device), completion_mask.to(device),
                        completion_ids.to(device), torch.tensor(list(temperatures), dtype=torch.float32).to(device),
-                       torch.tensor(list(slots)).to(device), snapshot_keys or [])
+                       torch.tensor(list(slots)).to(device), snapshot_keys or [], any(s >= 0 for s in slots))
 
 
 def segment_rows(segments: Sequence, pad_id: int, device) -> SegmentRows:
@@ -78,7 +79,7 @@ def completion_logprobs(model, fast: FastWeights | None, rows: SegmentRows, valu
     """
     width_c = rows.completion_ids.shape[1]
     position_ids = (rows.attention_mask.cumsum(-1) - 1).clamp(min=0)
-    use = fast.use(rows.slots) if fast is not None else nullcontext()
+    use = fast.use(rows.slots) if fast is not None and rows.any_fast else nullcontext()
     with use:
         out = model(input_ids=rows.input_ids, attention_mask=rows.attention_mask, position_ids=position_ids,
                     logits_to_keep=width_c + 1, use_cache=False, output_hidden_states=value_head is not None)

@@ -196,9 +196,7 @@ class EpisodeRunner:
         n = len(tasks)
         if self.fast is not None and n > self.fast.num_slots:
             raise ValueError(f"{n} rollouts but only {self.fast.num_slots} fast-weight slots")
-        if self.generator.device != self.device:
-            self.generator = torch.Generator(device=self.device)
-        self.generator.manual_seed(cfg.seed)
+        self.reseed()
         if self.fast is not None:
             self.fast.reset(range(n))
         ep = Episode(
@@ -319,6 +317,16 @@ class EpisodeRunner:
 
     # ---- helpers --------------------------------------------------------------------------------------------
 
+    def reseed(self) -> None:
+        """Restart the sampling generator from EpisodeConfig.seed (every episode does; so does each batch of an
+        evaluation method that answers without reading)."""
+        self._sampling_generator().manual_seed(self.config.seed)
+
+    def _sampling_generator(self) -> torch.Generator:
+        if self.generator.device != self.device:  # the model moved since the runner was built
+            self.generator = torch.Generator(device=self.device)
+        return self.generator
+
     def _version(self, g: int) -> int:
         return self.fast.versions[g] if self.fast is not None and self.config.memory == "fast_weights" else 0
 
@@ -364,7 +372,7 @@ class EpisodeRunner:
         # Sampling draws from the runner's own generator (Gumbel-max over HF's warped scores, decoded greedily), so
         # an episode is reproducible from EpisodeConfig.seed and the caller's global RNG is never touched.
         processors = LogitsProcessorList(
-            [*self._warpers(temperature), GumbelNoise(self.generator)] if sample else []
+            [*self._warpers(temperature), GumbelNoise(self._sampling_generator())] if sample else []
         )
         if self.config.memory != "fast_weights":
             slots = [-1] * len(slots)
@@ -402,6 +410,7 @@ class GumbelNoise(LogitsProcessor):
         self.generator = generator
 
     def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
-        uniform = torch.rand(scores.shape, generator=self.generator, device=scores.device, dtype=torch.float32)
-        gumbel = -torch.log(-torch.log(uniform.clamp(min=1e-20, max=1.0 - 1e-7)))
-        return scores.float() + gumbel
+        # float64: float32 uniforms step by 2^-24 near 1, which would misplace the noise that lets rare tokens win.
+        uniform = torch.rand(scores.shape, generator=self.generator, device=scores.device, dtype=torch.float64)
+        gumbel = -torch.log(-torch.log(uniform.clamp(min=1e-300)))
+        return scores.float() + gumbel.float()

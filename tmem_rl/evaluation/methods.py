@@ -70,6 +70,7 @@ class MemoryMethod:
         self.tokenizer = runner.tokenizer
 
     def run(self, readings: list[Task], questions: list[list[Task]]) -> list[list[Answered]]:
+        self.runner.reseed()  # every batch samples the same way whatever ran before it
         start = time.perf_counter()
         slots, contexts, extras = self.prepare(readings, questions)
         read_seconds = time.perf_counter() - start

@@ -86,7 +86,7 @@ class FastWeights:
             self.B[name] = torch.zeros(num_slots, d_out, r, device=weight.device)  # [G, d_out, r]
         self._slots: torch.Tensor | None = None  # [N] slot per batch row while `use` is active
         self._rows: torch.Tensor | None = None  # [N] slots clamped to valid indices
-        self._keep: torch.Tensor | None = None  # [N, 1, 1] 0 on base-model rows (slot -1), else 1
+        self._keep: torch.Tensor | None = None  # [N, 1, 1] False on base-model rows (slot -1)
         self._handles = [m.register_forward_hook(self._make_hook(n)) for n, m in self.modules.items()]
         self.versions = [0] * num_slots  # number of absorbs into each slot since its last reset
 
@@ -109,7 +109,7 @@ class FastWeights:
                 xa = torch.bmm(x3, a[self._rows].to(x.dtype).transpose(1, 2))
             # Base-model rows are masked arithmetically rather than by a data-dependent branch: no host sync in a
             # hook that runs in every adapted linear at every decoding step.
-            b = self.B[name][self._rows] * self._keep  # [N, d_out, r]
+            b = torch.where(self._keep, self.B[name][self._rows], 0.0)  # [N, d_out, r]
             delta = torch.bmm(xa, b.to(x.dtype).transpose(1, 2))  # [N, T, d_out]
             return output + delta.reshape(output.shape)
 
@@ -137,7 +137,7 @@ class FastWeights:
         previous = self._slots, self._rows, self._keep
         self._slots = torch.as_tensor(slots, dtype=torch.long).reshape(-1).to(self.device)
         self._rows = self._slots.clamp(min=0)
-        self._keep = (self._slots >= 0).to(torch.float32).view(-1, 1, 1)
+        self._keep = (self._slots >= 0).view(-1, 1, 1)
         try:
             yield
         finally:
@@ -215,12 +215,13 @@ class FastWeights:
         """Train each slot's fast weights on its own QA pairs, all slots in the same batched passes.
 
         `prompt_fn(question) -> chat messages` renders each pair's question (default: a bare user turn);
-        `chat_template_kwargs` go to the chat template, as when the agent generates.
+        `chat_template_kwargs` go to the chat template, as when the agent generates (default: the agent's default,
+        thinking off where the template has the switch).
         Returns per slot {"loss_before", "loss_after", "epoch_losses", "num_pairs", "dropped", "seconds"}; a slot
         whose pairs all had to be dropped is reported but not updated (its version stays).
         """
         self.follow_model()
-        stats = inner_update(self, tokenizer, pairs_by_slot, prompt_fn or user_turn, chat_template_kwargs or {})
+        stats = inner_update(self, tokenizer, pairs_by_slot, prompt_fn or user_turn, chat_template_kwargs)
         for slot, record in stats.items():
             if record["num_pairs"]:
                 self.versions[slot] += 1

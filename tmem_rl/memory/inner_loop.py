@@ -9,7 +9,7 @@ from typing import Callable
 import torch
 from torch import nn
 
-from tmem_rl.chat import chat_ids
+from tmem_rl.chat import chat_template_kwargs
 from tmem_rl.memory.layers import adapted_layer_indices, decoder_layers
 from tmem_rl.records import QAPair
 
@@ -28,10 +28,11 @@ def format_pair(tokenizer, pair: QAPair, max_tokens: int, prompt_fn: PromptFn = 
     """Chat-formatted (input_ids, labels) for one pair; labels only on the answer turn.
 
     `prompt_fn` renders the question as chat messages; the agent passes its answering prompt and its chat-template
-    settings so that what is absorbed has the shape of how it is later asked.
+    settings so that what is absorbed has the shape of how it is later asked (None: the agent's default settings,
+    thinking off where the template has the switch).
     """
     user = prompt_fn(pair.instruction)
-    kwargs = template_kwargs or {}
+    kwargs = chat_template_kwargs(tokenizer) if template_kwargs is None else template_kwargs
     prompt_text = tokenizer.apply_chat_template(user, add_generation_prompt=True, tokenize=False, **kwargs)
     full_text = tokenizer.apply_chat_template(user + [{"role": "assistant", "content": pair.output}],
                                               tokenize=False, **kwargs)
@@ -39,7 +40,7 @@ def format_pair(tokenizer, pair: QAPair, max_tokens: int, prompt_fn: PromptFn = 
         raise ValueError("the chat template renders the prompt differently inside a full conversation")
     # The answer is tokenized after the prompt's own tokens, as generation produces it: tokenizing the whole text
     # at once can merge across the boundary (a prompt ending in "\n\n" before the answer's first word).
-    prompt = chat_ids(tokenizer, user, kwargs, generation_prompt=True)
+    prompt = tokenizer(prompt_text, add_special_tokens=False)["input_ids"]  # as the runner's prompt_ids renders it
     full = prompt + tokenizer(full_text[len(prompt_text):], add_special_tokens=False)["input_ids"]
     ids = full[:max_tokens]
     labels = [IGNORE] * min(len(prompt), len(ids)) + ids[len(prompt) :]

@@ -203,6 +203,11 @@ class GRPOTrainer:
         self.policy = acc.unwrap_model(self.model)
         if self.reference is not None:
             self.reference.to(acc.device)
+        # Fast weights follow their model on first use anyway; moving them now puts every buffer in place (and
+        # any out-of-memory) before the first step rather than in the middle of one.
+        for fast in (self.fast, self.replay, getattr(self, "reference_replay", None)):
+            if fast is not None:
+                fast.follow_model()
         # The trainer's sampling settings on a copy: the caller's EpisodeConfig stays as it was given.
         given = episode_config or EpisodeConfig()
         episode_config = dataclasses.replace(
