@@ -3,7 +3,7 @@ import torch
 from accelerate import Accelerator
 
 from tmem_rl.envs import make_env
-from tmem_rl.logprobs import build_rows, completion_logprobs, load_snapshots, segment_rows
+from tmem_rl.logprobs import completion_logprobs, load_snapshots, segment_rows
 from tmem_rl.memory import FastWeightConfig, FastWeights
 from tmem_rl.models import FIXTURE_TOKENIZER, tiny_model
 from tmem_rl.rollout import EpisodeConfig, EpisodeRunner
