@@ -3,7 +3,7 @@ import torch
 from accelerate import Accelerator
 
 from tmem_rl.envs import make_env
-from tmem_rl.logprobs import completion_logprobs, load_snapshots, segment_rows
+from tmem_rl.logprobs import completion_logprobs, load_snapshots, score_completions, segment_rows
 from tmem_rl.memory import FastWeightConfig, FastWeights
 from tmem_rl.models import FIXTURE_TOKENIZER, tiny_model
 from tmem_rl.rollout import EpisodeConfig, EpisodeRunner
@@ -147,7 +147,7 @@ def test_ppo_step_moves_policy_and_fits_the_value_head(tmp_path, env):
         rows = segment_rows([traj.segments[-1]], tok.pad_token_id, "cpu")
         load_snapshots(trainer.replay, rows.snapshot_keys, batch.snapshots)
         with torch.no_grad():
-            logp, values = completion_logprobs(trainer.model, trainer.replay, rows, trainer.value_head)
+            logp, values, _ = score_completions(trainer.model, trainer.replay, rows, trainer.value_head)
         return logp.sum().item(), values[0, -1].item()
 
     (g0, gv0), (b0, bv0) = answer_logp(good), answer_logp(bad)
@@ -252,7 +252,8 @@ def test_full_fine_tuning_keeps_fp32_masters_under_bf16_autocast(tmp_path, env, 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
 @pytest.mark.parametrize("algorithm", ["grpo", "ppo"])
-def test_trainer_on_gpu_places_fast_weights_replay_and_reference_with_the_model(tmp_path, env, algorithm):
+def test_trainer_on_gpu_places_fast_weights_replay_and_reference_with_the_model(tmp_path, env, algorithm,
+                                                                                fresh_accelerate_state):
     from tmem_rl.trainers.ppo import PPOConfig, PPOTrainer
 
     config_cls, trainer_cls = (GRPOConfig, GRPOTrainer) if algorithm == "grpo" else (PPOConfig, PPOTrainer)
@@ -268,3 +269,50 @@ def test_trainer_on_gpu_places_fast_weights_replay_and_reference_with_the_model(
         assert all(b.device.type == "cuda" for b in fast.B.values())
     assert next(trainer.reference.parameters()).device.type == "cuda"
     assert metrics["clip_fraction"] == 0.0 and torch.isfinite(torch.tensor(metrics["loss"]))
+
+
+def test_step_metrics_on_known_batches(tmp_path, env):
+    trainer = make_trainer(tmp_path, env)
+    batch = trainer.generate_rollouts(0)
+    batch.trajectories[0].reward, batch.trajectories[1].reward = 1.0, 0.0
+    metrics = trainer.train_step(batch)
+    assert metrics["frac_reward_zero_std"] == 0.0
+    assert metrics["clip_ratio_low"] == metrics["clip_ratio_high"] == 0.0  # first step: on-policy
+    assert 0.0 < metrics["entropy"] < torch.log(torch.tensor(float(len(trainer.tokenizer)))).item()
+    answers = [len(t.segments[-1].completion_ids) for t in batch.trajectories]
+    assert metrics["answer_length_mean"] == pytest.approx(sum(answers) / 2)
+    assert metrics["answer_length_max"] == max(answers)
+    limit = trainer.runner.config.max_answer_tokens
+    ended = [t.segments[-1].completion_ids[-1] in trainer.runner.stop_ids for t in batch.trajectories]
+    assert metrics["answer_clipped"] == pytest.approx(sum(n >= limit and not e for n, e in zip(answers, ended)) / 2)
+    assert metrics["pairs_absorbed"] == 0.0  # a random model's extractions never parse
+    batch.trajectories[1].reward = 1.0
+    assert trainer.train_step(batch)["frac_reward_zero_std"] == 1.0
+
+
+def text_variety(completions, **_):
+    """A reward that a random model's answers spread over: distinct characters in the answer."""
+    return [len(set(c)) / 10 for c in completions]
+
+
+# Logged values of a seeded 3-step GRPO run on the tiny model (CPU): per step loss, grad norm, entropy, reward,
+# to 1e-5 (relative, or absolute near 0).
+# (On-policy, equal-length completions make GRPO's loss itself ~0; the grad norm and entropy carry the weights.)
+# When the loss changes on purpose, regenerate them: run this test and copy the `got` values it prints on failure.
+PINNED = [[-4e-07, 6.2501392, 9.0553217, 1.8249999], [7e-07, 5.6858301, 9.059967, 1.8000001],
+          [0.0, 5.2549496, 9.0683298, 1.975]]
+PINNED_KEYS = ("loss", "grad_norm", "entropy", "reward_mean")
+
+
+def test_seeded_grpo_run_matches_pinned_values(tmp_path, env):
+    model, tok = tiny_model(num_layers=2, tokenizer_path=FIXTURE_TOKENIZER)
+    cfg = GRPOConfig(output_dir=str(tmp_path), num_generations=2, questions_per_step=2, learning_rate=3e-3,
+                     max_steps=3, report_to=[], save_steps=0, micro_batch_size=4, max_completion_length=8, seed=7,
+                     reward_weights={"outcome": 1.0, "text_variety": 1.0})
+    trainer = GRPOTrainer(cfg, model, tok, env, FastWeightConfig(lr=0.05, epochs=1, num_layers=2),
+                          EpisodeConfig(l_max=60, max_extraction_tokens=8, max_answer_tokens=6),
+                          reward_funcs={"text_variety": text_variety}, accelerator=Accelerator(cpu=True))
+    got = [[round(h[k], 7) for k in PINNED_KEYS] for h in trainer.train()]
+    assert all(step[1] > 1e-3 for step in got), "every pinned step must have a gradient to pin"
+    assert len({step[3] for step in got}) > 1, "the steps must differ"
+    assert got == [pytest.approx(step, rel=1e-5, abs=1e-5) for step in PINNED], f"got = {got}"

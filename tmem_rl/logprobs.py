@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from contextlib import nullcontext
 from dataclasses import dataclass
-from typing import Sequence
+from typing import NamedTuple, Sequence
 
 import torch
 
@@ -70,10 +70,17 @@ def load_snapshots(replay: FastWeights, keys: list[str], snapshots: dict[str, Sn
         replay.restore(snapshots[key], [slot])
 
 
-def completion_logprobs(model, fast: FastWeights | None, rows: SegmentRows, value_head=None):
-    """Per-token log-probs [N, C] of the completion tokens at each row's sampling temperature (0 where
-    completion_mask is 0); with `value_head`, also its value estimate [N, C] at the state before each completion
-    token.
+class TokenScores(NamedTuple):
+    logp: torch.Tensor  # [N, C] log-prob of each completion token (0 where completion_mask is 0)
+    values: torch.Tensor | None  # [N, C] value estimate before each completion token, with a value head
+    entropy: torch.Tensor | None  # [N, C] entropy of the sampling distribution at each token (no grad), on request
+
+
+def score_completions(model, fast: FastWeights | None, rows: SegmentRows, value_head=None,
+                      entropy: bool = False) -> TokenScores:
+    """Per-token log-probs of the completion tokens at each row's sampling temperature, from one forward pass;
+    with `value_head` also its values at the state before each completion token, with `entropy` also the entropy
+    of the distribution each token was sampled from (a diagnostic: no gradient).
 
     `model` may be wrapped (DDP): it is called as a whole, keeping only the logits that predict completion tokens.
     """
@@ -84,10 +91,20 @@ def completion_logprobs(model, fast: FastWeights | None, rows: SegmentRows, valu
         out = model(input_ids=rows.input_ids, attention_mask=rows.attention_mask, position_ids=position_ids,
                     logits_to_keep=width_c + 1, use_cache=False, output_hidden_states=value_head is not None)
     logits = out.logits[:, :-1].float() / rows.temperatures.view(-1, 1, 1)  # position t predicts t+1: [N, C, V]
-    logp = torch.log_softmax(logits, dim=-1).gather(-1, rows.completion_ids.unsqueeze(-1)).squeeze(-1)
-    logp = logp * rows.completion_mask
-    if value_head is None:
-        return logp
-    hidden = out.hidden_states[-1][:, -(width_c + 1) : -1]  # [N, C, d], same positions as the logits
-    values = value_head(hidden.to(value_head.weight.dtype)).squeeze(-1).float() * rows.completion_mask
-    return logp, values
+    log_probs = torch.log_softmax(logits, dim=-1)
+    logp = log_probs.gather(-1, rows.completion_ids.unsqueeze(-1)).squeeze(-1) * rows.completion_mask
+    entropies = None
+    if entropy:
+        with torch.no_grad():  # row by row: one more [C, V] temporary at a time, not [N, C, V]
+            entropies = torch.stack([-(row.exp() * row).sum(-1) for row in log_probs.detach()])
+            entropies = entropies * rows.completion_mask
+    values = None
+    if value_head is not None:
+        hidden = out.hidden_states[-1][:, -(width_c + 1) : -1]  # [N, C, d], same positions as the logits
+        values = value_head(hidden.to(value_head.weight.dtype)).squeeze(-1).float() * rows.completion_mask
+    return TokenScores(logp, values, entropies)
+
+
+def completion_logprobs(model, fast: FastWeights | None, rows: SegmentRows) -> torch.Tensor:
+    """Per-token log-probs [N, C] of the completion tokens at each row's sampling temperature."""
+    return score_completions(model, fast, rows).logp

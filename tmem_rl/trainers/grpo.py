@@ -29,7 +29,14 @@ from transformers import get_scheduler
 from trl.models.utils import unwrap_model_for_generation
 
 from tmem_rl.envs.base import Environment
-from tmem_rl.logprobs import SegmentRows, completion_logprobs, load_snapshots, segment_rows
+from tmem_rl.logprobs import (
+    SegmentRows,
+    TokenScores,
+    completion_logprobs,
+    load_snapshots,
+    score_completions,
+    segment_rows,
+)
 from tmem_rl.memory import FastWeightConfig, FastWeights
 from tmem_rl.rollout import EpisodeBatch, EpisodeConfig, EpisodeRunner, Segment, Trajectory
 
@@ -279,7 +286,7 @@ class GRPOTrainer:
         weight_of = self._token_weights(tokens_of, local_tokens, global_tokens)
 
         self.model.train()
-        sums = {"loss": 0.0, "clipped": 0.0, "kl": 0.0, "tokens": 0.0}
+        sums = dict.fromkeys(("loss", "clipped", "clipped_low", "clipped_high", "kl", "entropy", "tokens"), 0.0)
         chunks = self._micro_batches(segments)
         passes = self._passes_on_every_process(len(chunks))
         for k in range(passes):
@@ -294,22 +301,35 @@ class GRPOTrainer:
         self.optimizer.zero_grad(set_to_none=True)
 
         stats = self._rollout_stats(trajectories)
+        tokens = max(sums["tokens"], 1.0)
+        groups = rewards.view(-1, cfg.num_generations)
         local = {
             "reward_mean": rewards.mean().item(),
             "reward_std": rewards.std().item() if len(rewards) > 1 else 0.0,
+            "frac_reward_zero_std": (groups.std(dim=1, correction=0) < 1e-6).float().mean().item(),
             **reward_parts,
             **stats,
             "loss": sums["loss"],
-            "clip_fraction": sums["clipped"] / max(sums["tokens"], 1.0),
-            "kl": sums["kl"] / max(sums["tokens"], 1.0),
+            "clip_fraction": sums["clipped"] / tokens,
+            "clip_ratio_low": sums["clipped_low"] / tokens,
+            "clip_ratio_high": sums["clipped_high"] / tokens,
+            "kl": sums["kl"] / tokens,
+            "entropy": sums["entropy"] / tokens,
             "completion_tokens": float(local_tokens),
         }
-        metrics = {k: acc.reduce(torch.tensor(v, device=acc.device), reduction="mean").item()
-                   for k, v in local.items()}
+        metrics = {k: self._across_processes(k, v) for k, v in local.items()}
         metrics["grad_norm"] = float(grad_norm) if grad_norm is not None else 0.0
         metrics["learning_rate"] = self.scheduler.get_last_lr()[0]
         metrics["update_seconds"] = time.perf_counter() - started
         return metrics
+
+    def _across_processes(self, key: str, value: float) -> float:
+        """Maxima stay maxima; everything else is averaged over processes."""
+        acc = self.accelerator
+        tensor = torch.tensor(float(value), device=acc.device)
+        if key.endswith("_max"):
+            return acc.gather(tensor.view(1)).max().item()
+        return acc.reduce(tensor, reduction="mean").item()
 
     def _micro_batches(self, segments: list[TrainingSegment]) -> list[list[TrainingSegment]]:
         size = self.config.micro_batch_size
@@ -366,7 +386,8 @@ class GRPOTrainer:
                     sums: dict) -> torch.Tensor:
         cfg = self.config
         rows = self._rows(chunk, snapshots)
-        logp, aux = self.forward_chunk(rows)  # [n, C] at each segment's own sampling temperature
+        scores = self.forward_chunk(rows)
+        logp = scores.logp  # [n, C] at each segment's own sampling temperature
         mask = rows.completion_mask.float()
         old = torch.zeros_like(logp)
         for i, s in enumerate(chunk):
@@ -383,19 +404,25 @@ class GRPOTrainer:
             kl = torch.exp(ref - logp) - (ref - logp) - 1
             per_token = per_token + cfg.beta * kl
             sums["kl"] += (kl * mask).sum().item()
-        per_token = per_token + self.extra_loss(chunk, aux, logp)
+        per_token = per_token + self.extra_loss(chunk, scores, logp)
         piece = (per_token * mask * weight).sum()
+        below, above = ratio < 1 - cfg.epsilon, ratio > 1 + eps_high
         sums["loss"] += piece.item()
-        sums["clipped"] += (((ratio < 1 - cfg.epsilon) | (ratio > 1 + eps_high)).float() * mask).sum().item()
+        sums["clipped"] += ((below | above).float() * mask).sum().item()
+        # TRL's clip ratios: tokens where the clip is what the loss sees (the ratio left the range in the direction
+        # that the advantage pushes it).
+        sums["clipped_low"] += ((below & (advantage < 0)).float() * mask).sum().item()
+        sums["clipped_high"] += ((above & (advantage > 0)).float() * mask).sum().item()
+        sums["entropy"] += (scores.entropy * mask).sum().item()
         sums["tokens"] += mask.sum().item()
         return piece
 
-    def forward_chunk(self, rows: SegmentRows):
-        """The policy's log-probs of the chunk's tokens, and whatever else the trainer's loss needs from the same
-        pass (GRPO: nothing)."""
-        return completion_logprobs(self.model, self.replay, rows), None
+    def forward_chunk(self, rows: SegmentRows) -> TokenScores:
+        """The policy's log-probs and entropies of the chunk's tokens, and whatever else the trainer's loss needs
+        from the same pass (GRPO: nothing)."""
+        return score_completions(self.model, self.replay, rows, entropy=True)
 
-    def extra_loss(self, chunk: list[TrainingSegment], aux, like: torch.Tensor):
+    def extra_loss(self, chunk: list[TrainingSegment], scores: TokenScores, like: torch.Tensor):
         """Per-token loss terms beyond the policy gradient and the KL (GRPO: none)."""
         return 0.0
 
@@ -415,17 +442,29 @@ class GRPOTrainer:
         load_snapshots(self.reference_replay, rows.snapshot_keys, snapshots)
         return completion_logprobs(self.reference, self.reference_replay, rows)
 
-    @staticmethod
-    def _rollout_stats(trajectories: list[Trajectory]) -> dict[str, float]:
+    def _rollout_stats(self, trajectories: list[Trajectory]) -> dict[str, float]:
         extractions = [e for t in trajectories for e in t.extractions]
-        updates = [e["inner_update"] for e in extractions if e["inner_update"]]
+        updates = [e["inner_update"] for e in extractions if e["inner_update"] and e["inner_update"]["num_pairs"]]
         mean = lambda xs: sum(xs) / len(xs) if xs else 0.0  # noqa: E731
-        return {
+        stats = {
             "f1": mean([t.metrics.get("f1", t.reward) for t in trajectories]),
             "extraction_parse_rate": mean([float(bool(e["supervision"]["pairs"])) for e in extractions]),
-            "inner_loss_before": mean([u["loss_before"] for u in updates if u["num_pairs"]]),
-            "inner_loss_after": mean([u["loss_after"] for u in updates if u["num_pairs"]]),
+            "pairs_absorbed": mean([sum(e["inner_update"]["num_pairs"] for e in t.extractions if e["inner_update"])
+                                    for t in trajectories]),
+            "inner_loss_before": mean([u["loss_before"] for u in updates]),
+            "inner_loss_after": mean([u["loss_after"] for u in updates]),
         }
+        limits = {"extraction": self.runner.config.max_extraction_tokens,
+                  "answer": self.runner.config.max_answer_tokens}
+        for kind, limit in limits.items():
+            segments = [s for t in trajectories for s in t.segments if s.kind == kind]
+            lengths = [len(s.completion_ids) for s in segments]
+            ended = [bool(s.completion_ids) and s.completion_ids[-1] in self.runner.stop_ids for s in segments]
+            stats[f"{kind}_length_mean"] = mean(lengths)
+            stats[f"{kind}_length_max"] = float(max(lengths, default=0))
+            # Clipped: the generation budget ran out before an end token.
+            stats[f"{kind}_clipped"] = mean([float(n >= limit and not end) for n, end in zip(lengths, ended)])
+        return stats
 
     # ---- the loop ------------------------------------------------------------------------------------------
 

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from tmem_rl.logprobs import SegmentRows, completion_logprobs
+from tmem_rl.logprobs import SegmentRows, TokenScores, score_completions
 from tmem_rl.trainers.grpo import GRPOConfig, GRPOTrainer, TrainingSegment
 
 
@@ -78,7 +78,7 @@ class PPOTrainer(GRPOTrainer):
         chunks = self._micro_batches(segments)
         for k in range(self._passes_on_every_process(len(chunks))):
             chunk = chunks[k] if k < len(chunks) else chunks[0]
-            _, values = self.forward_chunk(self._rows(chunk, snapshots))
+            values = score_completions(self.model, self.replay, self._rows(chunk, snapshots), self.value_head).values
             if k < len(chunks):
                 for i, s in enumerate(chunk):
                     s.old_values = values[i, : len(s.segment.completion_ids)].tolist()
@@ -101,13 +101,14 @@ class PPOTrainer(GRPOTrainer):
             for s in segments:
                 s.advantages = [(a - mean) / (std + 1e-8) for a in s.advantages]
 
-    def forward_chunk(self, rows: SegmentRows):
-        """Log-probs and the critic's values [n, C] from the same forward pass."""
-        return completion_logprobs(self.model, self.replay, rows, self.value_head)
+    def forward_chunk(self, rows: SegmentRows) -> TokenScores:
+        """Log-probs, entropies and the critic's values [n, C] from the same forward pass."""
+        return score_completions(self.model, self.replay, rows, self.value_head, entropy=True)
 
-    def extra_loss(self, chunk: list[ValuedSegment], values: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    def extra_loss(self, chunk: list[ValuedSegment], scores: TokenScores, like: torch.Tensor) -> torch.Tensor:
         """Clipped value loss per token (PPO's max of clipped and unclipped squared errors), times vf_coef."""
         cfg = self.config
+        values = scores.values
         returns = self._per_token([s.returns for s in chunk], like)
         old = self._per_token([s.old_values for s in chunk], like)
         clipped = old + torch.clamp(values - old, -cfg.cliprange_value, cfg.cliprange_value)
