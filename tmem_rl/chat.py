@@ -25,11 +25,16 @@ def chat_template_kwargs(tokenizer, overrides: dict | None = None) -> dict:
     return settings
 
 
+def chat_text(tokenizer, messages: list[dict[str, str]], template_kwargs: dict, generation_prompt: bool) -> str:
+    """`messages` rendered by the chat template with these settings."""
+    return tokenizer.apply_chat_template(messages, add_generation_prompt=generation_prompt, tokenize=False,
+                                         **template_kwargs)
+
+
 def chat_ids(tokenizer, messages: list[dict[str, str]], template_kwargs: dict, generation_prompt: bool,
              suffix: str = "") -> list[int]:
     """Token ids of `messages` rendered by the chat template, plus `suffix` (e.g. a prefill) after them."""
-    text = tokenizer.apply_chat_template(messages, add_generation_prompt=generation_prompt, tokenize=False,
-                                         **template_kwargs)
+    text = chat_text(tokenizer, messages, template_kwargs, generation_prompt)
     return tokenizer(text + suffix, add_special_tokens=False)["input_ids"]
 
 

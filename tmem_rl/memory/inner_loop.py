@@ -9,7 +9,7 @@ from typing import Callable
 import torch
 from torch import nn
 
-from tmem_rl.chat import chat_template_kwargs
+from tmem_rl.chat import chat_template_kwargs, chat_text
 from tmem_rl.memory.layers import adapted_layer_indices, decoder_layers
 from tmem_rl.records import QAPair
 
@@ -33,14 +33,14 @@ def format_pair(tokenizer, pair: QAPair, max_tokens: int, prompt_fn: PromptFn = 
     """
     user = prompt_fn(pair.instruction)
     kwargs = chat_template_kwargs(tokenizer) if template_kwargs is None else template_kwargs
-    prompt_text = tokenizer.apply_chat_template(user, add_generation_prompt=True, tokenize=False, **kwargs)
-    full_text = tokenizer.apply_chat_template(user + [{"role": "assistant", "content": pair.output}],
-                                              tokenize=False, **kwargs)
+    prompt_text = chat_text(tokenizer, user, kwargs, generation_prompt=True)
+    full_text = chat_text(tokenizer, user + [{"role": "assistant", "content": pair.output}], kwargs,
+                          generation_prompt=False)
     if not full_text.startswith(prompt_text):
         raise ValueError("the chat template renders the prompt differently inside a full conversation")
     # The answer is tokenized after the prompt's own tokens, as generation produces it: tokenizing the whole text
     # at once can merge across the boundary (a prompt ending in "\n\n" before the answer's first word).
-    prompt = tokenizer(prompt_text, add_special_tokens=False)["input_ids"]  # as the runner's prompt_ids renders it
+    prompt = tokenizer(prompt_text, add_special_tokens=False)["input_ids"]  # what chat_ids gives the agent
     full = prompt + tokenizer(full_text[len(prompt_text):], add_special_tokens=False)["input_ids"]
     ids = full[:max_tokens]
     labels = [IGNORE] * min(len(prompt), len(ids)) + ids[len(prompt) :]
