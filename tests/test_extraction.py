@@ -300,8 +300,8 @@ def test_extraction_messages_include_question_context_and_previous_pairs():
     assert "do not repeat" in user
     assert "up to 5 " in user
     example = json.loads(messages[2]["content"])  # the worked example is a demonstrated assistant turn
-    assert example[0] == {"instruction": "What is the name of Lena's cat?", "output": "Mochi"}
-    assert "Mochi" in messages[1]["content"]
+    assert example[0] == {"instruction": "What is the name of Quill's iguana?", "output": "Zorbo"}
+    assert "Zorbo" in messages[1]["content"]
     assert EXTRACTION_PREFILL == "["
 
 
@@ -309,7 +309,7 @@ def test_extraction_messages_without_example_or_previous():
     messages = extraction_messages("Q?", "Some text.", examples=False)
     text = "".join(m["content"] for m in messages)
     assert [m["role"] for m in messages] == ["system", "user"]
-    assert "Mochi" not in text
+    assert "Zorbo" not in text
     assert "already written" not in text
     assert "up to 8 " in text
 
@@ -348,3 +348,16 @@ def test_parse_with_source_drops_ungrounded_pairs():
     assert pairs(record) == [("Maya's city?", "Lisbon")]
     assert reasons(record) == ["answer not in text"]
     assert parse_qa_pairs(text, source="nothing here").error == "all items dropped"
+
+
+def test_worked_example_content_occurs_in_no_facts_stream():
+    """A small model that copies the example must not pass grounding by accident."""
+    from tmem_rl.envs import facts
+    from tmem_rl.extraction import _EXAMPLE_PAIRS, _EXAMPLE_TEXT
+
+    pools = [facts.NAMES, facts.CITIES, facts.PET_NAMES, facts.JOBS, facts.PLACES, facts.SPECIES]
+    values = {v.casefold() for pool in pools for v in pool}
+    words = {w.strip(".:").casefold() for w in _EXAMPLE_TEXT.split()}
+    assert not {p.output.casefold() for p in _EXAMPLE_PAIRS} & values
+    assert not {"quill", "bex", "zorbo", "glazier", "hammerfest", "iguana"} & values
+    assert {"quill", "zorbo", "hammerfest"} <= words

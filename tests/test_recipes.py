@@ -98,3 +98,45 @@ def test_train_entry_point_runs_checkpoints_and_resumes(tmp_path):
     assert main(["train", recipe, *longer, "--resume"]) == 0
     steps = [json.loads(line)["step"] for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert steps == [1, 2, 3]
+
+
+def test_learning_recipe_trains_only_on_its_train_split_and_eval_takes_the_held_out_side(tmp_path, monkeypatch):
+    from tmem_rl.cli import main
+    from tmem_rl.envs.split import TaskSplit
+    from tmem_rl.evaluation.harness import read_records
+    from tmem_rl.models import tiny_model
+    from tmem_rl.rollout import EpisodeRunner
+
+    model, tok = tiny_model(num_layers=4)  # the recipe adapts the last 4 layers
+    model.save_pretrained(tmp_path / "tiny")
+    tok.save_pretrained(tmp_path / "tiny")
+    sampled = []
+    original = EpisodeRunner.run
+
+    def recording_run(self, env, tasks):
+        sampled.extend(t.task_id for t in tasks)
+        return original(self, env, tasks)
+
+    monkeypatch.setattr(EpisodeRunner, "run", recording_run)
+    out = tmp_path / "run"
+    overrides = [f"model.name={tmp_path / 'tiny'}", f"outer_loop.output_dir={out}", "outer_loop.max_steps=2",
+                 "outer_loop.save_steps=2", "inner_loop.epochs=1",
+                 "episode.max_extraction_tokens=8", "episode.max_answer_tokens=4", "env.kwargs.num_tasks=12",
+                 "outer_loop.num_generations=2", "outer_loop.questions_per_step=3"]
+    recipe_path = str(next(p for p in RECIPES if p.name == "facts_grpo_cpu.yaml"))
+    assert main(["train", recipe_path, *overrides]) == 0
+    recipe = load_recipe(recipe_path, overrides)
+    heldout = {t.task_id for t in recipe.env.make("heldout").tasks()}
+    assert isinstance(recipe.env.make("train"), TaskSplit) and heldout
+    assert len(sampled) == 2 * 3 * 2 and not set(sampled) & heldout
+
+    evaluated = tmp_path / "eval"
+    assert main(["eval", "--recipe", recipe_path, "--model", str(tmp_path / "tiny"), "--method", "tmem",
+                 "--checkpoint", str(out / "checkpoint-2"), "--max-questions", "2", "--greedy", "--inner-epochs",
+                 "1", "--env-kwargs", '{"num_tasks": 12}', "--out", str(evaluated), "--device", "cpu"]) == 0
+    records = read_records(evaluated / "results.jsonl")
+    assert {r["method"] for r in records} == {"tmem", "tmem@trained"}
+    assert {r["question_id"] for r in records} <= heldout
+    config = json.loads((evaluated / "config.json").read_text())
+    assert (config["split"], config["heldout_fraction"], config["l_max"], config["episode_kwargs"]["max_pairs"]) == (
+        "heldout", 0.25, 56, 3)

@@ -24,6 +24,38 @@ def _json_object(text: str) -> dict:
     return value
 
 
+def _eval_config(args):
+    """EvalConfig from `tmem-rl eval` flags, on top of a recipe's settings when --recipe is given."""
+    from tmem_rl.evaluation.harness import EvalConfig
+    from tmem_rl.evaluation.methods import MethodSettings
+    from tmem_rl.memory import FastWeightConfig
+
+    settings = MethodSettings(**{k: v for k, v in (("context_budget", args.context_budget),
+                                                   ("retrieval_k", args.retrieval_k),
+                                                   ("answer_batch_size", args.batch_size)) if v is not None})
+    given = {k: v for k, v in (
+        ("model", args.model), ("l_max", args.l_max), ("device", args.device), ("split", args.split),
+        ("heldout_fraction", args.heldout_fraction), ("split_seed", args.split_seed),
+        ("chat_template_kwargs", args.chat_template_kwargs),
+    ) if v is not None}
+    common = dict(out=args.out, data=args.data, methods=args.method, max_questions=args.max_questions,
+                  per_category=args.per_category, sample_ids=args.sample_ids, episode_unit=args.episode_unit,
+                  greedy=args.greedy, resume=args.resume, methods_settings=settings, seed=args.seed,
+                  checkpoint=args.checkpoint)
+    inner = {k: v for k, v in (("lr", args.inner_lr), ("epochs", args.inner_epochs)) if v is not None}
+    if args.recipe:
+        from tmem_rl.recipes import eval_config, load_recipe
+
+        config = eval_config(load_recipe(args.recipe), **common, **given)
+        if args.env_kwargs:
+            config.env_kwargs = {**config.env_kwargs, **args.env_kwargs}
+        if inner:
+            config.fast_weights = dataclasses.replace(config.fast_weights, **inner)
+        return config
+    return EvalConfig(env=args.env, env_kwargs=args.env_kwargs, fast_weights=FastWeightConfig(**inner),
+                      **common, **given)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="tmem-rl", description="RL for LLM agents with fast-weight memory")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -34,7 +66,20 @@ def main(argv: list[str] | None = None) -> int:
     _add_dataclass_args(demo, DemoConfig)
     ev = sub.add_parser("eval", help="run memory methods side by side on a benchmark; JSONL + summary + table + chart")
     ev.add_argument("--env", default="locomo")
-    ev.add_argument("--data", required=True, help="benchmark file (LoCoMo: the official locomo10.json)")
+    ev.add_argument("--data", default=None, help="benchmark file, for environments that read one (LoCoMo: the "
+                                                 "official locomo10.json)")
+    ev.add_argument("--env-kwargs", type=_json_object, default={},
+                    help='JSON for the environment\'s constructor, e.g. \'{"num_tasks": 512, "num_facts": 3}\'')
+    ev.add_argument("--recipe", default=None,
+                    help="take the model, environment, split, inner loop and episode settings from a training "
+                         "recipe (flags given here still win)")
+    ev.add_argument("--split", choices=["all", "train", "heldout"], default=None,
+                    help="side of the seeded task partition to evaluate (default: heldout with --recipe, else all)")
+    ev.add_argument("--heldout-fraction", type=float, default=None)
+    ev.add_argument("--split-seed", type=int, default=None)
+    ev.add_argument("--checkpoint", default=None,
+                    help="a trained policy (tmem-rl train checkpoint, PEFT adapter or HF folder), evaluated after "
+                         "the base model on the same tasks")
     ev.add_argument("--method", nargs="+", default=["tmem"], help="none full-context summary retrieval tmem tmem+explicit")
     ev.add_argument("--model", default=None)
     ev.add_argument("--max-questions", type=int, default=None)
@@ -74,24 +119,9 @@ def main(argv: list[str] | None = None) -> int:
         print(format_table(summary))
         print(f"\ntrajectories and summary written to {config.out}/")
     elif args.command == "eval":
-        from tmem_rl.evaluation.harness import EvalConfig, markdown_table, run_eval
-        from tmem_rl.evaluation.methods import MethodSettings
-        from tmem_rl.memory import FastWeightConfig
+        from tmem_rl.evaluation.harness import markdown_table, run_eval
 
-        fast = FastWeightConfig(**{k: v for k, v in (("lr", args.inner_lr), ("epochs", args.inner_epochs))
-                                   if v is not None})
-        settings = MethodSettings(**{k: v for k, v in (("context_budget", args.context_budget),
-                                                       ("retrieval_k", args.retrieval_k),
-                                                       ("answer_batch_size", args.batch_size)) if v is not None})
-        optional = {k: v for k, v in (("model", args.model), ("l_max", args.l_max), ("device", args.device))
-                    if v is not None}
-        config = EvalConfig(
-            data=args.data, out=args.out, env=args.env, methods=args.method, max_questions=args.max_questions,
-            per_category=args.per_category,
-            sample_ids=args.sample_ids, episode_unit=args.episode_unit, greedy=args.greedy, resume=args.resume,
-            fast_weights=fast, methods_settings=settings, seed=args.seed,
-            chat_template_kwargs=args.chat_template_kwargs, **optional,
-        )
+        config = _eval_config(args)
         summary = run_eval(config)
         print(markdown_table(summary))
         print(f"\nrecords, summary.json, summary.md and f1_by_category.png written to {config.out}/")

@@ -278,12 +278,15 @@ _EXTRACTION_SYSTEM = (
 )
 
 # A worked example given as an earlier chat turn: small models follow a demonstrated turn far more reliably than
-# a described format (measured on SmolLM2-135M: valid JSON on 4 of 4 chunks with it, 0 of 4 without).
-_EXAMPLE_TEXT = "Lena: My cat Mochi sleeps all day.\nOmar: The bus was late again.\nLena: I work as a nurse in Porto."
+# a described format (measured on SmolLM2-135M: valid JSON on 4 of 4 chunks with it, 0 of 4 without). Small models
+# also copy the example's content, so every name and value in it is one that no built-in stream uses: a copied
+# pair never passes the grounding check by accident, and never teaches the fast weights a wrong fact.
+_EXAMPLE_TEXT = ("Quill: My iguana Zorbo sleeps all day.\nBex: The tram was late again.\n"
+                 "Quill: I work as a glazier in Hammerfest.")
 _EXAMPLE_PAIRS = [
-    QAPair("What is the name of Lena's cat?", "Mochi"),
-    QAPair("What is Lena's job?", "nurse"),
-    QAPair("Where does Lena work?", "Porto"),
+    QAPair("What is the name of Quill's iguana?", "Zorbo"),
+    QAPair("What is Quill's job?", "glazier"),
+    QAPair("Where does Quill work?", "Hammerfest"),
 ]
 
 _ANSWER_SYSTEM = "Answer the question briefly, in a few words, using what you read and remember."
@@ -318,7 +321,7 @@ def extraction_messages(
     if examples:
         example_answer = json.dumps([p.to_dict() for p in _EXAMPLE_PAIRS], ensure_ascii=False)
         messages += [
-            {"role": "user", "content": _extraction_request("Where does Lena work?", _EXAMPLE_TEXT, None, max_pairs)},
+            {"role": "user", "content": _extraction_request("Where does Quill work?", _EXAMPLE_TEXT, None, max_pairs)},
             {"role": "assistant", "content": example_answer},
         ]
     messages.append({"role": "user", "content": _extraction_request(question, context, previous, max_pairs)})

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.util
+import json
 import os
 import shutil
 import tempfile
@@ -95,6 +96,54 @@ def load_policy(
     path = resolve_model_path(name_or_path)
     tokenizer = load_tokenizer(path)
     model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype).to(device)
+    model.eval()
+    return model, tokenizer
+
+
+def load_trained_policy(
+    checkpoint: str | Path, base: str = DEFAULT_MODEL, dtype: torch.dtype = torch.float32,
+    device: str | torch.device = "cpu",
+) -> tuple[PreTrainedModel, AutoTokenizer]:
+    """A trained policy, ready for inference like `load_policy`'s.
+
+    `checkpoint` is a `tmem-rl train` checkpoint folder (its `adapter/` when the slow weights were a LoRA, else
+    the full weights Accelerate saved), a PEFT adapter folder, or a full HF model folder. Adapters are merged into
+    `base` (or the base their config names when `base` is empty), so generation runs at the base model's speed.
+    """
+    folder = Path(checkpoint)
+    if not folder.is_dir():
+        raise FileNotFoundError(f"checkpoint {folder}: no such folder")
+    adapter = folder / "adapter" if (folder / "adapter" / "adapter_config.json").exists() else folder
+    if (adapter / "adapter_config.json").exists():
+        from peft import PeftModel
+
+        base_name = base or json.loads((adapter / "adapter_config.json").read_text())["base_model_name_or_path"]
+        model, tokenizer = load_policy(base_name, dtype=dtype, device=device)
+        model = PeftModel.from_pretrained(model, str(adapter)).merge_and_unload()
+        model.eval()
+        return model, tokenizer
+    if (folder / "config.json").exists():
+        return load_policy(str(folder), dtype=dtype, device=device)
+    weights = [folder / n for n in ("model.safetensors", "pytorch_model.bin") if (folder / n).exists()]
+    if not weights:
+        raise FileNotFoundError(
+            f"checkpoint {folder}: expected adapter/adapter_config.json (LoRA slow weights), model.safetensors "
+            "(full weights saved by tmem-rl train), adapter_config.json or config.json; found none"
+        )
+    model, tokenizer = load_policy(base, dtype=dtype, device=device)
+    if weights[0].suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        state = load_file(str(weights[0]))
+    else:
+        state = torch.load(weights[0], map_location="cpu", weights_only=True)
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    # Tied embeddings are saved once; anything else missing means the checkpoint is of another architecture.
+    missing = [k for k in missing if k != "lm_head.weight"]
+    if missing or unexpected:
+        raise ValueError(f"checkpoint {weights[0]} does not fit {base}: missing {missing[:3]}, "
+                         f"unexpected {unexpected[:3]}")
+    model.to(device)
     model.eval()
     return model, tokenizer
 

@@ -41,6 +41,24 @@ class EnvSection:
     name: str = "facts"
     kwargs: dict[str, Any] = field(default_factory=dict)
     """Passed to the environment's constructor."""
+    heldout_fraction: float = 0.0
+    """Share of tasks kept out of training for `tmem-rl eval --split heldout` (0: train on every task)."""
+    split_seed: int = 0
+    """Seeds the train / held-out partition (tmem_rl.envs.split)."""
+
+    def __post_init__(self):
+        if not 0.0 <= self.heldout_fraction < 1.0:
+            raise ValueError(f"heldout_fraction must be in [0, 1), got {self.heldout_fraction!r}")
+
+    def make(self, split: str = "train"):
+        """The environment, cut to one side of the partition when a share is held out."""
+        from tmem_rl.envs import make_env
+        from tmem_rl.envs.split import split_env
+
+        env = make_env(self.name, **self.kwargs)
+        if not self.heldout_fraction:
+            return env
+        return split_env(env, split, self.heldout_fraction, self.split_seed)
 
 
 @dataclass
@@ -150,13 +168,32 @@ def run_recipe(recipe: TrainRecipe, resume: bool = False) -> list[dict]:
     import torch
     from accelerate import PartialState
 
-    from tmem_rl.envs import make_env
     from tmem_rl.models import load_policy
 
     # Straight onto this process's accelerator: the fast weights' SVD and every copy then start there too.
     device = PartialState().device
     model, tokenizer = load_policy(recipe.model.name, dtype=getattr(torch, recipe.model.dtype), device=device)
-    env = make_env(recipe.env.name, **recipe.env.kwargs)
+    env = recipe.env.make("train")
     trainer_cls = ALGORITHMS[recipe.algorithm][1]
     trainer = trainer_cls(recipe.outer_loop, model, tokenizer, env, recipe.inner_loop, recipe.episode)
     return trainer.train(resume=resume)
+
+
+def eval_config(recipe: TrainRecipe, out: str, **overrides):
+    """Evaluation settings matching a recipe: its model, environment and held-out side, inner loop, episode
+    settings and sampling (greedy=True overrides the sampling)."""
+    from tmem_rl.evaluation.harness import EvalConfig
+
+    episode, outer = recipe.episode, recipe.outer_loop
+    fields = dict(
+        out=out, env=recipe.env.name, env_kwargs=dict(recipe.env.kwargs), model=recipe.model.name,
+        split="heldout" if recipe.env.heldout_fraction else "all", heldout_fraction=recipe.env.heldout_fraction,
+        split_seed=recipe.env.split_seed, fast_weights=recipe.inner_loop, l_max=episode.l_max,
+        max_extraction_tokens=episode.max_extraction_tokens, max_answer_tokens=episode.max_answer_tokens,
+        temperature=outer.temperature, top_p=outer.top_p, top_k=outer.top_k,
+        chat_template_kwargs=episode.chat_template_kwargs,
+        episode_kwargs={k: getattr(episode, k) for k in ("max_pairs", "extraction_retries", "prefill", "examples",
+                                                         "grounding", "retry_temperature")},
+    )
+    fields.update({k: v for k, v in overrides.items() if v is not None})
+    return EvalConfig(**fields)

@@ -270,7 +270,9 @@ class EpisodeRunner:
                                   chat_template_kwargs=self.chat_kwargs) if to_absorb else {})
         elapsed = time.perf_counter() - t0
         for g in rollouts:
-            pairs_so_far[g].extend(supervision[g].pairs)
+            absorbed = g in stats and stats[g]["num_pairs"] > 0 and not stats[g].get("rolled_back")
+            if absorbed:  # a rolled-back absorb leaves no trace in the fast weights, nor in the prompt
+                pairs_so_far[g].extend(supervision[g].pairs)
             trajectories[g].timings["inner_update"] += elapsed if g in stats else 0.0
             trajectories[g].extractions.append(
                 {
@@ -280,7 +282,7 @@ class EpisodeRunner:
                     "fast_weight_version": self.fast.versions[g],
                 }
             )
-            if g in stats and stats[g]["num_pairs"]:
+            if absorbed:
                 snapshots[self._snapshot_key(g)] = self.fast.snapshot([g])
 
     def _answer(self, env: Environment, ep: "Episode") -> None:

@@ -17,6 +17,7 @@ from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 from typing import Any
 
+from tmem_rl.records import QAPair
 
 
 class ActionKind(str, enum.Enum):
@@ -35,6 +36,9 @@ class Task:
     chunks: tuple[str, ...]
     answers: tuple[str, ...]
     metadata: dict[str, Any] = field(default_factory=dict)
+    reference_pairs: tuple[QAPair, ...] = ()
+    """Gold supervision, when the environment knows it: pairs an ideal extraction would write from the stream
+    (the asked fact first). Never shown to the agent; for warm starts and diagnostics."""
 
 
 @dataclass(frozen=True)
@@ -92,6 +96,16 @@ class Environment(ABC):
 
     def tasks(self) -> list[Task]:
         return [self.task(i) for i in range(len(self))]
+
+    def split_key(self, index: int) -> str:
+        """What the train / held-out partition hashes (see `tmem_rl.envs.split`): tasks with the same key fall on
+        the same side. Override when tasks share material, so that no held-out task was read in training."""
+        return self.task(index).task_id
+
+    def summarize(self, records: list[dict[str, Any]]) -> dict[str, Any]:
+        """Benchmark-specific fields for an evaluation summary, from scored records ({"category", "f1", "em", ...});
+        the harness already reports F1, EM and F1 by category for every environment."""
+        return {}
 
     def answer_prompt(self, question: str, context: str, task: Task | None = None) -> str:
         """The user turn that asks for the final answer; benchmarks override it with their official QA prompt.

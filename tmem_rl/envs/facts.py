@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from tmem_rl.envs import register_env
 from tmem_rl.envs.base import Environment, Task
 from tmem_rl.metrics.qa import best_over_golds, exact_match, token_f1
+from tmem_rl.records import QAPair
 
 NAMES = (
     "Maya", "Omar", "Lena", "Tariq", "Sofia", "Jonas", "Priya", "Mateo", "Aisha", "Felix", "Hana", "Diego",
@@ -240,7 +241,9 @@ class FactsEnv(Environment):
             question=question,
             chunks=chunks,
             answers=(answer,),
+            reference_pairs=self._reference_pairs(facts, asked, question, answer),
             metadata={
+                "category": kind,
                 "fact_kind": kind,
                 "fact_line_index": position,
                 "fact_chunk_index": position // step,
@@ -297,6 +300,20 @@ class FactsEnv(Environment):
         if kind == "job":
             return list(JOBS)
         raise KeyError(kind)
+
+    @staticmethod
+    def _reference_pairs(facts: list[_Fact], asked: _Fact, question: str, answer: str) -> tuple[QAPair, ...]:
+        """One pair per planted fact (two per meeting), each asked in the stream's first question wording; the
+        asked fact first, in the words of the task's own question."""
+        pairs = [QAPair(question, answer)]
+        for fact in facts:
+            kinds = ("meeting_place", "meeting_time") if fact.kind == "meeting" else (fact.kind,)
+            for kind in kinds:
+                value = fact.values[{"meeting_place": "place", "meeting_time": "time"}.get(kind, "value")]
+                if fact is asked and value == answer:
+                    continue
+                pairs.append(QAPair(QUESTION_TEMPLATES[kind][0].format(**fact.values), value))
+        return tuple(pairs)
 
     def _question(self, rng: random.Random, fact: _Fact) -> tuple[str, str]:
         kind = fact.kind

@@ -19,7 +19,7 @@ from typing import Any
 
 from tmem_rl.envs import register_env
 from tmem_rl.envs.base import Environment, Task
-from tmem_rl.metrics.locomo import CATEGORY_NAMES, score_answer
+from tmem_rl.metrics.locomo import CATEGORY_NAMES, aggregate, score_answer
 
 QA_PROMPT = (
     "Based on the above context, write an answer in the form of a short phrase for the following question. "
@@ -291,6 +291,15 @@ class LocomoEnv(Environment):
         if not 0 <= index < len(self._tasks):
             raise IndexError(f"locomo env: task index {index} out of range [0, {len(self._tasks)})")
         return self._tasks[index]
+
+    def summarize(self, records: list[dict[str, Any]]) -> dict[str, Any]:
+        # The official reporting shape: every category present (None when empty) and the 1-4 / 1-5 means.
+        official = aggregate(records)
+        return {k: official[k] for k in ("f1_by_category", "f1_1_4", "f1_1_5")}
+
+    def split_key(self, index: int) -> str:
+        # Questions about one conversation share its stream: hold conversations out, not single questions.
+        return self.task(index).metadata["sample_id"]
 
     @property
     def skipped(self) -> list[dict[str, Any]]:

@@ -1,9 +1,12 @@
-"""`tmem-rl eval`: every memory method on the same model and questions; JSONL records, resume, summary, table, chart.
+"""`tmem-rl eval`: memory methods on the same model and questions, for any environment; the base model and
+optionally a trained checkpoint side by side. JSONL records, resume, summary, table, chart.
 
 Output folder:
     config.json      every setting the run used
-    results.jsonl    one record per (method, question), appended and fsynced as answers come in
-    summary.json     per method: n, skipped, f1_by_category, f1_1_4, f1_1_5, em, seconds_per_episode
+    results.jsonl    one record per (policy, method, question), appended and fsynced as answers come in
+    summary.json     per row ("tmem", or "tmem@trained" for the checkpoint): n, f1, em, f1_by_category,
+                     extraction parse rate, pairs per extraction, seconds_per_episode, plus the benchmark's own
+                     fields (LoCoMo: f1_1_4, f1_1_5)
     summary.md       the same as a markdown table
     f1_by_category.png
 """
@@ -21,24 +24,36 @@ import torch
 from tqdm import tqdm
 
 from tmem_rl.envs import make_env
-from tmem_rl.envs.base import Task
-from tmem_rl.metrics.locomo import CATEGORY_NAMES, aggregate
+from tmem_rl.envs.base import Environment, Task
+from tmem_rl.envs.split import SPLITS, split_env
 from tmem_rl.evaluation.methods import METHODS, Answered, MethodSettings
 from tmem_rl.memory import FastWeightConfig, FastWeights
-from tmem_rl.models import DEFAULT_MODEL, load_policy
+from tmem_rl.models import DEFAULT_MODEL, load_policy, load_trained_policy
 from tmem_rl.rollout import EpisodeConfig, EpisodeRunner
 
 EPISODE_UNITS = ("question", "conversation")
 RESULTS = "results.jsonl"
+TRAINED = "trained"
 
 
 @dataclass
 class EvalConfig:
-    data: str
-    """Path to the benchmark file (LoCoMo: the official locomo10.json)."""
     out: str
     """Output folder."""
+    data: str | None = None
+    """Path to the benchmark file, for environments that read one (LoCoMo: the official locomo10.json)."""
     env: str = "locomo"
+    env_kwargs: dict[str, Any] = field(default_factory=dict)
+    """Passed to the environment's constructor (facts: num_tasks, num_facts, seed, ...)."""
+    split: str = "all"
+    """all | train | heldout: which side of the seeded task partition to evaluate (see tmem_rl.envs.split)."""
+    heldout_fraction: float = 0.0
+    split_seed: int = 0
+    checkpoint: str | None = None
+    """A trained policy (a `tmem-rl train` checkpoint, a PEFT adapter or an HF folder), evaluated after the base
+    model on the same tasks; its rows are labelled "<method>@trained"."""
+    evaluate_base: bool = True
+    """False: with a checkpoint, evaluate only the checkpoint (the base model's rows exist elsewhere)."""
     methods: list[str] = field(default_factory=lambda: ["tmem"])
     model: str = DEFAULT_MODEL
     max_questions: int | None = None
@@ -59,6 +74,8 @@ class EvalConfig:
     top_k: int = 10
     fast_weights: FastWeightConfig = field(default_factory=FastWeightConfig)
     methods_settings: MethodSettings = field(default_factory=MethodSettings)
+    episode_kwargs: dict[str, Any] = field(default_factory=dict)
+    """Further episode settings (max_pairs, extraction_retries, examples, ...), e.g. a training recipe's."""
     chat_template_kwargs: dict[str, Any] | None = None
     """Chat-template settings for every prompt (None: thinking off where the template has the switch)."""
     device: str = field(default_factory=lambda: "cuda" if torch.cuda.is_available() else "cpu")
@@ -70,6 +87,17 @@ class EvalConfig:
             raise ValueError(f"unknown method(s) {unknown}; available: {', '.join(METHODS)}")
         if self.episode_unit not in EPISODE_UNITS:
             raise ValueError(f"episode_unit={self.episode_unit!r}: expected one of {EPISODE_UNITS}")
+        if self.split not in SPLITS:
+            raise ValueError(f"split={self.split!r}: expected one of {SPLITS}")
+        if self.split != "all" and not 0.0 < self.heldout_fraction < 1.0:
+            raise ValueError(f"split={self.split!r} needs heldout_fraction in (0, 1), got {self.heldout_fraction!r}")
+
+    def environment(self) -> Environment:
+        kwargs = dict(self.env_kwargs)
+        for key in ("data", "sample_ids", "per_category"):
+            if getattr(self, key) is not None:
+                kwargs[key] = getattr(self, key)
+        return split_env(make_env(self.env, **kwargs), self.split, self.heldout_fraction, self.split_seed)
 
 
 def read_records(path: Path) -> list[dict[str, Any]]:
@@ -99,12 +127,17 @@ def append_records(path: Path, records: list[dict[str, Any]]) -> None:
         os.fsync(f.fileno())
 
 
-def to_record(method: str, unit: str, answered: Answered, env) -> dict[str, Any]:
+def row_label(method: str, policy: str) -> str:
+    return method if policy == "base" else f"{method}@{policy}"
+
+
+def to_record(method: str, unit: str, answered: Answered, env, policy: str = "base") -> dict[str, Any]:
     task = answered.task
     metrics = env.score(task, answered.prediction)
     meta = task.metadata
     return {
-        "method": method,
+        "method": row_label(method, policy),
+        "policy": policy,
         "episode_unit": unit,
         "sample_id": meta.get("sample_id", task.task_id),
         "question_id": meta.get("question_id", task.task_id),
@@ -142,59 +175,109 @@ def run_eval(config: EvalConfig) -> dict[str, Any]:
         raise FileExistsError(f"{results_path} already has results; pass --resume to continue, or another --out")
     (out / "config.json").write_text(json.dumps(dataclasses.asdict(config), indent=2))
 
-    selection = {"per_category": config.per_category} if config.per_category is not None else {}
-    env = make_env(config.env, data=config.data, sample_ids=config.sample_ids, max_questions=config.max_questions,
-                   seed=config.seed, **selection)
+    env = config.environment()
     tasks = env.tasks()
+    if config.max_questions is not None:
+        tasks = tasks[: config.max_questions]
     done = {(r["method"], r["question_id"]) for r in read_records(results_path)}
 
-    model, tokenizer = load_policy(config.model, device=config.device)
+    policies = [("base", lambda: load_policy(config.model, device=config.device))]
+    if config.checkpoint and not config.evaluate_base:
+        policies = []
+    if config.checkpoint:
+        policies.append((TRAINED, lambda: load_trained_policy(config.checkpoint, config.model,
+                                                              device=config.device)))
+    rows = []
+    for policy, load in policies:
+        labels = {m: row_label(m, policy) for m in config.methods}
+        rows += labels.values()
+        todo = {m: [t for t in tasks if (labels[m], t.metadata.get("question_id", t.task_id)) not in done]
+                for m in config.methods}
+        if not any(todo.values()):
+            continue  # finished in an earlier run: no need to load this policy again
+        model, tokenizer = load()
+        evaluate_policy(config, env, model, tokenizer, todo, policy, results_path)
+        del model
+    return write_reports(out, env, rows, len(getattr(env, "skipped", [])))
+
+
+def evaluate_policy(config: EvalConfig, env, model, tokenizer, todo: dict[str, list[Task]], policy: str,
+                    results_path: Path) -> None:
     settings = config.methods_settings
     fast = FastWeights(model, settings.answer_batch_size, config.fast_weights)
     runner = EpisodeRunner(model, tokenizer, fast, EpisodeConfig(
         l_max=config.l_max, max_extraction_tokens=config.max_extraction_tokens,
         max_answer_tokens=config.max_answer_tokens, do_sample=not config.greedy,
         temperature=config.temperature, top_p=config.top_p, top_k=config.top_k, seed=config.seed,
-        chat_template_kwargs=config.chat_template_kwargs,
+        chat_template_kwargs=config.chat_template_kwargs, **config.episode_kwargs,
     ))
-    for method_name in config.methods:
+    for method_name, pending in todo.items():
         method = METHODS[method_name](runner, env, settings)
-        pending = [t for t in tasks if (method_name, t.metadata.get("question_id", t.task_id)) not in done]
-        bar = tqdm(total=len(pending), desc=method_name, unit="q", dynamic_ncols=True)
+        bar = tqdm(total=len(pending), desc=row_label(method_name, policy), unit="q", dynamic_ncols=True)
         for readings, questions in episodes(env, config.episode_unit, pending, settings.answer_batch_size):
             answered = method.run(readings, questions)
-            records = [to_record(method_name, config.episode_unit, a, env) for group in answered for a in group]
+            records = [to_record(method_name, config.episode_unit, a, env, policy) for group in answered for a in group]
             append_records(results_path, records)
             bar.update(len(records))
         bar.close()
     fast.remove()
-    return write_reports(out, config.methods, len(getattr(env, "skipped", [])))
 
 
-def write_reports(out: Path, methods: list[str], skipped: int) -> dict[str, Any]:
+def write_reports(out: Path, env: Environment, rows: list[str], skipped: int) -> dict[str, Any]:
     records = read_records(out / RESULTS)
     summary = {}
-    for method in methods:
-        summary[method] = {**aggregate([r for r in records if r["method"] == method]), "skipped": skipped}
+    for row in rows:
+        mine = [r for r in records if r["method"] == row]
+        summary[row] = {**summarize(mine), **env.summarize(mine), "skipped": skipped}
     (out / "summary.json").write_text(json.dumps(summary, indent=2))
     (out / "summary.md").write_text(markdown_table(summary) + "\n")
     plot_categories(summary, out / "f1_by_category.png")
     return summary
 
 
+def _mean(values: list[float]) -> float | None:
+    return sum(values) / len(values) if values else None
+
+
+def summarize(records: list[dict[str, Any]]) -> dict[str, Any]:
+    """Any environment's summary: F1 / EM overall and by the tasks' `category`, extraction parse rate (share of
+    extraction actions that yielded a usable pair; None for methods that do not extract) and speed."""
+    categories = sorted({str(r["category"]) for r in records if r.get("category") is not None})
+    extractions = [e for r in records for e in r.get("extractions") or []]
+    parsed = [bool(e["supervision"]["pairs"]) for e in extractions]
+    seconds = [float(r["seconds"]) for r in records if r.get("seconds") is not None]
+    return {
+        "n": len(records),
+        "f1": _mean([float(r["f1"]) for r in records]),
+        "em": _mean([float(r["em"]) for r in records]),
+        "f1_by_category": {c: _mean([float(r["f1"]) for r in records if str(r.get("category")) == c])
+                           for c in categories},
+        "parse_rate": _mean([float(p) for p in parsed]),
+        "pairs_per_extraction": _mean([float(len(e["supervision"]["pairs"])) for e in extractions]),
+        "seconds_per_episode": _mean(seconds),
+    }
+
+
 def _fmt(value) -> str:
     return "-" if value is None else f"{value:.3f}"
 
 
+def _categories(summary: dict[str, Any]) -> list[str]:
+    found = {c for s in summary.values() for c in s["f1_by_category"]}
+    return sorted(found, key=lambda c: (not c.isdigit(), int(c) if c.isdigit() else 0, c))
+
+
 def markdown_table(summary: dict[str, Any]) -> str:
-    cats = [f"{c} {CATEGORY_NAMES[c]}" for c in sorted(CATEGORY_NAMES)]
-    head = ["method", "n", *cats, "F1 (1-4)", "F1 (1-5)", "EM", "s / episode"]
+    cats = _categories(summary)
+    extra = [k for k in ("f1_1_4", "f1_1_5") if any(k in s for s in summary.values())]
+    head = ["method", "n", *cats, "F1", *extra, "EM", "parse rate", "pairs / extraction", "s / episode"]
     rows = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for method, s in summary.items():
-        by_cat = [_fmt(s["f1_by_category"].get(str(c))) for c in sorted(CATEGORY_NAMES)]
+        by_cat = [_fmt(s["f1_by_category"].get(c)) for c in cats]
         secs = "-" if s["seconds_per_episode"] is None else f"{s['seconds_per_episode']:.1f}"
-        rows.append("| " + " | ".join([method, str(s["n"]), *by_cat, _fmt(s["f1_1_4"]), _fmt(s["f1_1_5"]),
-                                       _fmt(s["em"]), secs]) + " |")
+        rows.append("| " + " | ".join([method, str(s["n"]), *by_cat, _fmt(s["f1"]), *[_fmt(s.get(k)) for k in extra],
+                                       _fmt(s["em"]), _fmt(s["parse_rate"]), _fmt(s["pairs_per_extraction"]),
+                                       secs]) + " |")
     return "\n".join(rows)
 
 
@@ -204,13 +287,13 @@ def plot_categories(summary: dict[str, Any], path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    cats = sorted(CATEGORY_NAMES)
+    cats = _categories(summary) or ["all"]
     width = 0.8 / max(len(summary), 1)
-    fig, ax = plt.subplots(figsize=(8, 4))
+    fig, ax = plt.subplots(figsize=(max(8, len(cats) * 1.2), 4))
     for i, (method, s) in enumerate(summary.items()):
-        values = [s["f1_by_category"].get(str(c)) or 0.0 for c in cats]
-        ax.bar([c + (i - (len(summary) - 1) / 2) * width for c in cats], values, width, label=method)
-    ax.set_xticks(cats, [f"{c}\n{CATEGORY_NAMES[c]}" for c in cats])
+        values = [(s["f1_by_category"].get(c) if c != "all" else s["f1"]) or 0.0 for c in cats]
+        ax.bar([j + (i - (len(summary) - 1) / 2) * width for j in range(len(cats))], values, width, label=method)
+    ax.set_xticks(range(len(cats)), cats)
     ax.set_ylabel("F1")
     ax.set_ylim(0, 1)
     ax.legend(fontsize=8)

@@ -33,6 +33,10 @@ class FastWeightConfig:
     """Run the frozen layers below the first adapted one once per update and reuse their output every epoch."""
     max_pair_tokens: int = 256
     """Truncate a formatted pair to this many tokens."""
+    max_probe_leak: float | None = None
+    """Collapse guard. After each absorb the slot answers six general questions no stream is about (greedy, a few
+    tokens); if more than this share of its answers repeat an answer it just absorbed (and the base model's did
+    not), the absorb is rolled back and recorded as such. None: no guard (the paper's inner loop)."""
     seed: int = 0
     """Seeds the random init and the shuffling."""
     extra: dict = field(default_factory=dict)
@@ -51,6 +55,7 @@ class FastWeightConfig:
             "batch_size": self.batch_size >= 1,
             "max_pair_tokens": self.max_pair_tokens >= 2,
             "target_modules": len(self.target_modules) > 0,
+            "max_probe_leak": self.max_probe_leak is None or 0 <= self.max_probe_leak < 1,
         }
         for name, ok in checks.items():
             if not ok:

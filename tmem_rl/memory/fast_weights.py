@@ -19,10 +19,35 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from tmem_rl.memory.config import FastWeightConfig
+from tmem_rl.chat import chat_ids
+from tmem_rl.chat import chat_template_kwargs as chat_template_kwargs_of
 from tmem_rl.memory.inner_loop import inner_update, user_turn
 from tmem_rl.memory.layers import find_target_modules, linear_of
 
 Snapshot = dict[str, torch.Tensor]  # "B.<module>" / "A.<module>" -> [n, ...] for the n snapshotted slots
+
+# General questions that no stream is about. Answering them with what was just absorbed means the update did not
+# store facts but overwrote the model's answering (measured on SmolLM2-135M at lr 1e-3 x 20 epochs: "Gina" to all
+# six after three "Gina" pairs; "222222" to five after a pair answering "22").
+PROBE_QUESTIONS = (
+    "What is the capital of France?",
+    "How many days are there in a week?",
+    "What colour is the sky on a clear day?",
+    "What do bees make?",
+    "Which animal says moo?",
+    "What is the opposite of hot?",
+)
+PROBE_TOKENS = 6
+
+
+def _folded(text: str) -> str:
+    return " ".join(text.casefold().split())
+
+
+def leaked(answer: str, absorbed: Sequence[str]) -> bool:
+    """Does this answer to an unrelated question repeat absorbed content (either text containing the other)?"""
+    answer = _folded(answer)
+    return bool(answer) and any(a and (a in answer or answer in a) for a in map(_folded, absorbed))
 
 
 def _full_weight(weight: torch.Tensor) -> torch.Tensor:
@@ -218,11 +243,54 @@ class FastWeights:
         `chat_template_kwargs` go to the chat template, as when the agent generates (default: the agent's default,
         thinking off where the template has the switch).
         Returns per slot {"loss_before", "loss_after", "epoch_losses", "num_pairs", "dropped", "seconds"}; a slot
-        whose pairs all had to be dropped is reported but not updated (its version stays).
+        whose pairs all had to be dropped is reported but not updated (its version stays). With the collapse guard
+        on (`config.max_probe_leak`), each record also has "probe_leak" and "rolled_back"; a rolled-back slot
+        is back where it was before this absorb and its version stays.
         """
         self.follow_model()
-        stats = inner_update(self, tokenizer, pairs_by_slot, prompt_fn or user_turn, chat_template_kwargs)
+        prompt_fn = prompt_fn or user_turn
+        guarded = [s for s, pairs in pairs_by_slot.items() if pairs] if self.config.max_probe_leak else []
+        before = self.snapshot(guarded) if guarded else None
+        stats = inner_update(self, tokenizer, pairs_by_slot, prompt_fn, chat_template_kwargs)
+        if before is not None:
+            self._guard(tokenizer, stats, pairs_by_slot, guarded, before, prompt_fn, chat_template_kwargs)
         for slot, record in stats.items():
-            if record["num_pairs"]:
+            if record["num_pairs"] and not record.get("rolled_back"):
                 self.versions[slot] += 1
         return stats
+
+    @torch.no_grad()
+    def _guard(self, tokenizer, stats, pairs_by_slot, slots, before: Snapshot, prompt_fn,
+               chat_template_kwargs) -> None:
+        """Greedy answers to PROBE_QUESTIONS under each updated slot; roll back the slots where more than
+        max_probe_leak of them repeat what the slot absorbed, beyond what the base model already did."""
+        updated = [s for s in slots if stats[s]["num_pairs"]]
+        if not updated:
+            return
+        kwargs = chat_template_kwargs if chat_template_kwargs is not None else chat_template_kwargs_of(tokenizer)
+        prompts = [chat_ids(tokenizer, prompt_fn(q), kwargs, generation_prompt=True) for q in PROBE_QUESTIONS]
+        row_slots = [s for s in (-1, *updated) for _ in prompts]
+        width = max(len(p) for p in prompts)
+        pad = tokenizer.pad_token_id
+        input_ids = torch.full((len(row_slots), width), pad, dtype=torch.long)
+        mask = torch.zeros_like(input_ids)
+        for i in range(len(row_slots)):
+            p = prompts[i % len(prompts)]
+            input_ids[i, width - len(p):] = torch.tensor(p)
+            mask[i, width - len(p):] = 1
+        with self.use(row_slots):
+            out = self.model.generate(input_ids=input_ids.to(self.device), attention_mask=mask.to(self.device),
+                                      max_new_tokens=PROBE_TOKENS, do_sample=False, pad_token_id=pad,
+                                      temperature=None, top_p=None, top_k=None)
+        texts = tokenizer.batch_decode(out[:, width:], skip_special_tokens=True)
+        n = len(prompts)
+        base = texts[:n]
+        for k, s in enumerate(updated):
+            absorbed = [p.output for p in pairs_by_slot[s]]
+            answers = texts[(k + 1) * n : (k + 2) * n]
+            leak = sum(leaked(a, absorbed) and not leaked(b, absorbed) for a, b in zip(answers, base)) / n
+            rolled_back = leak > self.config.max_probe_leak
+            stats[s].update(probe_leak=leak, probe_answers=answers, rolled_back=rolled_back)
+            if rolled_back:
+                i = slots.index(s)
+                self.restore({key: t[i : i + 1] for key, t in before.items()}, [s])

@@ -453,6 +453,7 @@ class GRPOTrainer:
                                     for t in trajectories]),
             "inner_loss_before": mean([u["loss_before"] for u in updates]),
             "inner_loss_after": mean([u["loss_after"] for u in updates]),
+            "inner_rollbacks": mean([float(bool(u.get("rolled_back"))) for u in updates]),
         }
         limits = {"extraction": self.runner.config.max_extraction_tokens,
                   "answer": self.runner.config.max_answer_tokens}

@@ -1,0 +1,165 @@
+"""Does the outer loop learn? Held-out F1 of the TMEM agent before and after GRPO, on tasks training never saw.
+
+    python benchmarks/learning_curve.py                      # the full run: 128 held-out episodes, seeds 0 and 1
+    python benchmarks/learning_curve.py --episodes 32 --steps 8 --seeds 0    # a shorter one
+
+Stages (each writes under --out; a stage whose output exists is reused, so an interrupted run resumes):
+  1. base      the untrained model on the held-out split: no memory, and TMEM (with the prompt's worked example,
+               which the untrained model needs to write JSON at all)                             -> f1_base
+  2. warm      SFT of the extraction action on the training split's reference pairs (TRL SFTTrainer, LoRA merged),
+               evaluated at the recipe's settings                                                -> f1_before
+  3. grpo      per seed: `recipes/facts_grpo_cpu.yaml` from the warm-started model; the final checkpoint evaluated
+               on the same held-out episodes                                                     -> f1_after
+Evaluation is greedy, so before and after answer the same episodes deterministically; the interval of
+after - before is a paired bootstrap over episodes (pooled over seeds). Training curves go to training_curves.png.
+The last line of stdout is one JSON object.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import random
+import shutil
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from tmem_rl.evaluation.harness import read_records, run_eval
+from tmem_rl.models import load_policy
+from tmem_rl.recipes import eval_config, load_recipe, run_recipe
+from tmem_rl.trainers.warm_start import WarmStartConfig, warm_start
+
+CURVES = ("reward_mean", "reward_std", "f1", "extraction_parse_rate", "frac_reward_zero_std", "entropy", "kl",
+          "grad_norm", "clip_fraction", "inner_loss_after")
+
+
+def evaluate(recipe, out: Path, episodes: int, methods: list[str], model: str, checkpoint: str | None = None,
+             **episode) -> dict:
+    config = eval_config(recipe, str(out), methods=methods, model=model, max_questions=episodes, greedy=True,
+                         resume=True, checkpoint=checkpoint, evaluate_base=checkpoint is None)
+    config.episode_kwargs.update(episode)
+    summary = run_eval(config)
+    return {"summary": summary, "records": read_records(out / "results.jsonl")}
+
+
+def f1_by_question(records: list[dict], method: str) -> dict[str, float]:
+    return {r["question_id"]: r["f1"] for r in records if r["method"] == method}
+
+
+def paired_bootstrap(before: dict[str, float], after: dict[str, float], samples: int = 10_000,
+                     seed: int = 0) -> tuple[float, list[float]]:
+    """Mean of after - before over shared episodes, and its 95% percentile interval."""
+    keys = sorted(set(before) & set(after))
+    diffs = [after[k] - before[k] for k in keys]
+    rng = random.Random(seed)
+    means = sorted(sum(rng.choices(diffs, k=len(diffs))) / len(diffs) for _ in range(samples))
+    return sum(diffs) / len(diffs), [means[int(0.025 * samples)], means[int(0.975 * samples) - 1]]
+
+
+def plot_curves(runs: dict[int, Path], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(2, 5, figsize=(18, 6.5))
+    for seed, metrics in runs.items():
+        rows = [json.loads(line) for line in metrics.read_text().splitlines() if line.strip()]
+        for ax, key in zip(axes.flat, CURVES):
+            ax.plot([r["step"] for r in rows], [r.get(key, float("nan")) for r in rows], label=f"seed {seed}")
+    for ax, key in zip(axes.flat, CURVES):
+        ax.set_title(key, fontsize=9)
+        ax.set_xlabel("step", fontsize=8)
+    axes.flat[0].legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--recipe", default=str(Path(__file__).resolve().parents[1] / "recipes/facts_grpo_cpu.yaml"))
+    parser.add_argument("--out", default="runs/learning_curve")
+    parser.add_argument("--episodes", type=int, default=128, help="held-out episodes per evaluation")
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
+    parser.add_argument("--steps", type=int, default=None, help="GRPO steps (default: the recipe's max_steps)")
+    parser.add_argument("--no-warm-start", action="store_true", help="GRPO from the base model")
+    parser.add_argument("--warm-epochs", type=float, default=1.0)
+    parser.add_argument("--warm-lr", type=float, default=5e-4)
+    parser.add_argument("--warm-examples", type=int, default=None,
+                        help="cap on SFT examples (each ~28 s per batch of 8 on 2 CPU cores)")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                        help="a recipe override, e.g. --set outer_loop.learning_rate=1e-4 (repeatable)")
+    args = parser.parse_args(argv)
+    started = time.perf_counter()
+    out = Path(args.out)
+    recipe = load_recipe(args.recipe, args.overrides)
+    if args.steps is not None:
+        recipe.outer_loop.max_steps = args.steps
+        recipe.outer_loop.save_steps = args.steps
+    base_name = recipe.model.name
+
+    base = evaluate(recipe, out / "eval_base", args.episodes, ["none", "tmem"], base_name, examples=True)
+    base_f1 = f1_by_question(base["records"], "tmem")
+    result = {"f1_base": base["summary"]["tmem"]["f1"], "parse_rate_base": base["summary"]["tmem"]["parse_rate"],
+              "no_memory_f1": base["summary"]["none"]["f1"]}
+
+    if args.no_warm_start:
+        start_model, before, before_f1 = base_name, base["summary"]["tmem"], base_f1
+    else:
+        warm_dir = out / "warm_start"
+        if not (warm_dir / "warm_start.json").exists():
+            model, tokenizer = load_policy(base_name)
+            warm = warm_start(model, tokenizer, recipe.env.make("train"), recipe.episode,
+                              WarmStartConfig(output_dir=str(warm_dir), num_train_epochs=args.warm_epochs,
+                                              learning_rate=args.warm_lr, max_examples=args.warm_examples))
+            del model
+        warm = json.loads((warm_dir / "warm_start.json").read_text())
+        start_model = warm["model"]
+        result["warm_start"] = {k: warm[k] for k in ("examples", "steps", "loss_first", "loss_last", "seconds")}
+        ev = evaluate(recipe, out / "eval_warm", args.episodes, ["tmem"], start_model)
+        before, before_f1 = ev["summary"]["tmem"], f1_by_question(ev["records"], "tmem")
+
+    per_seed, after_all, before_all, curves = {}, {}, {}, {}
+    for seed in args.seeds:
+        run_dir = out / f"grpo_seed{seed}"
+        final = run_dir / f"checkpoint-{recipe.outer_loop.max_steps}"
+        if not final.exists():
+            if run_dir.exists():
+                shutil.rmtree(run_dir)  # a partial run: the metrics of a resumed one would repeat steps
+            seeded = dataclasses.replace(recipe, outer_loop=dataclasses.replace(
+                recipe.outer_loop, output_dir=str(run_dir), seed=seed, save_steps=recipe.outer_loop.max_steps))
+            seeded.model = dataclasses.replace(recipe.model, name=start_model)
+            run_recipe(seeded)
+        curves[seed] = run_dir / "metrics.jsonl"
+        ev = evaluate(recipe, out / f"eval_seed{seed}", args.episodes, ["tmem"], start_model, str(final))
+        after, after_f1 = ev["summary"]["tmem@trained"], f1_by_question(ev["records"], "tmem@trained")
+        delta, ci = paired_bootstrap(before_f1, after_f1, seed=seed)
+        per_seed[seed] = {"f1_before": before["f1"], "f1_after": after["f1"], "f1_delta": delta,
+                          "f1_delta_ci95": ci, "em_before": before["em"], "em_after": after["em"],
+                          "parse_rate_before": before["parse_rate"], "parse_rate_after": after["parse_rate"]}
+        after_all.update({f"{seed}:{k}": v for k, v in after_f1.items()})
+        before_all.update({f"{seed}:{k}": v for k, v in before_f1.items()})
+    plot_curves(curves, out / "training_curves.png")
+    delta, ci = paired_bootstrap(before_all, after_all)
+    mean = lambda key: sum(s[key] for s in per_seed.values()) / len(per_seed)  # noqa: E731
+    result.update({
+        "f1_before": before["f1"], "f1_after": mean("f1_after"), "f1_delta": delta, "f1_delta_ci95": ci,
+        "em_before": before["em"], "em_after": mean("em_after"),
+        "parse_rate_before": before["parse_rate"], "parse_rate_after": mean("parse_rate_after"),
+        "per_seed": per_seed, "episodes": args.episodes, "seeds": args.seeds,
+        "grpo_steps": recipe.outer_loop.max_steps, "warm_start_used": not args.no_warm_start,
+        "minutes": (time.perf_counter() - started) / 60,
+        "curves_png": str(out / "training_curves.png"),
+    })
+    (out / "learning_curve.json").write_text(json.dumps(result, indent=2))
+    print(json.dumps(result))
+    return result
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
