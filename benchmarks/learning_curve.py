@@ -156,7 +156,7 @@ def main(argv: list[str] | None = None) -> dict:
         "minutes": (time.perf_counter() - started) / 60,
         "curves_png": str(out / "training_curves.png"),
     })
-    (out / "learning_curve.json").write_text(json.dumps(result, indent=2))
+    (out / "learning_curve.json").write_text(json.dumps(result) + "\n")
     print(json.dumps(result))
     return result
 
