@@ -12,6 +12,9 @@ Stages (each writes under --out; a stage whose output exists is reused, so an in
                on the same held-out episodes                                                     -> f1_after
 Evaluation is greedy, so before and after answer the same episodes deterministically; the interval of
 after - before is a paired bootstrap over episodes (pooled over seeds). Training curves go to training_curves.png.
+Every stage also evaluates `tmem-reference`: the same policy answering through fast weights written from the
+environment's reference pairs instead of its own extractions: the score of the supervision a warm start imitates
+(f1_reference_base / _before / _after).
 The last line of stdout is one JSON object.
 """
 
@@ -34,7 +37,8 @@ from tmem_rl.recipes import eval_config, load_recipe, run_recipe
 from tmem_rl.trainers.warm_start import WarmStartConfig, warm_start
 
 CURVES = ("reward_mean", "reward_std", "f1", "extraction_parse_rate", "frac_reward_zero_std", "entropy", "kl",
-          "grad_norm", "clip_fraction", "inner_loss_after")
+          "grad_norm", "clip_fraction", "inner_loss_after", "pairs_absorbed", "extraction_length_mean")
+SMOOTHED = ("reward_mean", "f1", "pairs_absorbed")  # one question per step: the trend is under the noise
 
 
 def evaluate(recipe, out: Path, episodes: int, methods: list[str], model: str, checkpoint: str | None = None,
@@ -66,11 +70,17 @@ def plot_curves(runs: dict[int, Path], path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(2, 5, figsize=(18, 6.5))
+    fig, axes = plt.subplots(2, 6, figsize=(21, 6.5))
     for seed, metrics in runs.items():
         rows = [json.loads(line) for line in metrics.read_text().splitlines() if line.strip()]
+        steps = [r["step"] for r in rows]
         for ax, key in zip(axes.flat, CURVES):
-            ax.plot([r["step"] for r in rows], [r.get(key, float("nan")) for r in rows], label=f"seed {seed}")
+            values = [r.get(key, float("nan")) for r in rows]
+            line, = ax.plot(steps, values, label=f"seed {seed}", alpha=0.45 if key in SMOOTHED else 1.0)
+            if key in SMOOTHED:
+                window = [values[max(0, i - 3) : i + 1] for i in range(len(values))]
+                ax.plot(steps, [sum(w) / len(w) for w in window], color=line.get_color(),
+                        label=f"seed {seed}, mean of last 4")
     for ax, key in zip(axes.flat, CURVES):
         ax.set_title(key, fontsize=9)
         ax.set_xlabel("step", fontsize=8)
@@ -90,7 +100,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--no-warm-start", action="store_true", help="GRPO from the base model")
     parser.add_argument("--warm-epochs", type=float, default=1.0)
     parser.add_argument("--warm-lr", type=float, default=5e-4)
-    parser.add_argument("--warm-examples", type=int, default=None,
+    parser.add_argument("--warm-examples", type=int, default=128,
                         help="cap on SFT examples (each ~28 s per batch of 8 on 2 CPU cores)")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                         help="a recipe override, e.g. --set outer_loop.learning_rate=1e-4 (repeatable)")
@@ -103,13 +113,16 @@ def main(argv: list[str] | None = None) -> dict:
         recipe.outer_loop.save_steps = args.steps
     base_name = recipe.model.name
 
-    base = evaluate(recipe, out / "eval_base", args.episodes, ["none", "tmem"], base_name, examples=True)
+    base = evaluate(recipe, out / "eval_base", args.episodes, ["none", "tmem", "tmem-reference"], base_name,
+                    examples=True)
     base_f1 = f1_by_question(base["records"], "tmem")
     result = {"f1_base": base["summary"]["tmem"]["f1"], "parse_rate_base": base["summary"]["tmem"]["parse_rate"],
-              "no_memory_f1": base["summary"]["none"]["f1"]}
+              "no_memory_f1": base["summary"]["none"]["f1"],
+              "f1_reference_base": base["summary"]["tmem-reference"]["f1"]}
 
     if args.no_warm_start:
         start_model, before, before_f1 = base_name, base["summary"]["tmem"], base_f1
+        result["f1_reference_before"] = result["f1_reference_base"]
     else:
         warm_dir = out / "warm_start"
         if not (warm_dir / "warm_start.json").exists():
@@ -121,8 +134,9 @@ def main(argv: list[str] | None = None) -> dict:
         warm = json.loads((warm_dir / "warm_start.json").read_text())
         start_model = warm["model"]
         result["warm_start"] = {k: warm[k] for k in ("examples", "steps", "loss_first", "loss_last", "seconds")}
-        ev = evaluate(recipe, out / "eval_warm", args.episodes, ["tmem"], start_model)
+        ev = evaluate(recipe, out / "eval_warm", args.episodes, ["tmem", "tmem-reference"], start_model)
         before, before_f1 = ev["summary"]["tmem"], f1_by_question(ev["records"], "tmem")
+        result["f1_reference_before"] = ev["summary"]["tmem-reference"]["f1"]
 
     per_seed, after_all, before_all, curves = {}, {}, {}, {}
     for seed in args.seeds:
@@ -136,21 +150,29 @@ def main(argv: list[str] | None = None) -> dict:
             seeded.model = dataclasses.replace(recipe.model, name=start_model)
             run_recipe(seeded)
         curves[seed] = run_dir / "metrics.jsonl"
-        ev = evaluate(recipe, out / f"eval_seed{seed}", args.episodes, ["tmem"], start_model, str(final))
+        ev = evaluate(recipe, out / f"eval_seed{seed}", args.episodes, ["tmem", "tmem-reference"], start_model,
+                      str(final))
         after, after_f1 = ev["summary"]["tmem@trained"], f1_by_question(ev["records"], "tmem@trained")
         delta, ci = paired_bootstrap(before_f1, after_f1, seed=seed)
         per_seed[seed] = {"f1_before": before["f1"], "f1_after": after["f1"], "f1_delta": delta,
                           "f1_delta_ci95": ci, "em_before": before["em"], "em_after": after["em"],
-                          "parse_rate_before": before["parse_rate"], "parse_rate_after": after["parse_rate"]}
+                          "parse_rate_before": before["parse_rate"], "parse_rate_after": after["parse_rate"],
+                          "pairs_per_extraction_before": before["pairs_per_extraction"],
+                          "pairs_per_extraction_after": after["pairs_per_extraction"],
+                          "f1_reference_after": ev["summary"]["tmem-reference@trained"]["f1"]}
         after_all.update({f"{seed}:{k}": v for k, v in after_f1.items()})
         before_all.update({f"{seed}:{k}": v for k, v in before_f1.items()})
     plot_curves(curves, out / "training_curves.png")
     delta, ci = paired_bootstrap(before_all, after_all)
+    base_all = {f"{seed}:{k}": v for seed in args.seeds for k, v in base_f1.items()}
+    delta_base, ci_base = paired_bootstrap(base_all, after_all)
     mean = lambda key: sum(s[key] for s in per_seed.values()) / len(per_seed)  # noqa: E731
     result.update({
         "f1_before": before["f1"], "f1_after": mean("f1_after"), "f1_delta": delta, "f1_delta_ci95": ci,
         "em_before": before["em"], "em_after": mean("em_after"),
         "parse_rate_before": before["parse_rate"], "parse_rate_after": mean("parse_rate_after"),
+        "f1_delta_vs_base": delta_base, "f1_delta_vs_base_ci95": ci_base,
+        "f1_reference_after": mean("f1_reference_after"),
         "per_seed": per_seed, "episodes": args.episodes, "seeds": args.seeds,
         "grpo_steps": recipe.outer_loop.max_steps, "warm_start_used": not args.no_warm_start,
         "minutes": (time.perf_counter() - started) / 60,

@@ -104,6 +104,28 @@ def test_warm_start_needs_reference_pairs(tiny):
         extraction_sft_examples(env, tok, model, EpisodeConfig(l_max=56))
 
 
+def test_reference_extractor_absorbs_the_ideal_extraction_and_generates_nothing(tiny):
+    model, tok = tiny
+    env = make_env("facts", **FACTS)
+    tasks = [env.task(i) for i in range(3)]
+    fast = FastWeights(model, 3, FastWeightConfig(num_layers=2, epochs=1))
+    runner = EpisodeRunner(model, tok, fast, EpisodeConfig(l_max=56, max_pairs=3, extractor="reference"))
+    episode = runner.read(env, tasks)
+    for g, task in enumerate(tasks):
+        window = extraction_windows(tok, task, 56)[0]
+        expected = [p for p in task.reference_pairs if p.output in window][:3]
+        assert episode.pairs[g] == expected and expected[0] == QAPair(task.question, task.answers[0])
+        assert not episode.trajectories[g].segments, "nothing is generated for a reference extraction"
+        assert fast.versions[g] == 1
+    locomo = make_env("locomo", data="tests/fixtures/locomo_tiny.json")
+    runner.config = EpisodeConfig(l_max=8, extractor="reference")
+    with pytest.raises(ValueError, match="has no reference_pairs"):
+        runner.read(locomo, [locomo.task(0)])
+    fast.remove()
+    with pytest.raises(ValueError, match="extractor='oracle'"):
+        EpisodeConfig(extractor="oracle")
+
+
 def test_collapse_guard_rolls_back_an_absorb_that_answers_everything_with_it(tiny):
     model, tok = tiny
     collapse = [QAPair(q, "Gina") for q in ("Who is it?", "Where?", "When?", "What is it?")]
@@ -168,11 +190,11 @@ def test_eval_of_a_checkpoint_against_the_base_on_held_out_facts_resumes(tiny_fo
     out = tmp_path / "eval"
     config = dict(out=str(out), env="facts", env_kwargs=FACTS, split="heldout", heldout_fraction=0.25,
                   model=str(tiny_folders / "base"), checkpoint=str(tiny_folders / "checkpoint-3"),
-                  methods=["none", "tmem"], greedy=True, l_max=56, max_extraction_tokens=8, max_answer_tokens=4,
+                  methods=["none", "tmem", "tmem-reference"], greedy=True, l_max=56, max_extraction_tokens=8, max_answer_tokens=4,
                   max_questions=5, fast_weights=FastWeightConfig(epochs=1, num_layers=2),
                   methods_settings=MethodSettings(answer_batch_size=4), device="cpu")
     summary = run_eval(EvalConfig(**config))
-    assert set(summary) == {"none", "tmem", "none@trained", "tmem@trained"}
+    assert set(summary) == {f"{m}{p}" for m in ("none", "tmem", "tmem-reference") for p in ("", "@trained")}
     records = read_records(out / "results.jsonl")
     heldout = {t.task_id for t in TaskSplit(make_env("facts", **FACTS), "heldout", 0.25).tasks()[:5]}
     assert {r["question_id"] for r in records} == heldout

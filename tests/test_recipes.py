@@ -140,3 +140,13 @@ def test_learning_recipe_trains_only_on_its_train_split_and_eval_takes_the_held_
     config = json.loads((evaluated / "config.json").read_text())
     assert (config["split"], config["heldout_fraction"], config["l_max"], config["episode_kwargs"]["max_pairs"]) == (
         "heldout", 0.25, 56, 3)
+    # The recipe's checkpoint on another environment: that environment's own tasks, the recipe's agent settings.
+    other = tmp_path / "eval_locomo"
+    assert main(["eval", "--recipe", recipe_path, "--env", "locomo", "--data", "tests/fixtures/locomo_tiny.json",
+                 "--model", str(tmp_path / "tiny"), "--method", "tmem", "--checkpoint", str(out / "checkpoint-2"),
+                 "--max-questions", "2", "--greedy", "--inner-epochs", "1", "--max-pairs", "2", "--out", str(other),
+                 "--device", "cpu"]) == 0
+    config = json.loads((other / "config.json").read_text())
+    assert (config["env"], config["env_kwargs"], config["split"], config["episode_kwargs"]["max_pairs"],
+            config["episode_kwargs"]["examples"], config["fast_weights"]["lr"]) == ("locomo", {}, "all", 2, False, 1e-3)
+    assert {r["method"] for r in read_records(other / "results.jsonl")} == {"tmem", "tmem@trained"}

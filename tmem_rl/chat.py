@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import re
 
+import torch
+
 THINKING_SWITCH = "enable_thinking"
 # Reasoning comes first in a turn: a leading <think> block (an unclosed one runs to the end). Tags later in the text
 # are content (an extracted answer may quote one) and stay.
@@ -51,3 +53,15 @@ def stop_token_ids(model, tokenizer) -> list[int]:
     configured = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
     ids += configured if isinstance(configured, (list, tuple)) else [configured]
     return list(dict.fromkeys(i for i in ids if i is not None))
+
+
+def left_padded(prompts: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(input_ids, attention_mask) of token-id rows padded on the left, so that every row's continuation starts
+    at the same column."""
+    width = max(len(p) for p in prompts)
+    input_ids = torch.full((len(prompts), width), pad_id, dtype=torch.long)
+    attention_mask = torch.zeros_like(input_ids)
+    for i, p in enumerate(prompts):
+        input_ids[i, width - len(p) :] = torch.tensor(p, dtype=torch.long)
+        attention_mask[i, width - len(p) :] = 1
+    return input_ids, attention_mask

@@ -46,14 +46,21 @@ def _eval_config(args):
     if args.recipe:
         from tmem_rl.recipes import eval_config, load_recipe
 
-        config = eval_config(load_recipe(args.recipe), **common, **given)
-        if args.env_kwargs:
+        recipe = load_recipe(args.recipe)
+        config = eval_config(recipe, **common, **given)
+        if args.env and args.env != recipe.env.name:  # another environment: none of the recipe's env settings
+            config = dataclasses.replace(config, env=args.env, env_kwargs=dict(args.env_kwargs),
+                                         split=args.split or "all")
+        elif args.env_kwargs:
             config.env_kwargs = {**config.env_kwargs, **args.env_kwargs}
         if inner:
             config.fast_weights = dataclasses.replace(config.fast_weights, **inner)
-        return config
-    return EvalConfig(env=args.env, env_kwargs=args.env_kwargs, fast_weights=FastWeightConfig(**inner),
-                      **common, **given)
+    else:
+        config = EvalConfig(env=args.env or "locomo", env_kwargs=args.env_kwargs,
+                            fast_weights=FastWeightConfig(**inner), **common, **given)
+    if args.max_pairs is not None:
+        config.episode_kwargs["max_pairs"] = args.max_pairs
+    return config
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -65,7 +72,8 @@ def main(argv: list[str] | None = None) -> int:
     demo = sub.add_parser("demo", help="TMEM vs no memory on the facts environment with the default model")
     _add_dataclass_args(demo, DemoConfig)
     ev = sub.add_parser("eval", help="run memory methods side by side on a benchmark; JSONL + summary + table + chart")
-    ev.add_argument("--env", default="locomo")
+    ev.add_argument("--env", default=None, help="an environment name (default: the recipe's, else locomo); with "
+                                                "--recipe, another environment takes none of the recipe's env settings")
     ev.add_argument("--data", default=None, help="benchmark file, for environments that read one (LoCoMo: the "
                                                  "official locomo10.json)")
     ev.add_argument("--env-kwargs", type=_json_object, default={},
@@ -80,7 +88,7 @@ def main(argv: list[str] | None = None) -> int:
     ev.add_argument("--checkpoint", default=None,
                     help="a trained policy (tmem-rl train checkpoint, PEFT adapter or HF folder), evaluated after "
                          "the base model on the same tasks")
-    ev.add_argument("--method", nargs="+", default=["tmem"], help="none full-context summary retrieval tmem tmem+explicit")
+    ev.add_argument("--method", nargs="+", default=["tmem"], help="none full-context summary retrieval tmem tmem+explicit tmem-reference")
     ev.add_argument("--model", default=None)
     ev.add_argument("--max-questions", type=int, default=None)
     ev.add_argument("--per-category", type=int, default=None, help="first N questions of each category")
@@ -90,6 +98,7 @@ def main(argv: list[str] | None = None) -> int:
     ev.add_argument("--out", required=True)
     ev.add_argument("--resume", action="store_true")
     ev.add_argument("--l-max", type=int, default=None, help="working-context budget (default: the paper's 4096)")
+    ev.add_argument("--max-pairs", type=int, default=None, help="pairs asked for per extraction (default 8)")
     ev.add_argument("--inner-lr", type=float, default=None)
     ev.add_argument("--inner-epochs", type=int, default=None)
     ev.add_argument("--context-budget", type=int, default=None, help="full-context prompt budget in tokens")

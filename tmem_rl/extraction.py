@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import json
 import re
-from typing import Any
+from typing import Any, Sequence
 
 from tmem_rl.records import ParseRecord, QAPair
 
@@ -80,7 +80,7 @@ def _parse_into(record: ParseRecord, text: str, prefilled: bool, source: str | N
     for item in items:
         pair, reason = _to_pair(item)
         if pair is not None:
-            key = (_fold(pair.instruction), _fold(pair.output))
+            key = (fold(pair.instruction), fold(pair.output))
             if key in seen:
                 pair, reason = None, "duplicate"
             else:
@@ -249,7 +249,7 @@ def _to_pair(item: Any) -> tuple[QAPair | None, str]:
         return None, "no question"
     if not answer:
         return None, "no answer"
-    if _fold(question) == _fold(answer):
+    if fold(question) == fold(answer):
         return None, "question equals answer"
     return QAPair(instruction=question, output=answer), ""
 
@@ -264,7 +264,8 @@ def _as_text(value: Any) -> str:
     return ""  # None, objects, empty lists: nothing usable as a question or an answer
 
 
-def _fold(text: str) -> str:
+def fold(text: str) -> str:
+    """Case- and whitespace-insensitive form of a text, for comparing answers."""
     return " ".join(text.casefold().split())
 
 
@@ -328,14 +329,22 @@ def extraction_messages(
     return messages
 
 
+def reference_supervision(reference: Sequence[QAPair], window: str, written: Sequence[QAPair],
+                          max_pairs: int) -> list[QAPair]:
+    """The ideal extraction of `window`: the environment's reference pairs grounded in it that were not written
+    before, at most `max_pairs`, in the environment's order (the asked pair first)."""
+    fresh = [p for p in reference if p not in written]
+    return grounded(fresh, window)[0][:max_pairs]
+
+
 def grounded(pairs: list[QAPair], source: str) -> tuple[list[QAPair], list[dict[str, Any]]]:
     """Keep the pairs whose answer occurs in `source` (case and whitespace folded); the rest are dropped with a
     reason. Small models copy the prompt's example or invent answers; such pairs would teach the fast weights
     something the stream never said."""
-    haystack = _fold(source)
+    haystack = fold(source)
     kept, dropped = [], []
     for pair in pairs:
-        if _fold(pair.output) in haystack:
+        if fold(pair.output) in haystack:
             kept.append(pair)
         else:
             dropped.append({"item": pair.to_dict(), "reason": "answer not in text"})

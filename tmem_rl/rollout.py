@@ -29,14 +29,16 @@ from safetensors.torch import load_file, save_file
 from transformers import LogitsProcessor, LogitsProcessorList
 from transformers.generation.logits_process import TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper
 
-from tmem_rl.chat import chat_ids, chat_template_kwargs, stop_token_ids, strip_thinking
+from tmem_rl.chat import chat_ids, chat_template_kwargs, left_padded, stop_token_ids, strip_thinking
 from tmem_rl.envs.base import Action, ActionKind, Environment, EpisodeState, Task
-from tmem_rl.extraction import EXTRACTION_PREFILL, answer_messages, extraction_messages, parse_qa_pairs
+from tmem_rl.extraction import (EXTRACTION_PREFILL, answer_messages, extraction_messages, parse_qa_pairs,
+                                reference_supervision)
 from tmem_rl.logprobs import build_rows, completion_logprobs
 from tmem_rl.memory.fast_weights import FastWeights, Snapshot
 from tmem_rl.records import QAPair, Supervision
 
 MEMORY_MODES = ("fast_weights", "none")
+EXTRACTORS = ("policy", "reference")
 
 
 @dataclass
@@ -47,6 +49,10 @@ class EpisodeConfig:
     """"fast_weights": extract and absorb. "none": the context is simply dropped at the budget (baseline)."""
     max_pairs: int = 8
     """Pairs asked for per extraction."""
+    extractor: str = "policy"
+    """"policy": the model writes each extraction. "reference": the environment's reference pairs grounded in the
+    window are absorbed instead (`Task.reference_pairs`; nothing is generated): how far the environment's own gold
+    supervision gets through these fast weights, the target a warm start imitates."""
     max_extraction_tokens: int = 192
     max_answer_tokens: int = 32
     extraction_retries: int = 1
@@ -77,6 +83,10 @@ class EpisodeConfig:
             raise ValueError(f"EpisodeConfig.memory={self.memory!r}: expected one of {MEMORY_MODES}")
         if self.l_max < 1:
             raise ValueError(f"EpisodeConfig.l_max={self.l_max}: expected a positive token budget")
+        if self.max_pairs < 1:
+            raise ValueError(f"EpisodeConfig.max_pairs={self.max_pairs}: expected at least 1 pair per extraction")
+        if self.extractor not in EXTRACTORS:
+            raise ValueError(f"EpisodeConfig.extractor={self.extractor!r}: expected one of {EXTRACTORS}")
 
 
 @dataclass
@@ -233,6 +243,14 @@ class EpisodeRunner:
         states, context, pairs_so_far, trajectories, snapshots = ep.states, ep.context, ep.pairs, ep.trajectories, ep.snapshots
         supervision = {g: Supervision() for g in rollouts}
         pending = list(rollouts)
+        if cfg.extractor == "reference":
+            for g in rollouts:
+                if not states[g].task.reference_pairs:
+                    raise ValueError(f"EpisodeConfig.extractor='reference': task {states[g].task.task_id} of "
+                                     f"environment {env.name!r} has no reference_pairs")
+                supervision[g].pairs = reference_supervision(states[g].task.reference_pairs, "\n".join(context[g]),
+                                                             pairs_so_far[g], cfg.max_pairs)
+            pending = []
         for attempt in range(1 + cfg.extraction_retries):
             if not pending:
                 break
@@ -365,12 +383,8 @@ class EpisodeRunner:
                  temperature: float) -> list[list[int]]:
         """Batched, KV-cached generation; row i runs under fast-weight slot slots[i] (-1: the base model)."""
         pad = self.tokenizer.pad_token_id
-        width = max(len(p) for p in prompts)
-        input_ids = torch.full((len(prompts), width), pad, dtype=torch.long)
-        attention_mask = torch.zeros_like(input_ids)
-        for i, p in enumerate(prompts):  # left padding: every row's continuation starts at the same column
-            input_ids[i, width - len(p) :] = torch.tensor(p)
-            attention_mask[i, width - len(p) :] = 1
+        input_ids, attention_mask = left_padded(prompts, pad)
+        width = input_ids.shape[1]
         # Sampling draws from the runner's own generator (Gumbel-max over HF's warped scores, decoded greedily), so
         # an episode is reproducible from EpisodeConfig.seed and the caller's global RNG is never touched.
         processors = LogitsProcessorList(

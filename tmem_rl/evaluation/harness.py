@@ -26,7 +26,7 @@ from tqdm import tqdm
 from tmem_rl.envs import make_env
 from tmem_rl.envs.base import Environment, Task
 from tmem_rl.envs.split import SPLITS, split_env
-from tmem_rl.evaluation.methods import METHODS, Answered, MethodSettings
+from tmem_rl.evaluation.methods import METHODS, Answered, MethodSettings, TMEMReference
 from tmem_rl.memory import FastWeightConfig, FastWeights
 from tmem_rl.models import DEFAULT_MODEL, load_policy, load_trained_policy
 from tmem_rl.rollout import EpisodeConfig, EpisodeRunner
@@ -179,6 +179,9 @@ def run_eval(config: EvalConfig) -> dict[str, Any]:
     tasks = env.tasks()
     if config.max_questions is not None:
         tasks = tasks[: config.max_questions]
+    if TMEMReference.name in config.methods and not all(t.reference_pairs for t in tasks):
+        raise ValueError(f"method {TMEMReference.name} needs reference pairs, and environment {env.name!r} has "
+                         "none; drop it from --method")
     done = {(r["method"], r["question_id"]) for r in read_records(results_path)}
 
     policies = [("base", lambda: load_policy(config.model, device=config.device))]

@@ -10,10 +10,14 @@ whether fast weights are live:
     retrieval       BM25 over the stream's chunks (turns), top-k in stream order
     tmem            fast weights written by the agent's own extractions + the working context left at the end
     tmem+explicit   tmem, plus the extracted pairs retrieved by BM25 as explicit notes
+    tmem-reference  tmem with the environment's reference pairs absorbed in place of the agent's extractions:
+                    the gold supervision's own score through the same fast weights (environments that know it,
+                    such as facts); a policy can beat it by writing fewer pairs that interfere less
 """
 
 from __future__ import annotations
 
+import dataclasses
 import re
 import time
 from dataclasses import dataclass, field
@@ -220,6 +224,18 @@ class TMEMExplicit(TMEM):
         return f"Notes:\n{notes}" + (f"\n\n{residual}" if residual else "")
 
 
+class TMEMReference(TMEM):
+    name = "tmem-reference"
+
+    def prepare(self, readings, questions):
+        policy_config = self.runner.config
+        self.runner.config = dataclasses.replace(policy_config, extractor="reference")
+        try:
+            return super().prepare(readings, questions)
+        finally:
+            self.runner.config = policy_config
+
+
 METHODS: dict[str, type[MemoryMethod]] = {
-    cls.name: cls for cls in (NoMemory, FullContext, Summary, Retrieval, TMEM, TMEMExplicit)
+    cls.name: cls for cls in (NoMemory, FullContext, Summary, Retrieval, TMEM, TMEMExplicit, TMEMReference)
 }

@@ -18,8 +18,9 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from tmem_rl.extraction import fold
 from tmem_rl.memory.config import FastWeightConfig
-from tmem_rl.chat import chat_ids
+from tmem_rl.chat import chat_ids, left_padded
 from tmem_rl.chat import chat_template_kwargs as chat_template_kwargs_of
 from tmem_rl.memory.inner_loop import inner_update, user_turn
 from tmem_rl.memory.layers import find_target_modules, linear_of
@@ -40,14 +41,10 @@ PROBE_QUESTIONS = (
 PROBE_TOKENS = 6
 
 
-def _folded(text: str) -> str:
-    return " ".join(text.casefold().split())
-
-
 def leaked(answer: str, absorbed: Sequence[str]) -> bool:
     """Does this answer to an unrelated question repeat absorbed content (either text containing the other)?"""
-    answer = _folded(answer)
-    return bool(answer) and any(a and (a in answer or answer in a) for a in map(_folded, absorbed))
+    answer = fold(answer)
+    return bool(answer) and any(a and (a in answer or answer in a) for a in map(fold, absorbed))
 
 
 def _full_weight(weight: torch.Tensor) -> torch.Tensor:
@@ -270,14 +267,9 @@ class FastWeights:
         kwargs = chat_template_kwargs if chat_template_kwargs is not None else chat_template_kwargs_of(tokenizer)
         prompts = [chat_ids(tokenizer, prompt_fn(q), kwargs, generation_prompt=True) for q in PROBE_QUESTIONS]
         row_slots = [s for s in (-1, *updated) for _ in prompts]
-        width = max(len(p) for p in prompts)
         pad = tokenizer.pad_token_id
-        input_ids = torch.full((len(row_slots), width), pad, dtype=torch.long)
-        mask = torch.zeros_like(input_ids)
-        for i in range(len(row_slots)):
-            p = prompts[i % len(prompts)]
-            input_ids[i, width - len(p):] = torch.tensor(p)
-            mask[i, width - len(p):] = 1
+        input_ids, mask = left_padded(prompts * (len(updated) + 1), pad)
+        width = input_ids.shape[1]
         with self.use(row_slots):
             out = self.model.generate(input_ids=input_ids.to(self.device), attention_mask=mask.to(self.device),
                                       max_new_tokens=PROBE_TOKENS, do_sample=False, pad_token_id=pad,

@@ -17,7 +17,7 @@ from typing import Any
 
 from tmem_rl.chat import chat_ids, chat_template_kwargs, stop_token_ids
 from tmem_rl.envs.base import Environment, Task
-from tmem_rl.extraction import EXTRACTION_PREFILL, extraction_messages, grounded
+from tmem_rl.extraction import EXTRACTION_PREFILL, extraction_messages, reference_supervision
 from tmem_rl.records import QAPair
 from tmem_rl.rollout import EpisodeConfig
 
@@ -69,10 +69,7 @@ def extraction_sft_examples(env: Environment, tokenizer, model, episode: Episode
                              "needs an environment that knows its gold supervision")
         written: list[QAPair] = []
         for window in extraction_windows(tokenizer, task, episode.l_max):
-            # Not already written, and grounded in this window as the parser's own check requires.
-            fresh = [p for p in task.reference_pairs if p not in written]
-            target, _ = grounded(fresh, window)
-            target = target[: episode.max_pairs]
+            target = reference_supervision(task.reference_pairs, window, written, episode.max_pairs)
             if target:
                 prompt = chat_ids(tokenizer, extraction_messages(task.question, window, written, episode.max_pairs,
                                                                  episode.examples),
