@@ -30,6 +30,7 @@ from transformers import LogitsProcessor, LogitsProcessorList
 from transformers.generation.logits_process import TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper
 
 from tmem_rl.chat import chat_ids, chat_template_kwargs, left_padded, stop_token_ids, strip_thinking
+from tmem_rl.decoding import static_decode
 from tmem_rl.envs.base import Action, ActionKind, Environment, EpisodeState, Task
 from tmem_rl.extraction import (EXTRACTION_PREFILL, answer_messages, extraction_messages, parse_qa_pairs,
                                 reference_supervision)
@@ -39,6 +40,7 @@ from tmem_rl.records import QAPair, Supervision
 
 MEMORY_MODES = ("fast_weights", "none")
 EXTRACTORS = ("policy", "reference")
+DECODERS = ("generate", "static")
 
 
 @dataclass
@@ -53,6 +55,9 @@ class EpisodeConfig:
     """"policy": the model writes each extraction. "reference": the environment's reference pairs grounded in the
     window are absorbed instead (`Task.reference_pairs`; nothing is generated): how far the environment's own gold
     supervision gets through these fast weights, the target a warm start imitates."""
+    decoder: str = "generate"
+    """"generate": `model.generate` with a dynamic KV cache. "static": `tmem_rl.decoding.static_decode`, a static
+    KV cache and fixed-shape decode steps (the same tokens)."""
     max_extraction_tokens: int = 192
     max_answer_tokens: int = 32
     extraction_retries: int = 1
@@ -85,6 +90,8 @@ class EpisodeConfig:
             raise ValueError(f"EpisodeConfig.l_max={self.l_max}: expected a positive token budget")
         if self.max_pairs < 1:
             raise ValueError(f"EpisodeConfig.max_pairs={self.max_pairs}: expected at least 1 pair per extraction")
+        if self.decoder not in DECODERS:
+            raise ValueError(f"EpisodeConfig.decoder={self.decoder!r}: expected one of {DECODERS}")
         if self.extractor not in EXTRACTORS:
             raise ValueError(f"EpisodeConfig.extractor={self.extractor!r}: expected one of {EXTRACTORS}")
 
@@ -384,7 +391,6 @@ class EpisodeRunner:
         """Batched, KV-cached generation; row i runs under fast-weight slot slots[i] (-1: the base model)."""
         pad = self.tokenizer.pad_token_id
         input_ids, attention_mask = left_padded(prompts, pad)
-        width = input_ids.shape[1]
         # Sampling draws from the runner's own generator (Gumbel-max over HF's warped scores, decoded greedily), so
         # an episode is reproducible from EpisodeConfig.seed and the caller's global RNG is never touched.
         processors = LogitsProcessorList(
@@ -394,17 +400,21 @@ class EpisodeRunner:
             slots = [-1] * len(slots)
         live = self.fast.use(slots) if self.fast is not None and max(slots) >= 0 else nullcontext()
         with live:
-            out = self.model.generate(
-                input_ids=input_ids.to(self.device),
-                attention_mask=attention_mask.to(self.device),
-                max_new_tokens=max_new_tokens,
-                pad_token_id=pad,
-                eos_token_id=self.stop_ids,
-                do_sample=False, temperature=None, top_p=None, top_k=None,
-                logits_processor=processors,
-            )
+            if self.config.decoder == "static":
+                new_tokens = static_decode(self.model, input_ids.to(self.device), attention_mask.to(self.device),
+                                           max_new_tokens, self.stop_ids, pad, processors)
+            else:
+                new_tokens = self.model.generate(
+                    input_ids=input_ids.to(self.device),
+                    attention_mask=attention_mask.to(self.device),
+                    max_new_tokens=max_new_tokens,
+                    pad_token_id=pad,
+                    eos_token_id=self.stop_ids,
+                    do_sample=False, temperature=None, top_p=None, top_k=None,
+                    logits_processor=processors,
+                )[:, input_ids.shape[1]:]
         completions = []
-        for row in out[:, width:].tolist():
+        for row in new_tokens.tolist():
             end = next((i for i, token in enumerate(row) if token in self.stop_ids), None)
             # Keep the end token: it was generated and carries log-prob.
             completions.append(row if end is None else row[: end + 1])
