@@ -68,6 +68,7 @@ def main(argv: list[str] | None = None) -> int:
     sub = parser.add_subparsers(dest="command", required=True)
 
     from tmem_rl.demo import DemoConfig
+    from tmem_rl.evaluation.methods import METHODS
 
     demo = sub.add_parser("demo", help="TMEM vs no memory on the facts environment with the default model")
     _add_dataclass_args(demo, DemoConfig)
@@ -88,7 +89,7 @@ def main(argv: list[str] | None = None) -> int:
     ev.add_argument("--checkpoint", default=None,
                     help="a trained policy (tmem-rl train checkpoint, PEFT adapter or HF folder), evaluated after "
                          "the base model on the same tasks")
-    ev.add_argument("--method", nargs="+", default=["tmem"], help="none full-context summary retrieval tmem tmem+explicit tmem-reference")
+    ev.add_argument("--method", nargs="+", default=["tmem"], help=" ".join(METHODS))
     ev.add_argument("--model", default=None)
     ev.add_argument("--max-questions", type=int, default=None)
     ev.add_argument("--per-category", type=int, default=None, help="first N questions of each category")

@@ -49,7 +49,8 @@ def static_decode(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, 
         finished |= torch.isin(token, stops)
         if step + 1 == max_new_tokens or ((step + 1) % stop_check_every == 0 and bool(finished.all())):
             return generated[:, : step + 1]
-        sequence = torch.cat([sequence, token[:, None]], dim=1)
+        if processors:  # only they read the tokens so far
+            sequence = torch.cat([sequence, token[:, None]], dim=1)
         mask = torch.cat([mask, mask.new_ones(rows, 1)], dim=1)
         position = position + 1
         logits = model(input_ids=token[:, None], attention_mask=mask, position_ids=position,
