@@ -16,6 +16,8 @@ generated token with fast weights on / off on the same episodes), plus the token
 
     python benchmarks/grpo_step.py                  # CPU, 2 questions x 4 generations x 32 tokens
     python benchmarks/grpo_step.py --layers 30 --completion 128 --steps 4
+    python benchmarks/grpo_step.py --shape qwen3-4b --layers 12 --completion 64 --device cuda --dtype bfloat16 \
+        --decoder static
 """
 
 from __future__ import annotations
@@ -83,9 +85,9 @@ def tmem_run(model_fn, tokenizer, args, extraction: bool, fast_weights: bool = T
         chunk_tokens = len(tokenizer(STREAM[0])["input_ids"])
         episode = EpisodeConfig(l_max=chunk_tokens - 1 if extraction else 100_000, extraction_retries=0,
                                 max_extraction_tokens=args.completion, max_answer_tokens=args.completion,
-                                grounding=False)
+                                grounding=False, decoder=args.decoder)
         trainer = GRPOTrainer(cfg, model_fn(), tokenizer, env, FastWeightConfig(num_layers=min(4, args.layers)),
-                              episode, accelerator=Accelerator(cpu=not torch.cuda.is_available()))
+                              episode, accelerator=Accelerator(cpu=not args.device.startswith("cuda")))
         original = rollout.parse_qa_pairs
         rollout.parse_qa_pairs = fixed_pairs(args.pairs)
         if not fast_weights:
@@ -122,7 +124,7 @@ def trl_run(model_fn, tokenizer, args) -> float:
         cfg = TRLConfig(output_dir=out, max_steps=args.steps, per_device_train_batch_size=args.questions * args.generations,
                         num_generations=args.generations, max_completion_length=args.completion,
                         learning_rate=1e-6, report_to=[], logging_steps=1, save_strategy="no", beta=0.0,
-                        use_cpu=not torch.cuda.is_available(), bf16=False, seed=0)
+                        use_cpu=not args.device.startswith("cuda"), bf16=args.dtype == "bfloat16", seed=0)
         trainer = TRLTrainer(model=model_fn(), reward_funcs=reward, args=cfg, train_dataset=data,
                              processing_class=tokenizer, callbacks=[timer])
         trainer.train()
@@ -140,6 +142,10 @@ def main() -> None:
     parser.add_argument("--completion", type=int, default=32)
     parser.add_argument("--pairs", type=int, default=8)
     parser.add_argument("--steps", type=int, default=3)
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    parser.add_argument("--decoder", default="generate", choices=["generate", "static"],
+                        help="tmem_rl's decoding path (EpisodeConfig.decoder)")
     args = parser.parse_args()
 
     config = SHAPES[args.shape]()
@@ -149,11 +155,12 @@ def main() -> None:
 
     def model_fn():
         torch.manual_seed(0)
-        return AutoModelForCausalLM.from_config(config)
+        with torch.device(args.device):  # built where it runs, for both systems
+            return AutoModelForCausalLM.from_config(config, dtype=getattr(torch, args.dtype))
 
     results = {"shape": args.shape, "layers": args.layers, "questions": args.questions,
                "generations": args.generations, "completion_tokens": args.completion, "pairs": args.pairs,
-               "device": "cuda" if torch.cuda.is_available() else "cpu", "threads": torch.get_num_threads()}
+               "device": args.device, "dtype": args.dtype, "decoder": args.decoder, "threads": torch.get_num_threads()}
     results["tmem_tokens_per_s"] = tmem_run(model_fn, tokenizer, args, extraction=False)
     results["fast_weights_off_tokens_per_s"] = tmem_run(model_fn, tokenizer, args, extraction=True, fast_weights=False)
     results["fast_weights_on_tokens_per_s"] = tmem_run(model_fn, tokenizer, args, extraction=True)

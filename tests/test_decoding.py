@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from tmem_rl.chat import left_padded
-from tmem_rl.decoding import static_decode
+from tmem_rl.decoding import StaticDecoder, bucket_rows
 from tmem_rl.envs import make_env
 from tmem_rl.memory import FastWeightConfig, FastWeights
 from tmem_rl.models import tiny_model
@@ -18,28 +18,114 @@ def tiny():
     return model.eval(), tok
 
 
+def generate(model, fast, ids, mask, slots, stops, pad, n=20):
+    with fast.use(slots):
+        return model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=n, do_sample=False,
+                              pad_token_id=pad, eos_token_id=stops, temperature=None, top_p=None,
+                              top_k=None)[:, ids.shape[1]:]
+
+
+def decode_both_ways(model, tok, decoder: StaticDecoder, fast: FastWeights) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """(decoder's tokens, generate's tokens) for: left-padded rows of different lengths, the base model in one row,
+    one prompt under two slots, rows that stop at different steps; then an absorb, and the same bucket again (the
+    decoder must see the new fast weights); then fewer rows."""
+    compared = []
+    texts = ["hello there how are", "a", "the quick brown fox jumps over", "a"]
+    ids, mask = left_padded([tok(t, add_special_tokens=False)["input_ids"] for t in texts], tok.pad_token_id)
+    ids, mask = ids.to(decoder.device), mask.to(decoder.device)
+    # First the base model alone: on a GPU this captures the bucket's graph, which must still serve fast weights.
+    base = generate(model, fast, ids, mask, [-1] * 4, [tok.eos_token_id], tok.pad_token_id)
+    compared.append((decoder.decode(ids, mask, 20, [tok.eos_token_id], tok.pad_token_id, [-1] * 4), base))
+    slots = [0, -1, 1, 1]
+    free = generate(model, fast, ids, mask, slots, [tok.eos_token_id], tok.pad_token_id)
+    assert not torch.equal(free[0], base[0]), "slot 0 must change row 0"
+    # Stop on tokens that rows actually produce, so that rows end at different steps and are padded after.
+    stops = [tok.eos_token_id, free[1, 6].item(), free[2, 2].item()]
+    reference = generate(model, fast, ids, mask, slots, stops, tok.pad_token_id)
+    ours = decoder.decode(ids, mask, 20, stops, tok.pad_token_id, slots)
+    assert reference[1, 7:].eq(tok.pad_token_id).all() and reference[2, 3:].eq(tok.pad_token_id).all()
+    compared.append((ours, reference))
+    assert not torch.equal(ours[1], ours[3]), "rows under different slots must differ"
+
+    fast.absorb(tok, {1: [QAPair("Where is it?", "Lisbon")]})
+    after = generate(model, fast, ids, mask, slots, [tok.eos_token_id], tok.pad_token_id)
+    assert not torch.equal(after[2:], free[2:]), "the absorb must change slot 1's tokens"
+    compared.append((decoder.decode(ids, mask, 20, [tok.eos_token_id], tok.pad_token_id, slots), after))
+    three = decoder.decode(ids[:3], mask[:3], 20, [tok.eos_token_id], tok.pad_token_id, slots[:3])
+    compared.append((three, after[:3]))
+    return compared
+
+
 def test_greedy_static_decoding_equals_generate_on_padded_rows_and_mixed_slots(tiny):
     model, tok = tiny
     fast = FastWeights(model, 2, FastWeightConfig(num_layers=2, lr=0.5, epochs=3))
     fast.absorb(tok, {0: [QAPair("Who is it?", "Gina")], 1: [QAPair("Where?", "Porto")]})
-    texts = ["hello there how are", "a", "the quick brown fox jumps over", "a"]
-    ids, mask = left_padded([tok(t, add_special_tokens=False)["input_ids"] for t in texts], tok.pad_token_id)
-    slots = [0, -1, 1, 1]  # the base model in one row; the same prompt under two slots
-    with fast.use(slots):
-        free = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=20, do_sample=False,
-                              pad_token_id=tok.pad_token_id, eos_token_id=[tok.eos_token_id],
-                              temperature=None, top_p=None, top_k=None)[:, ids.shape[1]:]
-    # Stop on tokens that rows actually produce, so that rows end at different steps and are padded after.
-    stops = [tok.eos_token_id, free[1, 6].item(), free[2, 2].item()]
-    with fast.use(slots):
-        reference = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=20, do_sample=False,
-                                   pad_token_id=tok.pad_token_id, eos_token_id=stops,
-                                   temperature=None, top_p=None, top_k=None)[:, ids.shape[1]:]
-        ours = static_decode(model, ids, mask, 20, stops, tok.pad_token_id)
-    assert reference[1, 7:].eq(tok.pad_token_id).all() and reference[2, 3:].eq(tok.pad_token_id).all()
-    assert torch.equal(ours[:, : reference.shape[1]], reference)
-    assert not torch.equal(ours[1], ours[3]), "rows under different slots must differ"
+    compared = decode_both_ways(model, tok, StaticDecoder(model, fast), fast)
     fast.remove()
+    assert len(compared) == 4
+    for ours, expected in compared:
+        assert torch.equal(ours[:, : expected.shape[1]], expected)
+
+
+def test_a_lora_policy_decodes_the_same_through_either_path():
+    """Under LoRA the policy is a PEFT wrapper whose forward takes only **kwargs: the decoder reads the argument
+    names from its base model, and the tokens stay those of `generate`."""
+    from peft import LoraConfig, get_peft_model
+
+    model, tok = tiny_model(num_layers=2)
+    policy = get_peft_model(model, LoraConfig(r=4, target_modules=["q_proj", "v_proj"], init_lora_weights=False))
+    policy.eval()
+    fast = FastWeights(policy, 2, FastWeightConfig(num_layers=2, lr=0.5, epochs=3))
+    fast.absorb(tok, {0: [QAPair("Who is it?", "Gina")], 1: [QAPair("Where?", "Porto")]})
+    compared = decode_both_ways(policy, tok, StaticDecoder(policy, fast), fast)
+    fast.remove()
+    for ours, expected in compared:
+        assert torch.equal(ours[:, : expected.shape[1]], expected)
+
+
+def test_a_decode_step_has_no_host_sync(tiny):
+    """A step that reads a tensor's value on the host (a data-dependent branch, `.item()`) cannot be captured as a
+    graph. Tracing the step whole (`fullgraph=True`) fails on exactly those, so this checks it on a CPU."""
+    model, tok = tiny
+    fast = FastWeights(model, 2, FastWeightConfig(num_layers=2))
+    decoder = StaticDecoder(model, fast)
+    ids = torch.randint(5, 100, (3, 7))
+    mask = torch.ones_like(ids)
+    mask[0, :2] = 0
+    steps = {}
+    for name, step in (("eager", decoder.step_logits),
+                       ("traced", torch.compile(decoder.step_logits, backend="eager", fullgraph=True))):
+        decoder.decode(ids, mask, 4, [tok.eos_token_id], tok.pad_token_id, [0, -1, 1])  # the same state each time
+        bucket = next(iter(decoder._buckets.values()))
+        with torch.no_grad(), fast.use([0, -1, 1]):
+            steps[name] = step(bucket)
+    eager, traced = steps["eager"], steps["traced"]
+    assert torch.allclose(traced, eager, atol=1e-5)
+    fast.remove()
+
+
+def test_a_model_without_static_cache_support_is_told_to_use_generate():
+    model, _ = tiny_model(num_layers=1)
+    model._can_compile_fullgraph = False  # what transformers declares for models a static cache does not serve
+    with pytest.raises(ValueError, match="LlamaForCausalLM does not support a static KV cache.*decoder='generate'"):
+        StaticDecoder(model)
+
+
+def test_nested_static_slot_buffers_give_the_outer_block_its_slots_back(tiny):
+    model, _ = tiny
+    fast = FastWeights(model, 4, FastWeightConfig(num_layers=2))
+    with fast.use([0, 1, 2], static=True):
+        outer = fast._slots
+        with fast.use([1, 1], static=True):
+            with fast.use([3, 3, 3], static=True):
+                assert fast._slots.tolist() == [3, 3, 3]
+        assert fast._slots is outer and outer.tolist() == [0, 1, 2]
+        assert fast._rows.tolist() == [0, 1, 2] and fast._keep.view(-1).tolist() == [True, True, True]
+    fast.remove()
+
+
+def test_row_buckets_are_powers_of_two():
+    assert [bucket_rows(n) for n in (1, 2, 3, 5, 8, 9, 64)] == [1, 2, 4, 8, 8, 16, 64]
 
 
 def test_an_episode_samples_the_same_tokens_through_either_decoder(tiny):
@@ -59,3 +145,24 @@ def test_an_episode_samples_the_same_tokens_through_either_decoder(tiny):
     assert len(rollouts) > 1, "sampling must differ between rollouts"
     with pytest.raises(ValueError, match="decoder='graph'"):
         EpisodeConfig(decoder="graph")
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_graph_replayed_decoding_equals_generate_on_a_qwen3_shaped_model():
+    from transformers import AutoTokenizer, Qwen3Config, Qwen3ForCausalLM
+
+    from tmem_rl.models import FIXTURE_TOKENIZER
+
+    tok = AutoTokenizer.from_pretrained(str(FIXTURE_TOKENIZER))
+    torch.manual_seed(0)
+    config = Qwen3Config(vocab_size=len(tok), hidden_size=256, intermediate_size=512, num_hidden_layers=4,
+                         num_attention_heads=8, num_key_value_heads=4, head_dim=32, max_position_embeddings=512)
+    model = Qwen3ForCausalLM(config).to("cuda", torch.float32).eval()
+    fast = FastWeights(model, 2, FastWeightConfig(num_layers=2, lr=0.5, epochs=3))
+    fast.absorb(tok, {0: [QAPair("Who is it?", "Gina")], 1: [QAPair("Where?", "Porto")]})
+    decoder = StaticDecoder(model, fast)
+    assert decoder.capturing()
+    compared = decode_both_ways(model, tok, decoder, fast)
+    for ours, expected in compared:
+        assert torch.equal(ours[:, : expected.shape[1]], expected)
+    assert all(b.graph is not None for b in decoder._buckets.values())

@@ -104,7 +104,7 @@ def main(argv: list[str] | None = None) -> int:
     ev.add_argument("--inner-epochs", type=int, default=None)
     ev.add_argument("--context-budget", type=int, default=None, help="full-context prompt budget in tokens")
     ev.add_argument("--retrieval-k", type=int, default=None)
-    ev.add_argument("--batch-size", type=int, default=None, help="questions answered (or read) per batch")
+    ev.add_argument("--batch-size", type=int, default=None, help="streams read in lockstep and questions answered per batch (one fast-weight slot per stream)")
     ev.add_argument("--seed", type=int, default=0)
     ev.add_argument("--device", default=None, help="cuda, cuda:1, cpu ... (default: cuda when available)")
     ev.add_argument("--chat-template-kwargs", type=_json_object, default=None,

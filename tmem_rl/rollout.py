@@ -30,7 +30,7 @@ from transformers import LogitsProcessor, LogitsProcessorList
 from transformers.generation.logits_process import TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper
 
 from tmem_rl.chat import chat_ids, chat_template_kwargs, left_padded, stop_token_ids, strip_thinking
-from tmem_rl.decoding import static_decode
+from tmem_rl.decoding import StaticDecoder
 from tmem_rl.envs.base import Action, ActionKind, Environment, EpisodeState, Task
 from tmem_rl.extraction import (EXTRACTION_PREFILL, answer_messages, extraction_messages, parse_qa_pairs,
                                 reference_supervision)
@@ -56,8 +56,8 @@ class EpisodeConfig:
     window are absorbed instead (`Task.reference_pairs`; nothing is generated): how far the environment's own gold
     supervision gets through these fast weights, the target a warm start imitates."""
     decoder: str = "generate"
-    """"generate": `model.generate` with a dynamic KV cache. "static": `tmem_rl.decoding.static_decode`, a static
-    KV cache and fixed-shape decode steps (the same tokens)."""
+    """"generate": `model.generate` with a dynamic KV cache. "static": `tmem_rl.decoding.StaticDecoder`, a static
+    KV cache and fixed-shape decode steps, replayed as CUDA graphs on a GPU (the same tokens)."""
     max_extraction_tokens: int = 192
     max_answer_tokens: int = 32
     extraction_retries: int = 1
@@ -192,6 +192,8 @@ class EpisodeRunner:
         self.chat_kwargs = chat_template_kwargs(tokenizer, self.config.chat_template_kwargs)
         self.stop_ids = stop_token_ids(model, tokenizer)
         self.generator = torch.Generator(device=self.device)
+        # It keeps KV caches and graphs between calls; built here so that an unsupported model fails at once.
+        self.static_decoder = StaticDecoder(model, fast) if self.config.decoder == "static" else None
 
     @property
     def device(self) -> torch.device:
@@ -398,12 +400,14 @@ class EpisodeRunner:
         )
         if self.config.memory != "fast_weights":
             slots = [-1] * len(slots)
-        live = self.fast.use(slots) if self.fast is not None and max(slots) >= 0 else nullcontext()
-        with live:
-            if self.config.decoder == "static":
-                new_tokens = static_decode(self.model, input_ids.to(self.device), attention_mask.to(self.device),
-                                           max_new_tokens, self.stop_ids, pad, processors)
-            else:
+        if self.config.decoder == "static":
+            if self.static_decoder is None:
+                self.static_decoder = StaticDecoder(self.model, self.fast)
+            new_tokens = self.static_decoder.decode(input_ids, attention_mask, max_new_tokens, self.stop_ids, pad,
+                                                    slots, processors)
+        else:
+            live = self.fast.use(slots) if self.fast is not None and max(slots) >= 0 else nullcontext()
+            with live:
                 new_tokens = self.model.generate(
                     input_ids=input_ids.to(self.device),
                     attention_mask=attention_mask.to(self.device),

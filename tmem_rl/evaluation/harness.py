@@ -153,18 +153,25 @@ def to_record(method: str, unit: str, answered: Answered, env, policy: str = "ba
 
 
 def episodes(env, unit: str, pending: list[Task], batch_size: int):
-    """(readings, questions per reading) batches for the chosen episode unit."""
+    """(readings, questions per reading) batches for the chosen episode unit: up to `batch_size` streams are read in
+    lockstep (one question each, or one conversation with all its pending questions)."""
     if unit == "question":
         for begin in range(0, len(pending), batch_size):
             batch = pending[begin : begin + batch_size]
             yield batch, [[t] for t in batch]
         return
     wanted = {t.task_id for t in pending}
+    readings, questions = [], []
     for sample_id, tasks in env.questions_by_sample().items():
         todo = [t for t in tasks if t.task_id in wanted]
         if todo:
-            stream = Task(task_id=sample_id, question="", chunks=tasks[0].chunks, answers=())
-            yield [stream], [todo]
+            readings.append(Task(task_id=sample_id, question="", chunks=tasks[0].chunks, answers=()))
+            questions.append(todo)
+        if len(readings) == batch_size:
+            yield readings, questions
+            readings, questions = [], []
+    if readings:
+        yield readings, questions
 
 
 def run_eval(config: EvalConfig) -> dict[str, Any]:

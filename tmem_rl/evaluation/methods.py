@@ -61,6 +61,7 @@ class MethodSettings:
     summary_tokens: int = 256
     """Generation budget of each summary rewrite."""
     answer_batch_size: int = 8
+    """Streams read in lockstep (one fast-weight slot each) and question rows answered together."""
 
 
 class MemoryMethod:
@@ -78,19 +79,19 @@ class MemoryMethod:
         start = time.perf_counter()
         slots, contexts, extras = self.prepare(readings, questions)
         read_seconds = time.perf_counter() - start
-        out: list[list[Answered]] = []
-        for g, qs in enumerate(questions):
-            share = read_seconds / max(sum(len(q) for q in questions), 1)
-            answered = []
-            for begin in range(0, len(qs), self.settings.answer_batch_size):
-                batch = qs[begin : begin + self.settings.answer_batch_size]
-                ctx = [contexts[g][begin + i] for i in range(len(batch))]
-                results = self.runner.answer(self.env, [slots[g]] * len(batch), batch, ctx)
-                for task, context, generated in zip(batch, ctx, results):
-                    extra = dict(extras[g])
-                    extra["context_tokens"] = self._tokens(context)
-                    answered.append(Answered(task, generated.text, share + generated.seconds / len(batch), extra))
-            out.append(answered)
+        share = read_seconds / max(sum(len(q) for q in questions), 1)
+        # Every (reading, question) row of the batch is answered together, each under its reading's fast weights.
+        rows = [(g, i) for g, qs in enumerate(questions) for i in range(len(qs))]
+        out: list[list[Answered]] = [[] for _ in questions]
+        for begin in range(0, len(rows), self.settings.answer_batch_size):
+            batch = rows[begin : begin + self.settings.answer_batch_size]
+            tasks = [questions[g][i] for g, i in batch]
+            contexts_of_batch = [contexts[g][i] for g, i in batch]
+            results = self.runner.answer(self.env, [slots[g] for g, _ in batch], tasks, contexts_of_batch)
+            for (g, _), task, context, generated in zip(batch, tasks, contexts_of_batch, results):
+                extra = dict(extras[g])
+                extra["context_tokens"] = self._tokens(context)
+                out[g].append(Answered(task, generated.text, share + generated.seconds / len(batch), extra))
         return out
 
     def prepare(self, readings, questions):

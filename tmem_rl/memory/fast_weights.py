@@ -109,6 +109,8 @@ class FastWeights:
         self._slots: torch.Tensor | None = None  # [N] slot per batch row while `use` is active
         self._rows: torch.Tensor | None = None  # [N] slots clamped to valid indices
         self._keep: torch.Tensor | None = None  # [N, 1, 1] False on base-model rows (slot -1)
+        self._slot_buffers: dict[int, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}  # N -> the three above
+        self._static_depth: dict[int, int] = {}  # N -> static `use` blocks open on that buffer
         self._handles = [m.register_forward_hook(self._make_hook(n)) for n, m in self.modules.items()]
         self.versions = [0] * num_slots  # number of absorbs into each slot since its last reset
 
@@ -153,17 +155,43 @@ class FastWeights:
                 store[name] = store[name].to(device)
 
     @contextmanager
-    def use(self, slots: Sequence[int] | torch.Tensor) -> Iterator[None]:
-        """Inside this block batch row i runs with slot slots[i]'s delta (-1: base model only)."""
+    def use(self, slots: Sequence[int] | torch.Tensor, static: bool = False) -> Iterator[None]:
+        """Inside this block batch row i runs with slot slots[i]'s delta (-1: base model only).
+
+        `static`: copy the slots into one buffer per row count, kept for the object's life, instead of fresh
+        tensors. A decode step captured as a graph reads them from there, so the next static `use` with as many
+        rows steers its replays."""
         self.follow_model()
+        slots = torch.as_tensor(slots, dtype=torch.long).reshape(-1).to(self.device)
         previous = self._slots, self._rows, self._keep
-        self._slots = torch.as_tensor(slots, dtype=torch.long).reshape(-1).to(self.device)
-        self._rows = self._slots.clamp(min=0)
-        self._keep = (self._slots >= 0).view(-1, 1, 1)
+        n = slots.numel()
+        if not static:
+            self._slots, self._rows, self._keep = slots, slots.clamp(min=0), (slots >= 0).view(-1, 1, 1)
+            saved = None
+        else:
+            if n not in self._slot_buffers or self._slot_buffers[n][0].device != self.device:
+                self._slot_buffers[n] = (torch.empty_like(slots), torch.empty_like(slots),
+                                         torch.empty(n, 1, 1, dtype=torch.bool, device=self.device))
+            buffers = self._slot_buffers[n]
+            # An enclosing static `use` with as many rows reads the same buffer: give it its slots back after.
+            saved = buffers[0].clone() if self._static_depth.get(n) else None
+            self._static_depth[n] = self._static_depth.get(n, 0) + 1
+            self._bind(buffers, slots)
         try:
             yield
         finally:
+            if static:
+                self._static_depth[n] -= 1
+                if saved is not None:
+                    self._bind(self._slot_buffers[n], saved)
             self._slots, self._rows, self._keep = previous
+
+    def _bind(self, buffers: tuple[torch.Tensor, torch.Tensor, torch.Tensor], slots: torch.Tensor) -> None:
+        slot_buffer, rows, keep = buffers
+        slot_buffer.copy_(slots)
+        rows.copy_(slot_buffer.clamp(min=0))
+        keep.copy_((slot_buffer >= 0).view(-1, 1, 1))
+        self._slots, self._rows, self._keep = buffers
 
     def remove(self) -> None:
         """Detach the hooks: the model becomes the plain base model again."""

@@ -247,7 +247,10 @@ class GRPOTrainer:
         # Under ZeRO-3 this gathers the full weights once for the whole rollout, so processes can generate,
         # extract and absorb independently (different numbers of forward passes) without collectives.
         with unwrap_model_for_generation(self.model, self.accelerator):
-            return self.runner.run(self.env, tasks)
+            batch = self.runner.run(self.env, tasks)
+        if self.runner.static_decoder is not None:  # its KV caches are not needed while the policy trains
+            self.runner.static_decoder.release()
+        return batch
 
     def rewards(self, trajectories: list[Trajectory]) -> tuple[torch.Tensor, dict[str, float]]:
         records = [t.to_dict() for t in trajectories]
