@@ -48,6 +48,7 @@ class _Bucket:
     position: torch.Tensor  # [R, 1]
     cache_position: torch.Tensor  # [1]
     mask: torch.Tensor  # [R, L]
+    capturable: bool = False  # graphs are on and the cache's layers can be replayed
     graph: "torch.cuda.CUDAGraph | None" = None
     logits: torch.Tensor | None = None  # [R, 1, vocab], written by each replay
     fingerprint: tuple[int, ...] = ()
@@ -151,7 +152,7 @@ class StaticDecoder:
                 bucket.token[:rows, 0] = token
                 bucket.position.add_(1)
                 bucket.cache_position.fill_(width + steps - 1)
-                logits = self._step(bucket, graphs, fingerprint)[:rows, -1]
+                logits = self._step(bucket, fingerprint)[:rows, -1]
             done = self._clock()
         if self.timed:  # the first token comes from the prefill's logits
             self.calls.append({"rows": rows, "prefill_seconds": prefilled - started,
@@ -179,8 +180,10 @@ class StaticDecoder:
         cache_kwargs = {"config": self.model.config, "max_cache_len": length}
         if "max_batch_size" in inspect.signature(StaticCache.__init__).parameters:  # older transformers
             cache_kwargs.update(max_batch_size=rows, device=device, dtype=dtype)
+        cache = StaticCache(**cache_kwargs)
         bucket = _Bucket(
-            cache=StaticCache(**cache_kwargs),
+            cache=cache,
+            capturable=graphs and self._graph_safe(cache),
             token=torch.zeros(rows, 1, dtype=torch.long, device=device),
             position=torch.zeros(rows, 1, dtype=torch.long, device=device),
             cache_position=torch.zeros(1, dtype=torch.long, device=device),
@@ -195,8 +198,8 @@ class StaticDecoder:
                           cache_position=bucket.cache_position, use_cache=True,
                           **{self._cache_arg: bucket.cache}).logits
 
-    def _step(self, bucket: _Bucket, graphs: bool, fingerprint: tuple[int, ...]) -> torch.Tensor:
-        if not graphs or not self._graph_safe(bucket):
+    def _step(self, bucket: _Bucket, fingerprint: tuple[int, ...]) -> torch.Tensor:
+        if not bucket.capturable:
             return self.step_logits(bucket)
         with torch.cuda.device(self.device):
             if bucket.graph is None or bucket.fingerprint != fingerprint:
@@ -207,10 +210,10 @@ class StaticDecoder:
         return bucket.logits
 
     @staticmethod
-    def _graph_safe(bucket: _Bucket) -> bool:
+    def _graph_safe(cache: StaticCache) -> bool:
         """Only plain static layers keep their write position in a tensor that a replay advances (a sliding-window
         layer keeps a Python int, which a graph would freeze at its captured value)."""
-        layers = getattr(bucket.cache, "layers", None)
+        layers = getattr(cache, "layers", None)
         return layers is None or all(type(layer).__name__ == "StaticLayer" for layer in layers)
 
     def _fingerprint(self) -> tuple[int, ...]:

@@ -162,36 +162,34 @@ class FastWeights:
         tensors. A decode step captured as a graph reads them from there, so the next static `use` with as many
         rows steers its replays."""
         self.follow_model()
-        slots = torch.as_tensor(slots, dtype=torch.long).reshape(-1).to(self.device)
+        mapping = self._row_mapping(torch.as_tensor(slots, dtype=torch.long).reshape(-1).to(self.device))
         previous = self._slots, self._rows, self._keep
-        n = slots.numel()
-        if not static:
-            self._slots, self._rows, self._keep = slots, slots.clamp(min=0), (slots >= 0).view(-1, 1, 1)
-            saved = None
-        else:
+        n = mapping[0].numel()
+        saved = None
+        if static:
             if n not in self._slot_buffers or self._slot_buffers[n][0].device != self.device:
-                self._slot_buffers[n] = (torch.empty_like(slots), torch.empty_like(slots),
-                                         torch.empty(n, 1, 1, dtype=torch.bool, device=self.device))
+                self._slot_buffers[n] = tuple(torch.empty_like(t) for t in mapping)
             buffers = self._slot_buffers[n]
-            # An enclosing static `use` with as many rows reads the same buffer: give it its slots back after.
-            saved = buffers[0].clone() if self._static_depth.get(n) else None
+            # An enclosing static `use` with as many rows reads the same buffers: give it its mapping back after.
+            saved = tuple(t.clone() for t in buffers) if self._static_depth.get(n) else None
             self._static_depth[n] = self._static_depth.get(n, 0) + 1
-            self._bind(buffers, slots)
+            for buffer, value in zip(buffers, mapping):
+                buffer.copy_(value)
+            mapping = buffers
+        self._slots, self._rows, self._keep = mapping
         try:
             yield
         finally:
             if static:
                 self._static_depth[n] -= 1
-                if saved is not None:
-                    self._bind(self._slot_buffers[n], saved)
+                for buffer, value in zip(self._slot_buffers[n], saved or ()):
+                    buffer.copy_(value)
             self._slots, self._rows, self._keep = previous
 
-    def _bind(self, buffers: tuple[torch.Tensor, torch.Tensor, torch.Tensor], slots: torch.Tensor) -> None:
-        slot_buffer, rows, keep = buffers
-        slot_buffer.copy_(slots)
-        rows.copy_(slot_buffer.clamp(min=0))
-        keep.copy_((slot_buffer >= 0).view(-1, 1, 1))
-        self._slots, self._rows, self._keep = buffers
+    @staticmethod
+    def _row_mapping(slots: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """What the hooks read per row: the slot, the slot clamped to a valid index, and whether it is a slot."""
+        return slots, slots.clamp(min=0), (slots >= 0).view(-1, 1, 1)
 
     def remove(self) -> None:
         """Detach the hooks: the model becomes the plain base model again."""
