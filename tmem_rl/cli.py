@@ -64,6 +64,17 @@ def _eval_config(args):
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Entry point: a user's mistake (InputError) is printed as one line and exits 2, like argparse's own errors."""
+    from tmem_rl.errors import InputError
+
+    try:
+        return _run(argv)
+    except InputError as err:
+        print(f"tmem-rl: error: {err}", file=sys.stderr)
+        return 2
+
+
+def _run(argv: list[str] | None) -> int:
     parser = argparse.ArgumentParser(prog="tmem-rl", description="RL for LLM agents with fast-weight memory")
     sub = parser.add_subparsers(dest="command", required=True)
 

@@ -16,6 +16,7 @@ from typing import Any
 
 import yaml
 
+from tmem_rl.errors import InputError
 from tmem_rl.memory import FastWeightConfig
 from tmem_rl.models import DEFAULT_MODEL
 from tmem_rl.rollout import EpisodeConfig
@@ -23,7 +24,7 @@ from tmem_rl.trainers.grpo import GRPOConfig, GRPOTrainer
 from tmem_rl.trainers.ppo import PPOConfig, PPOTrainer
 
 
-class RecipeError(ValueError):
+class RecipeError(InputError):
     pass
 
 

@@ -19,6 +19,7 @@ from typing import Any
 
 from tmem_rl.envs import register_env
 from tmem_rl.envs.base import Environment, Task
+from tmem_rl.errors import InputError
 from tmem_rl.metrics.locomo import CATEGORY_NAMES, aggregate, score_answer
 
 QA_PROMPT = (
@@ -34,7 +35,7 @@ _SESSION_KEY = re.compile(r"session_(\d+)")
 _OPTION_LETTERS = {"a": "a", "(a)": "a", "b": "b", "(b)": "b"}
 
 
-class LocomoFormatError(ValueError):
+class LocomoFormatError(InputError):
     """The LoCoMo data file does not have the official format."""
 
 

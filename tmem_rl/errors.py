@@ -1,0 +1,11 @@
+"""The project's error for bad input: a recipe, a data file, a flag, a checkpoint, a model name.
+
+Its message is one line that names the file, key or value and what was expected. `tmem-rl` prints it without a
+traceback and exits with status 2; library users catch it like any ValueError.
+"""
+
+from __future__ import annotations
+
+
+class InputError(ValueError):
+    """Bad input from the user; the message names where it is and what was expected."""
