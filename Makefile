@@ -4,7 +4,7 @@ PIP     := .venv/bin/pip
 STAMP   := .venv/.installed
 TORCH   := torch==2.13.0
 
-.PHONY: install demo test test-fast bench clean
+.PHONY: install demo test test-fast bench bench-quick clean
 
 $(PY):
 	python3 -m venv .venv
@@ -28,10 +28,12 @@ test: install
 test-fast: install
 	$(PY) -m pytest -q -m "not slow" tests
 
+# Every script in benchmarks/; results in benchmarks/results.json and results.md (docs/benchmarks.md).
 bench: install
-	$(PY) benchmarks/inner_update.py
-	$(PY) benchmarks/svd_vs_random.py
-	$(PY) benchmarks/grpo_step.py
+	$(PY) benchmarks/run_all.py
+
+bench-quick: install
+	$(PY) benchmarks/run_all.py --quick
 
 clean:
 	rm -rf .venv build *.egg-info

@@ -11,6 +11,7 @@ decode step on the same prompts.
 
     python benchmarks/episode_cost.py                                   # CPU: SmolLM2-135M shape, reduced sizes
     python benchmarks/episode_cost.py --shape qwen3-4b --device cuda --dtype bfloat16
+    python benchmarks/episode_cost.py --quick                           # 4 layers, L_max 256, G 1 and 2: seconds
 
 CPU defaults are reduced (L_max 1024, a quarter-length stream, G 1 and 8, 1x and 2x) so that the run takes
 minutes on 2 cores; the GPU defaults are the paper's setting (L_max 4096, 12.9K tokens, G 1/8/64, 1x/2x/4x).
@@ -33,10 +34,16 @@ from tmem_rl.memory import FastWeightConfig, FastWeights
 from tmem_rl.models import FIXTURE_TOKENIZER, load_tokenizer
 from tmem_rl.rollout import EpisodeConfig, EpisodeRunner
 
-from grpo_step import STREAM, BenchEnv, fixed_pairs  # noqa: E402  (benchmarks/ is the working directory's sibling)
+from _quick import parse_args  # noqa: E402  (benchmarks/ is on the path when a script here runs)
+from grpo_step import STREAM, BenchEnv, fixed_pairs  # noqa: E402
 from inner_update import SHAPES  # noqa: E402
 
 LOCOMO_TOKENS = 12_900  # conv-30, the longest LoCoMo conversation measured
+
+# Four layers: the fewest that hold the default four adapted ones. A stream of twice L_max: every episode still
+# extracts, absorbs and answers.
+QUICK = {"num_layers": 4, "rollouts": [1, 2], "multiples": [1], "stream_tokens": 512, "l_max": 256,
+         "pairs": 2, "extraction_tokens": 16, "answer_tokens": 8, "decode_rows": 2, "decode_tokens": 16}
 
 
 def stream_of(tokenizer, tokens: int, chunk_tokens: int = 64) -> list[str]:
@@ -172,7 +179,7 @@ def decode_step_comparison(model, tokenizer, rollouts: int, context: int, new_to
             "bandwidth_limit_ms": limit, "static_vs_limit": static / limit}
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--shape", choices=sorted(SHAPES), default="smollm2-135m")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -188,7 +195,8 @@ def main() -> None:
     parser.add_argument("--extraction-tokens", type=int, default=256)
     parser.add_argument("--answer-tokens", type=int, default=32)
     parser.add_argument("--decode-rows", type=int, default=8, help="rows of the decode-step comparison")
-    args = parser.parse_args()
+    parser.add_argument("--decode-tokens", type=int, default=64, help="steps timed in the decode-step comparison")
+    args = parse_args(parser, QUICK, argv)
     gpu = args.device.startswith("cuda")
     args.rollouts = args.rollouts or ([1, 8, 64] if gpu else [1, 8])
     if args.multiples is None:
@@ -207,7 +215,8 @@ def main() -> None:
     rollout.parse_qa_pairs = fixed_pairs(args.pairs)
     results = {"shape": args.shape, "device": args.device, "dtype": args.dtype, "layers": config.num_hidden_layers,
                "threads": torch.get_num_threads(), "l_max": args.l_max, "pairs_per_extraction": args.pairs,
-               "extraction_tokens": args.extraction_tokens, "answer_tokens": args.answer_tokens, "episodes": []}
+               "extraction_tokens": args.extraction_tokens, "answer_tokens": args.answer_tokens, "quick": args.quick,
+               "episodes": []}
     if gpu:
         results["gpu"] = torch.cuda.get_device_name()
     try:
@@ -224,7 +233,8 @@ def main() -> None:
                 print(json.dumps(row), flush=True)
     finally:
         rollout.parse_qa_pairs = original
-    results["decode_step"] = decode_step_comparison(model, tokenizer, args.decode_rows, args.l_max, 64)
+    results["decode_step"] = decode_step_comparison(model, tokenizer, args.decode_rows, args.l_max,
+                                                   args.decode_tokens)
     print(json.dumps(results))
 
 

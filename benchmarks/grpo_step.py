@@ -18,6 +18,7 @@ generated token with fast weights on / off on the same episodes), plus the token
     python benchmarks/grpo_step.py --layers 30 --completion 128 --steps 4
     python benchmarks/grpo_step.py --shape qwen3-4b --layers 12 --completion 64 --device cuda --dtype bfloat16 \
         --decoder static
+    python benchmarks/grpo_step.py --quick          # 2 layers, 1 question x 2 generations x 8 tokens, 2 steps
 """
 
 from __future__ import annotations
@@ -40,7 +41,11 @@ from tmem_rl.models import FIXTURE_TOKENIZER, load_tokenizer
 from tmem_rl.rollout import EpisodeConfig
 from tmem_rl.trainers.grpo import GRPOConfig, GRPOTrainer
 
-from inner_update import SHAPES  # noqa: E402  (benchmarks/ is the working directory's sibling)
+from _quick import parse_args  # noqa: E402  (benchmarks/ is on the path when a script here runs)
+from inner_update import SHAPES  # noqa: E402
+
+# Two steps: the first is warm-up and not timed.
+QUICK = {"layers": 2, "questions": 1, "generations": 2, "completion": 8, "pairs": 2, "steps": 2}
 
 QUESTION = "Which city did Maya move to, and when is her birthday?"
 STREAM = [
@@ -133,7 +138,7 @@ def trl_run(model_fn, tokenizer, args) -> float:
     return tokens * len(timed) / sum(timed)
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--shape", choices=sorted(SHAPES), default="smollm2-135m")
     parser.add_argument("--layers", type=int, default=8, help="decoder layers of the random model")
@@ -146,7 +151,7 @@ def main() -> None:
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     parser.add_argument("--decoder", default="generate", choices=["generate", "static"],
                         help="tmem_rl's decoding path (EpisodeConfig.decoder)")
-    args = parser.parse_args()
+    args = parse_args(parser, QUICK, argv)
 
     config = SHAPES[args.shape]()
     config.num_hidden_layers = args.layers
@@ -160,7 +165,8 @@ def main() -> None:
 
     results = {"shape": args.shape, "layers": args.layers, "questions": args.questions,
                "generations": args.generations, "completion_tokens": args.completion, "pairs": args.pairs,
-               "device": args.device, "dtype": args.dtype, "decoder": args.decoder, "threads": torch.get_num_threads()}
+               "device": args.device, "dtype": args.dtype, "decoder": args.decoder, "threads": torch.get_num_threads(),
+               "quick": args.quick}
     results["tmem_tokens_per_s"] = tmem_run(model_fn, tokenizer, args, extraction=False)
     results["fast_weights_off_tokens_per_s"] = tmem_run(model_fn, tokenizer, args, extraction=True, fast_weights=False)
     results["fast_weights_on_tokens_per_s"] = tmem_run(model_fn, tokenizer, args, extraction=True)

@@ -8,6 +8,7 @@ device (weights do not change the cost).
 
     python benchmarks/inner_update.py                       # SmolLM2-135M shape, CPU, G=8, P=16, E=5
     python benchmarks/inner_update.py --shape qwen3-4b --device cuda --dtype bfloat16
+    python benchmarks/inner_update.py --quick               # 6 layers, G=2, P=4, E=2: seconds
 """
 
 from __future__ import annotations
@@ -26,6 +27,11 @@ from tmem_rl.memory.inner_loop import answer_token_losses, collate_pairs
 from tmem_rl.memory.layers import adapted_layer_indices, decoder_layers, linear_of
 from tmem_rl.models import FIXTURE_TOKENIZER, load_tokenizer
 from tmem_rl.records import QAPair
+
+from _quick import parse_args  # noqa: E402  (benchmarks/ is on the path when a script here runs)
+
+# Six layers keep the last four adapted ones behind a frozen prefix, as in the full shape.
+QUICK = {"num_layers": 6, "rollouts": 2, "pairs": 4, "epochs": 2, "repeats": 1}
 
 SHAPES = {
     "smollm2-135m": lambda: LlamaConfig(
@@ -156,7 +162,7 @@ def floor(fast, tokenizer, pairs):
             p.requires_grad_(False)
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--shape", choices=sorted(SHAPES), default="smollm2-135m")
     parser.add_argument("--num-layers", type=int, default=None, help="shrink the model to this many layers")
@@ -167,7 +173,7 @@ def main() -> None:
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--skip-peft", action="store_true")
-    args = parser.parse_args()
+    args = parse_args(parser, QUICK, argv)
 
     config = SHAPES[args.shape]()
     if args.num_layers:
@@ -183,7 +189,7 @@ def main() -> None:
     cfg = FastWeightConfig(epochs=args.epochs, shuffle=False)
     results = {"shape": args.shape, "layers": config.num_hidden_layers, "device": args.device, "dtype": args.dtype,
                "rollouts": args.rollouts, "pairs_per_rollout": args.pairs, "epochs": args.epochs,
-               "batch_size": cfg.batch_size, "threads": torch.get_num_threads()}
+               "batch_size": cfg.batch_size, "threads": torch.get_num_threads(), "quick": args.quick}
     results["init_s"] = timed(lambda: FastWeights(model, args.rollouts, cfg).remove(), args.device, args.repeats)
     fast = FastWeights(model, args.rollouts, cfg)
     results["full_svd_init_s"] = timed(lambda: full_svd_init(fast), args.device, 1)

@@ -2,6 +2,7 @@
 
     python benchmarks/learning_curve.py                      # the full run: 128 held-out episodes, seeds 0 and 1
     python benchmarks/learning_curve.py --episodes 32 --steps 8 --seeds 0    # a shorter one
+    python benchmarks/learning_curve.py --quick      # every stage at the smallest size: 2 episodes, 1 step, 1 seed
 
 Stages (each writes under --out; a stage whose output exists is reused, so an interrupted run resumes):
   1. base      the untrained model on the held-out split: no memory, and TMEM (with the prompt's worked example,
@@ -31,14 +32,21 @@ from pathlib import Path
 
 import torch
 
+from tmem_rl.errors import InputError
 from tmem_rl.evaluation.harness import read_records, run_eval
 from tmem_rl.models import load_policy
 from tmem_rl.recipes import eval_config, load_recipe, run_recipe
 from tmem_rl.trainers.warm_start import WarmStartConfig, warm_start
 
+from _quick import parse_args  # noqa: E402  (benchmarks/ is on the path when a script here runs)
+
 CURVES = ("reward_mean", "reward_std", "f1", "extraction_parse_rate", "frac_reward_zero_std", "entropy", "kl",
           "grad_norm", "clip_fraction", "inner_loss_after", "pairs_absorbed", "extraction_length_mean")
 SMOOTHED = ("reward_mean", "f1", "pairs_absorbed")  # one question per step: the trend is under the noise
+OUT, QUICK_OUT = "runs/learning_curve", "runs/learning_curve_quick"
+# A group of 2 is the smallest GRPO takes; 4 examples are one warm-start batch.
+QUICK = {"episodes": 2, "seeds": [0], "steps": 1, "warm_examples": 4,
+         "overrides": ["outer_loop.num_generations=2"]}
 
 
 def evaluate(recipe, out: Path, episodes: int, methods: list[str], model: str, checkpoint: str | None = None,
@@ -93,7 +101,7 @@ def plot_curves(runs: dict[int, Path], path: Path) -> None:
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--recipe", default=str(Path(__file__).resolve().parents[1] / "recipes/facts_grpo_cpu.yaml"))
-    parser.add_argument("--out", default="runs/learning_curve")
+    parser.add_argument("--out", default=None, help=f"default {OUT} ({QUICK_OUT} with --quick)")
     parser.add_argument("--episodes", type=int, default=128, help="held-out episodes per evaluation")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
     parser.add_argument("--steps", type=int, default=None, help="GRPO steps (default: the recipe's max_steps)")
@@ -104,9 +112,12 @@ def main(argv: list[str] | None = None) -> dict:
                         help="cap on SFT examples (each ~28 s per batch of 8 on 2 CPU cores)")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                         help="a recipe override, e.g. --set outer_loop.learning_rate=1e-4 (repeatable)")
-    args = parser.parse_args(argv)
+    args = parse_args(parser, QUICK, argv)
     started = time.perf_counter()
-    out = Path(args.out)
+    if args.out is None and args.quick:
+        # A quick run measures every stage, so it never resumes from an earlier one.
+        shutil.rmtree(QUICK_OUT, ignore_errors=True)
+    out = Path(args.out or (QUICK_OUT if args.quick else OUT))
     recipe = load_recipe(args.recipe, args.overrides)
     if args.steps is not None:
         recipe.outer_loop.max_steps = args.steps
@@ -174,7 +185,7 @@ def main(argv: list[str] | None = None) -> dict:
         "f1_delta_vs_base": delta_base, "f1_delta_vs_base_ci95": ci_base,
         "f1_reference_after": mean("f1_reference_after"),
         "per_seed": per_seed, "episodes": args.episodes, "seeds": args.seeds,
-        "grpo_steps": recipe.outer_loop.max_steps, "warm_start_used": not args.no_warm_start,
+        "grpo_steps": recipe.outer_loop.max_steps, "warm_start_used": not args.no_warm_start, "quick": args.quick,
         "minutes": (time.perf_counter() - started) / 60,
         "curves_png": str(out / "training_curves.png"),
     })
@@ -184,4 +195,7 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    try:
+        main(sys.argv[1:])
+    except InputError as err:  # a bad --recipe or --set: one line, as argparse reports its own errors
+        sys.exit(f"learning_curve.py: {err}")

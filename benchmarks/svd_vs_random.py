@@ -8,6 +8,7 @@ epoch is one SGD step (batch 16 >= pairs); the step count is the first step whos
 
     python benchmarks/svd_vs_random.py                    # paper settings: lr 5e-4, rank 6, last 4 FFN
     python benchmarks/svd_vs_random.py --lr 1e-3 --target 0.25
+    python benchmarks/svd_vs_random.py --quick            # 2 rollouts, 10 steps
 """
 
 from __future__ import annotations
@@ -21,6 +22,10 @@ from tmem_rl.extraction import answer_messages
 from tmem_rl.memory import FastWeightConfig, FastWeights
 from tmem_rl.models import DEFAULT_MODEL, load_policy
 
+from _quick import parse_args  # noqa: E402  (benchmarks/ is on the path when a script here runs)
+
+QUICK = {"rollouts": 2, "max_steps": 10}
+
 
 def facts_pairs(rollouts: int, seed: int) -> dict[int, list[QAPair]]:
     env = make_env("facts", num_tasks=2 * rollouts, seed=seed)
@@ -29,7 +34,7 @@ def facts_pairs(rollouts: int, seed: int) -> dict[int, list[QAPair]]:
     return {g: [pair[g]] + pair[rollouts + g : rollouts + g + 3] for g in range(rollouts)}
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default=DEFAULT_MODEL)
     parser.add_argument("--rollouts", type=int, default=8)
@@ -37,11 +42,12 @@ def main() -> None:
     parser.add_argument("--target", type=float, default=0.5, help="fraction of the starting loss to reach")
     parser.add_argument("--max-steps", type=int, default=60)
     parser.add_argument("--seed", type=int, default=1)
-    args = parser.parse_args()
+    args = parse_args(parser, QUICK, argv)
 
     model, tokenizer = load_policy(args.model)
     pairs = facts_pairs(args.rollouts, args.seed)
-    results = {"model": args.model, "lr": args.lr, "rollouts": args.rollouts, "target_fraction": args.target}
+    results = {"model": args.model, "lr": args.lr, "rollouts": args.rollouts, "target_fraction": args.target,
+               "quick": args.quick}
     curves = {}
     for init in ("svd", "random"):
         fast = FastWeights(model, args.rollouts, FastWeightConfig(init=init, lr=args.lr, epochs=args.max_steps))

@@ -89,6 +89,7 @@ def main() -> None:
             {"same_a": same_a, "step_after_reload": trainer.step, "local_weight_shapes": local_shapes}))
     else:
         state = acc.unwrap_model(trainer.model).state_dict()
+        trainer.save_checkpoint()  # for the export test: a DDP checkpoint
     if state is not None:
         torch.save({k: v.detach().clone() for k, v in state.items()}, Path(args.out) / f"rank{acc.process_index}.pt")
     acc.wait_for_everyone()

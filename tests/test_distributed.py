@@ -71,6 +71,20 @@ def test_two_process_gloo_matches_one_process(fixed_batch, tmp_path, loss_type):
         torch.testing.assert_close(rank0[key], single[key], atol=2e-5, rtol=1e-4)
         moved += 0 if torch.allclose(single[key], initial[key]) else 1
     assert moved > len(single) // 2, "the steps must have changed most parameters for the comparison to mean anything"
+    if loss_type == "dapo":
+        assert_export_holds(tmp_path / "two" / "run" / "checkpoint-2", rank0, tmp_path / "export")
+
+
+def assert_export_holds(checkpoint, weights, out):
+    """`tmem-rl export --verify` of a multi-process checkpoint loads in plain transformers with these weights."""
+    from transformers import AutoModelForCausalLM
+
+    from tmem_rl.cli import main
+
+    assert main(["export", str(checkpoint), "--out", str(out), "--verify"]) == 0
+    exported = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).state_dict()
+    for key, value in exported.items():
+        torch.testing.assert_close(value, weights[key].float(), atol=1e-6, rtol=0)
 
 
 @pytest.mark.parametrize("stage", [2, 3])
@@ -86,6 +100,8 @@ def test_deepspeed_zero_two_processes(fixed_batch, tmp_path, stage):
         if stage == 3:
             assert all(shape == [0] for shape in report["local_weight_shapes"]), "ZeRO-3 should partition weights"
     assert (tmp_path / "ds" / "run" / "checkpoint-2" / "trainer_state.json").exists()
+    if stage == 3:  # ZeRO-3 shards, consolidated by the export
+        assert_export_holds(tmp_path / "ds" / "run" / "checkpoint-2", gathered, tmp_path / "export")
 
 
 def test_ppo_under_zero3_with_unequal_segment_counts(fixed_batch, tmp_path):

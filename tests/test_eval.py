@@ -1,10 +1,18 @@
+import dataclasses
 import json
+import os
+import re
+import signal
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 
 from tmem_rl.envs.locomo import LocomoEnv
+from tmem_rl.errors import InputError
 from tmem_rl.evaluation import harness
-from tmem_rl.evaluation.harness import EvalConfig, read_records, run_eval
+from tmem_rl.evaluation.harness import EvalConfig, append_records, check_resumable, read_records, run_eval
 from tmem_rl.evaluation.methods import METHODS, MethodSettings
 from tmem_rl.memory import FastWeightConfig
 from tmem_rl.models import tiny_model
@@ -81,7 +89,7 @@ def test_resume_finishes_each_question_exactly_once(tiny_path, tmp_path):
     # Simulate a crash after k records, the last write torn in half.
     k = 3
     (tmp_path / "results.jsonl").write_text("".join(lines[:k]) + lines[k][: len(lines[k]) // 2])
-    with pytest.raises(FileExistsError, match="--resume"):
+    with pytest.raises(InputError, match="--resume"):
         run_eval(cfg)
     cfg.resume = True
     summary = run_eval(cfg)
@@ -115,3 +123,162 @@ def test_eval_loads_the_model_on_the_chosen_device(tiny_path, tmp_path, monkeypa
     assert json.loads((tmp_path / "run" / "config.json").read_text())["device"] == "cpu"
     assert EvalConfig(data=FIXTURE, out=str(tmp_path)).device == ("cuda" if harness.torch.cuda.is_available()
                                                                   else "cpu")
+
+
+# ---- results file: resume keeps every valid record --------------------------------------------------------------
+
+
+def record(method, question_id, f1=0.5):
+    return {"method": method, "question_id": question_id, "f1": f1, "em": 0.0, "prediction": "Zoë"}
+
+
+def test_junk_lines_in_the_middle_are_skipped_and_every_valid_record_kept(tmp_path):
+    path = tmp_path / "results.jsonl"
+    valid = [json.dumps(record(*key)).encode() for key in (("none", "s/q0"), ("tmem", "s/q0"), ("none", "s/q1"))]
+    # Lines 2, 3, 5 and 6: blank, not JSON, not UTF-8, JSON but not a record.
+    lines = [valid[0], b"", b"{not json", valid[1], b"\xff\xfe not utf-8", b'{"method": "none"}', valid[2]]
+    path.write_bytes(b"\n".join(lines) + b"\n")
+    before = path.read_bytes()
+    with pytest.warns(UserWarning) as warned:
+        records = read_records(path)
+    assert [(r["method"], r["question_id"]) for r in records] == [("none", "s/q0"), ("tmem", "s/q0"), ("none", "s/q1")]
+    messages = [str(w.message) for w in warned]
+    assert len(messages) == 1  # one warning for the file, naming every junk line
+    assert str(path) in messages[0] and "line(s) 2, 3, 5, 6" in messages[0]
+    assert path.read_bytes() == before  # nothing is cut: the records after the junk stay in the file
+
+
+def test_a_torn_last_line_is_dropped_and_cut_so_appends_start_clean(tmp_path):
+    path = tmp_path / "results.jsonl"
+    whole = json.dumps(record("none", "s/q0")) + "\n"
+    torn = json.dumps(record("none", "s/q1"))[:25]
+    path.write_text(whole + torn)
+    assert [r["question_id"] for r in read_records(path)] == ["s/q0"]
+    assert path.read_text() == whole
+    append_records(path, [record("none", "s/q1")])
+    assert [r["question_id"] for r in read_records(path)] == ["s/q0", "s/q1"]
+
+
+def test_a_last_line_torn_inside_a_utf8_character_is_dropped(tmp_path):
+    path = tmp_path / "results.jsonl"
+    whole = (json.dumps(record("none", "s/q0"), ensure_ascii=False) + "\n").encode()
+    torn = json.dumps(record("none", "s/q1"), ensure_ascii=False).encode()
+    cut = torn.index("ë".encode()) + 1  # between the two bytes of "ë"
+    path.write_bytes(whole + torn[:cut])
+    assert [r["question_id"] for r in read_records(path)] == ["s/q0"]
+    assert path.read_bytes() == whole
+
+
+def test_a_complete_last_line_missing_only_its_newline_is_kept(tmp_path):
+    path = tmp_path / "results.jsonl"
+    path.write_text(json.dumps(record("none", "s/q0")) + "\n" + json.dumps(record("none", "s/q1")))
+    assert [r["question_id"] for r in read_records(path)] == ["s/q0", "s/q1"]
+    append_records(path, [record("none", "s/q2")])
+    assert [r["question_id"] for r in read_records(path)] == ["s/q0", "s/q1", "s/q2"]
+
+
+def test_a_record_with_a_lone_surrogate_is_written_as_readable_json(tmp_path):
+    path = tmp_path / "results.jsonl"
+    append_records(path, [{**record("none", "s/q0"), "prediction": "half \ud800 a character"}])
+    assert read_records(path)[0]["prediction"] == "half \ud800 a character"
+
+
+# ---- resume: the same settings, or a clear error --------------------------------------------------------------
+
+
+def saved_run(out, cfg):
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "config.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=2))
+    append_records(out / "results.jsonl", [record("none", "syn-1/q0")])
+
+
+def test_resume_with_other_settings_is_refused_before_anything_is_written(tmp_path):
+    out = tmp_path / "run"
+    first = EvalConfig(data=FIXTURE, out=str(out), model="model-a", methods=["none"], l_max=120)
+    saved_run(out, first)
+    saved = (out / "config.json").read_bytes(), (out / "results.jsonl").read_bytes()
+    other = dataclasses.replace(first, model="model-b", l_max=4096, resume=True,
+                                fast_weights=FastWeightConfig(epochs=2))
+    with pytest.raises(InputError) as err:
+        run_eval(other)
+    message = str(err.value)
+    assert "\n" not in message and str(out / "config.json") in message
+    assert "model: saved 'model-a', now 'model-b'" in message
+    assert "l_max: saved 120, now 4096" in message and "fast_weights.epochs: saved 5, now 2" in message
+    assert "--out" in message
+    # Only the settings that change results are named; resume itself (and out, device) may differ.
+    assert set(re.findall(r"([\w.]+): saved", message)) == {"model", "l_max", "fast_weights.epochs"}
+    assert ((out / "config.json").read_bytes(), (out / "results.jsonl").read_bytes()) == saved
+
+
+def test_resume_may_add_methods_and_questions_and_move_device(tmp_path):
+    out = tmp_path / "run"
+    first = EvalConfig(data=FIXTURE, out=str(out), methods=["none"], max_questions=2, device="cpu",
+                       env_kwargs={"seed": 1})
+    saved_run(out, first)
+    grown = dataclasses.replace(first, methods=["none", "tmem"], max_questions=None, per_category=3,
+                                sample_ids=["syn-1"], device="cuda:1", resume=True,
+                                methods_settings=MethodSettings(answer_batch_size=2))
+    check_resumable(out, grown)  # no error
+    with pytest.raises(InputError, match=r"env_kwargs\.seed: saved 1, now 2.*env_kwargs\.typo: saved \(not set\)"):
+        check_resumable(out, dataclasses.replace(grown, env_kwargs={"seed": 2, "typo": 1}))
+    with pytest.raises(InputError, match="methods_settings.retrieval_k"):
+        check_resumable(out, dataclasses.replace(grown, methods_settings=MethodSettings(retrieval_k=3)))
+
+
+def test_an_unreadable_saved_config_is_an_input_error(tmp_path):
+    out = tmp_path / "run"
+    cfg = EvalConfig(data=FIXTURE, out=str(out), methods=["none"], resume=True)
+    saved_run(out, cfg)
+    (out / "config.json").write_text('{"model": ')
+    with pytest.raises(InputError, match="config.json: not valid JSON at line 1"):
+        run_eval(cfg)
+
+
+# ---- an interrupted run, resumed, has each (method, question) once --------------------------------------------
+
+KILL_AFTER_WRITES = """
+import os, signal, sys
+from tmem_rl.evaluation import harness
+from tmem_rl.cli import main
+
+writes = []
+original = harness.append_records
+
+def append_then_die(path, records):
+    # The second batch's first record is torn mid-line and the process killed, as a crash during a write leaves it.
+    writes.append(len(records))
+    if len(writes) == 2:
+        line = harness._jsonl(records[0])
+        with open(path, "a", encoding="utf-8") as f:
+            f.write(line[: len(line) // 2])
+        os.kill(os.getpid(), signal.SIGKILL)
+    original(path, records)
+
+harness.append_records = append_then_die
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+def test_a_killed_run_resumed_has_each_method_and_question_once(tiny_path, tmp_path):
+    from tmem_rl.cli import main
+
+    repo = Path(__file__).resolve().parents[1]
+    out = tmp_path / "run"
+    args = ["eval", "--data", str(repo / FIXTURE), "--model", tiny_path, "--method", "none", "retrieval",
+            "--max-questions", "5", "--batch-size", "2", "--l-max", "120", "--greedy", "--device", "cpu",
+            "--out", str(out)]
+    killed = subprocess.run([sys.executable, "-c", KILL_AFTER_WRITES, *args], cwd=repo, capture_output=True,
+                            text=True, timeout=300, env={**os.environ, "PYTHONPATH": str(repo)})
+    assert killed.returncode == -signal.SIGKILL, killed.stderr[-2000:]
+    written = (out / "results.jsonl").read_bytes()
+    assert not written.endswith(b"\n"), "the kill must leave a torn last line"
+    assert written.count(b"\n") == 2  # the first batch (two questions) made it
+
+    assert main([*args, "--resume"]) == 0
+    records = read_records(out / "results.jsonl")
+    keys = [(r["method"], r["question_id"]) for r in records]
+    questions = [t.task_id for t in LocomoEnv(FIXTURE).tasks()[:5]]
+    assert sorted(keys) == sorted((m, q) for m in ("none", "retrieval") for q in questions)  # each exactly once
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["none"]["n"] == summary["retrieval"]["n"] == 5

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import time
 
 from tmem_rl.records import QAPair
 from tmem_rl.extraction import (
@@ -190,6 +191,42 @@ def test_numbers_and_bools_become_strings_and_strings_are_stripped():
     text = '[{"instruction": "  How many staff?\\n", "output": 42}, {"instruction": "Listed?", "output": true}]'
     record = parse_qa_pairs(text)
     assert pairs(record) == [("How many staff?", "42"), ("Listed?", "True")]
+
+
+def test_pairs_with_a_lone_surrogate_are_dropped_with_a_reason():
+    # "\\ud800" alone decodes to half a character that no tokenizer can encode; a pair of escapes is one character.
+    text = ('[{"instruction": "Who?", "output": "Jo \\ud800"}, {"instruction": "When \\udfff?", "output": "1999"}, '
+            '{"instruction": "Which face?", "output": "\\ud83d\\ude00"}]')
+    record = parse_qa_pairs(text)
+    assert pairs(record) == [("Which face?", "\U0001F600")]
+    assert reasons(record) == ["not Unicode text (lone surrogate)"] * 2
+    assert parse_qa_pairs('[{"instruction": "Who?", "output": "Jo \\ud800"}]').error == "all items dropped"
+
+
+def test_an_integer_too_long_for_python_is_kept_as_text():
+    digits = "7" * 5000
+    record = parse_qa_pairs(f'[{{"instruction": "Which number?", "output": {digits}}}, {{"q": "Q2", "a": 12}}]')
+    assert pairs(record) == [("Which number?", digits), ("Q2", "12")]
+    # Also in an array cut off by the token limit, read item by item.
+    record = parse_qa_pairs(f'{{"instruction": "Which number?", "output": -{digits}}}, {{"q": "Q2"', prefilled=True)
+    assert pairs(record) == [("Which number?", "-" + digits)]
+
+
+def test_a_megabyte_of_openers_is_parsed_in_bounded_time():
+    start = time.perf_counter()
+    record = parse_qa_pairs('{"' * 500_000)
+    elapsed = time.perf_counter() - start
+    assert record.pairs == [] and record.error.startswith("no JSON found (gave up after")
+    assert elapsed < 10, elapsed  # about 0.05 s; it was quadratic (over a minute)
+
+
+def test_pairs_after_thousands_of_unreadable_openers_are_found():
+    # Past the first suffix window (decodes then run in a later suffix of the text, positions must map back).
+    assert pairs(parse_qa_pairs('{"' * 5000 + CLEAN)) == CLEAN_PAIRS
+    # A non-pair value found first is only the fallback; the pair list after it wins.
+    assert pairs(parse_qa_pairs('{"' * 3000 + "[1] " + '{"' * 3000 + " " + CLEAN)) == CLEAN_PAIRS
+    # Without it, the fallback is the answer: [1] holds no object.
+    assert parse_qa_pairs('{"' * 3000 + "[1] " + '{"' * 3000).error == "all items dropped"
 
 
 def test_duplicates_are_dropped_after_folding():

@@ -10,6 +10,7 @@ import torch
 from peft import LoraConfig, get_peft_model
 
 from tmem_rl.envs import make_env
+from tmem_rl.errors import InputError
 from tmem_rl.envs.split import TaskSplit, split_env
 from tmem_rl.evaluation.harness import EvalConfig, read_records, run_eval
 from tmem_rl.evaluation.methods import MethodSettings
@@ -182,7 +183,7 @@ def test_load_trained_policy_merges_an_adapter_and_loads_full_weights(tiny_folde
     save_file({k: v for k, v in expected.items() if k != "lm_head.weight"}, str(full / "model.safetensors"))
     from_full, _ = load_trained_policy(full, str(tiny_folders / "base"))
     assert torch.allclose(from_full.state_dict()[name], expected[name])
-    with pytest.raises(FileNotFoundError, match="expected adapter/adapter_config.json"):
+    with pytest.raises(InputError, match="expected adapter/adapter_config.json"):
         load_trained_policy(tiny_folders, str(tiny_folders / "base"))
 
 

@@ -6,6 +6,7 @@ from pathlib import Path
 import pytest
 
 from tmem_rl.envs import make_env
+from tmem_rl.errors import InputError
 from tmem_rl.envs.locomo import (
     DATE_HINT,
     NOT_MENTIONED,
@@ -257,6 +258,94 @@ def test_not_json_or_not_a_list(tmp_path, text, expected):
     with pytest.raises(LocomoFormatError) as err:
         load_locomo(path)
     assert str(path) in str(err.value) and expected in str(err.value)
+
+
+def _set(*keys):
+    """A mutation that puts a text with a lone surrogate (the JSON escape "\\ud800") at raw[keys...]."""
+
+    def mutate(raw):
+        node = raw
+        for key in keys[:-1]:
+            node = node[key]
+        node[keys[-1]] = "half a character: \ud800"
+
+    return mutate
+
+
+@pytest.mark.parametrize(
+    "mutate, where, field",
+    [
+        (_set(0, "conversation", "session_1", 1, "text"), "sample syn-1", "conversation.session_1[1].text"),
+        (_set(0, "conversation", "speaker_a"), "sample syn-1", "conversation.speaker_a"),
+        (_set(1, "conversation", "session_2_date_time"), "sample syn-2", "conversation.session_2_date_time"),
+        (_set(1, "qa", 2, "question"), "sample syn-2", "qa[2].question"),
+        (_set(0, "qa", 0, "answer"), "sample syn-1", "qa[0].answer"),
+        (_set(0, "qa", 0, "evidence", 0), "sample syn-1", "qa[0].evidence[0]"),
+        (_set(1, "sample_id"), "sample index 1", "sample_id"),
+    ],
+)
+def test_a_lone_surrogate_is_rejected_naming_sample_and_field(tmp_path, mutate, where, field):
+    raw = json.loads(FIXTURE.read_text())
+    mutate(raw)
+    path = tmp_path / "broken.json"
+    path.write_text(json.dumps(raw))  # ASCII: the surrogate is the escape \ud800, as a JSON writer leaves it
+    with pytest.raises(LocomoFormatError) as err:
+        load_locomo(path)
+    message = str(err.value)
+    assert str(path) in message and f"{where}: field '{field}'" in message and "lone surrogate" in message
+    message.encode("utf-8")  # the message itself can be printed
+
+
+def test_a_file_that_is_not_utf8_names_the_byte_offset(tmp_path):
+    data = FIXTURE.read_bytes()
+    offset = data.index(b"cello")
+    path = tmp_path / "latin1.json"
+    path.write_bytes(data[:offset] + "violoncelle à".encode("latin-1") + data[offset + 5:])
+    with pytest.raises(LocomoFormatError) as err:
+        load_locomo(path)
+    assert str(path) in str(err.value) and f"byte offset {offset + len('violoncelle ')}" in str(err.value)
+
+
+def test_an_integer_too_long_for_python_is_an_input_error_naming_the_file(tmp_path):
+    path = tmp_path / "long.json"
+    path.write_text('[{"sample_id": ' + "7" * 5000 + "}]")
+    with pytest.raises(LocomoFormatError, match="has more than .* digits") as err:
+        load_locomo(path)
+    assert str(path) in str(err.value)
+
+
+def test_invalid_json_names_line_and_column(tmp_path):
+    path = tmp_path / "broken.json"
+    path.write_text('[\n  {"sample_id": }\n]')
+    with pytest.raises(LocomoFormatError, match=r"not valid JSON at line 2, column 17") as err:
+        load_locomo(path)
+    assert str(path) in str(err.value)
+
+
+def test_an_empty_sample_list_is_an_error(tmp_path):
+    path = tmp_path / "empty.json"
+    path.write_text("[]")
+    with pytest.raises(LocomoFormatError, match="no samples") as err:
+        load_locomo(path)
+    assert str(path) in str(err.value)
+
+
+def test_a_missing_file_is_an_input_error(tmp_path):
+    with pytest.raises(LocomoFormatError, match="cannot read the file") as err:
+        load_locomo(tmp_path / "nowhere.json")
+    assert "nowhere.json" in str(err.value)
+
+
+def test_a_misspelt_env_setting_names_the_environment_the_key_and_the_accepted_keys():
+    with pytest.raises(InputError) as err:
+        make_env("locomo", data=str(FIXTURE), sample_id=["syn-1"])
+    message = str(err.value)
+    assert "environment 'locomo'" in message and "'sample_id'" in message
+    assert "accepted: data, sample_ids, max_questions, seed, per_category" in message
+    with pytest.raises(InputError, match="environment 'locomo': missing setting.*'data'"):
+        make_env("locomo")
+    with pytest.raises(InputError, match="sample_ids must be None or a list of strings"):
+        make_env("locomo", data=str(FIXTURE), sample_ids=7)
 
 
 # ---- environment ---------------------------------------------------------------------------------------------

@@ -8,7 +8,7 @@ from tmem_rl.models import DEFAULT_MODEL, load_policy, resolve_model_path, tiny_
 
 
 def test_unknown_name_lists_known_names():
-    with pytest.raises(ValueError, match=f"known names: {DEFAULT_MODEL}"):
+    with pytest.raises(ValueError, match=f"known name \\({DEFAULT_MODEL}, tiny\\)"):
         resolve_model_path("smollm9-1m")
 
 

@@ -49,6 +49,22 @@ def test_arbitrary_text_never_raises(text, prefilled, source):
     parse_and_check(text, prefilled, source)
 
 
+# Surrogate code points, raw or as JSON escapes, and integer literals longer than Python converts.
+HOSTILE = st.sampled_from(["\ud800", "\udfff", "\\ud800", "\\udc00", "\\ud83d\\ude00", "7" * 4301, "-" + "1" * 5000])
+PAIR_WITH = st.tuples(HOSTILE | st.text(max_size=5), HOSTILE | st.text(max_size=5)).map(
+    lambda qa: f'{{"instruction": "Q {qa[0]}", "output": "A {qa[1]}"}}, {{"q": 1, "a": {qa[1]}}}'
+)
+
+
+@PROPERTY_SETTINGS
+@given(text=st.lists(PAIR_WITH | HOSTILE | st.text(st.characters(exclude_categories=()), max_size=20), max_size=8)
+       .map(lambda parts: "[" + ", ".join(parts)), source=sources)
+def test_every_kept_pair_has_a_utf8_form(text, source):
+    record = parse_and_check(text, source=source)
+    for pair in record.pairs:
+        (pair.instruction + pair.output).encode("utf-8")
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # (b) Text built from JSON fragments, with runs of deep nesting
 # ----------------------------------------------------------------------------------------------------------------

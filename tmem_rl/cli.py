@@ -9,9 +9,13 @@ import sys
 
 
 def _add_dataclass_args(parser: argparse.ArgumentParser, cls) -> None:
+    from tmem_rl.config_docs import field_docs
+
+    docs = field_docs(cls)
     for f in dataclasses.fields(cls):
         flag = "--" + f.name.replace("_", "-")
-        parser.add_argument(flag, type=type(f.default), default=f.default, help=f"(default: {f.default})")
+        text = f"{docs[f.name]} " if f.name in docs else ""
+        parser.add_argument(flag, type=type(f.default), default=f.default, help=f"{text}(default: {f.default})")
 
 
 def _json_object(text: str) -> dict:
@@ -95,41 +99,74 @@ def _run(argv: list[str] | None) -> int:
                          "recipe (flags given here still win)")
     ev.add_argument("--split", choices=["all", "train", "heldout"], default=None,
                     help="side of the seeded task partition to evaluate (default: heldout with --recipe, else all)")
-    ev.add_argument("--heldout-fraction", type=float, default=None)
-    ev.add_argument("--split-seed", type=int, default=None)
+    ev.add_argument("--heldout-fraction", type=float, default=None,
+                    help="share of tasks held out of training (default: the recipe's, else 0)")
+    ev.add_argument("--split-seed", type=int, default=None, help="seed of the train / held-out partition")
     ev.add_argument("--checkpoint", default=None,
                     help="a trained policy (tmem-rl train checkpoint, PEFT adapter or HF folder), evaluated after "
                          "the base model on the same tasks")
     ev.add_argument("--method", nargs="+", default=["tmem"], help=" ".join(METHODS))
-    ev.add_argument("--model", default=None)
-    ev.add_argument("--max-questions", type=int, default=None)
+    ev.add_argument("--model", default=None,
+                    help="a known name (smollm2-135m-instruct, tiny), an HF folder or a hub id (default: the "
+                         "recipe's, else the default model)")
+    ev.add_argument("--max-questions", type=int, default=None, help="evaluate only the first N questions")
     ev.add_argument("--per-category", type=int, default=None, help="first N questions of each category")
-    ev.add_argument("--sample-ids", nargs="+", default=None)
-    ev.add_argument("--episode-unit", choices=["question", "conversation"], default="question")
+    ev.add_argument("--sample-ids", nargs="+", default=None, help="LoCoMo: only these conversations")
+    ev.add_argument("--episode-unit", choices=["question", "conversation"], default="question",
+                    help="question: one episode per question (the stream read with it in mind); conversation: "
+                         "read each stream once, then answer all its questions from the same memory")
     ev.add_argument("--greedy", action="store_true", help="deterministic decoding instead of the paper's sampling")
-    ev.add_argument("--out", required=True)
-    ev.add_argument("--resume", action="store_true")
+    ev.add_argument("--out", required=True, help="folder for results.jsonl, summary.json / .md and the chart")
+    ev.add_argument("--resume", action="store_true",
+                    help="continue an interrupted evaluation in --out with the same settings: every (method, "
+                         "question) already recorded is kept and not run again")
     ev.add_argument("--l-max", type=int, default=None, help="working-context budget (default: the paper's 4096)")
     ev.add_argument("--max-pairs", type=int, default=None, help="pairs asked for per extraction (default 8)")
-    ev.add_argument("--inner-lr", type=float, default=None)
-    ev.add_argument("--inner-epochs", type=int, default=None)
+    ev.add_argument("--inner-lr", type=float, default=None, help="inner-loop SGD learning rate (default 5e-4)")
+    ev.add_argument("--inner-epochs", type=int, default=None, help="inner-loop epochs per extraction (default 5)")
     ev.add_argument("--context-budget", type=int, default=None, help="full-context prompt budget in tokens")
-    ev.add_argument("--retrieval-k", type=int, default=None)
+    ev.add_argument("--retrieval-k", type=int, default=None, help="chunks the retrieval baseline puts in the prompt")
     ev.add_argument("--batch-size", type=int, default=None, help="streams read in lockstep and questions answered per batch (one fast-weight slot per stream)")
-    ev.add_argument("--seed", type=int, default=0)
+    ev.add_argument("--seed", type=int, default=0, help="seeds sampling and the question order")
     ev.add_argument("--device", default=None, help="cuda, cuda:1, cpu ... (default: cuda when available)")
     ev.add_argument("--chat-template-kwargs", type=_json_object, default=None,
                     help='JSON passed to the chat template, e.g. \'{"enable_thinking": true}\' '
                          "(default: thinking off where the template has the switch)")
     train = sub.add_parser("train", help="train with a YAML recipe (GRPO); key=value overrides after the recipe")
-    train.add_argument("recipe")
+    train.add_argument("recipe", help="a YAML recipe, e.g. recipes/quickstart_cpu.yaml")
     train.add_argument("overrides", nargs="*", help="dotted overrides, e.g. outer_loop.max_steps=2")
-    train.add_argument("--resume", action="store_true", help="continue from the latest checkpoint")
+    again = train.add_mutually_exclusive_group()
+    again.add_argument("--resume", action="store_true",
+                       help="continue the run in outer_loop.output_dir from its newest good checkpoint")
+    again.add_argument("--overwrite", action="store_true",
+                       help="delete the run already in outer_loop.output_dir (checkpoints, metrics) and start over")
+    export = sub.add_parser("export", help="a training checkpoint -> a merged HF model or a PEFT adapter folder, "
+                                           "with tokenizer, generation config, fast_weights.json and a model card")
+    export.add_argument("checkpoint", help="a checkpoint-<step> folder written by tmem-rl train")
+    export.add_argument("--out", required=True, help="the folder to write (must not exist or be empty)")
+    export.add_argument("--format", choices=["merged", "adapter"], default="merged",
+                        help="merged: slow LoRA merged into the base, loads with AutoModelForCausalLM; adapter: a "
+                             "PEFT adapter folder (LoRA runs only)")
+    export.add_argument("--verify", action="store_true",
+                        help="reload the export with plain transformers / PEFT and compare logits with the "
+                             "checkpoint's model in fp32 (fails above --verify-tolerance)")
+    export.add_argument("--verify-tolerance", type=float, default=None,
+                        help="largest max abs logit difference --verify accepts (default 1e-4; fp32 arithmetic alone "
+                             "moves the "
+                             "default model's logits by ~0.9e-4)")
+    export.add_argument("--base", default=None, help="the base model, when the checkpoint does not record it")
+    export.add_argument("--eval", default=None, help="a summary.json of tmem-rl eval to put in the model card")
+    export.add_argument("--overwrite", action="store_true", help="replace --out if it holds files")
     sub.add_parser("envs", help="list the available environments")
     convert = sub.add_parser("convert", help="convert a known packaged model into the HF cache folder; print it")
-    convert.add_argument("name", nargs="?", default=None)
+    convert.add_argument("name", nargs="?", default=None, help="a known model name (default: the default model)")
 
-    args = parser.parse_args(argv)
+    args, extra = parser.parse_known_args(argv)
+    if args.command == "train":  # overrides may also come after a flag: train r.yaml --resume a.b=1
+        args.overrides += [a for a in extra if "=" in a and not a.startswith("-")]
+        extra = [a for a in extra if a not in args.overrides]
+    if extra:
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
     if args.command == "demo":
         from tmem_rl.demo import format_table, run_demo
 
@@ -142,16 +179,38 @@ def _run(argv: list[str] | None) -> int:
     elif args.command == "eval":
         from tmem_rl.evaluation.harness import markdown_table, run_eval
 
-        config = _eval_config(args)
+        from tmem_rl.errors import InputError
+
+        try:
+            config = _eval_config(args)
+        except InputError:
+            raise
+        except (TypeError, ValueError) as err:  # a settings class refused a flag's value
+            raise InputError(f"tmem-rl eval: {err}") from err
         summary = run_eval(config)
         print(markdown_table(summary))
         print(f"\nrecords, summary.json, summary.md and f1_by_category.png written to {config.out}/")
     elif args.command == "train":
         from tmem_rl.recipes import load_recipe, run_recipe
 
-        history = run_recipe(load_recipe(args.recipe, args.overrides), resume=args.resume)
+        history = run_recipe(load_recipe(args.recipe, args.overrides), resume=args.resume, overwrite=args.overwrite)
         if history:
             print(json.dumps({k: float(f"{v:.4g}") for k, v in history[-1].items()}, indent=2))
+    elif args.command == "export":
+        from tmem_rl.export import VERIFY_TOLERANCE, export_checkpoint
+
+        tolerance = VERIFY_TOLERANCE if args.verify_tolerance is None else args.verify_tolerance
+        result = export_checkpoint(args.checkpoint, args.out, args.format, verify=args.verify, base=args.base,
+                                   eval_summary=args.eval, overwrite=args.overwrite,
+                                   tolerance=tolerance)
+        print(f"exported {args.checkpoint} ({result['format']}, base {result['base_model'] or 'none'}) to "
+              f"{result['out']}")
+        if args.verify:
+            verdict = "ok" if result["verified"] else "FAILED"
+            print(f"verify: max abs logit diff {result['max_logit_diff']:.3g} (tolerance {tolerance:g}, "
+                  f"fp32): {verdict}")
+            if not result["verified"]:
+                return 1
     elif args.command == "envs":
         from tmem_rl.envs import available_envs
 

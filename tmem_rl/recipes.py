@@ -8,7 +8,6 @@ overrides use the same dotted keys: `outer_loop.learning_rate=1e-5 env.kwargs.nu
 from __future__ import annotations
 
 import dataclasses
-import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -16,6 +15,7 @@ from typing import Any
 
 import yaml
 
+from tmem_rl.config_types import type_name, value_fits
 from tmem_rl.errors import InputError
 from tmem_rl.memory import FastWeightConfig
 from tmem_rl.models import DEFAULT_MODEL
@@ -28,6 +28,9 @@ class RecipeError(InputError):
     pass
 
 
+DTYPES = ("float32", "bfloat16", "float16")
+
+
 @dataclass
 class ModelSection:
     name: str = DEFAULT_MODEL
@@ -35,6 +38,16 @@ class ModelSection:
     dtype: str = "float32"
     """float32 | bfloat16 | float16. Full fine-tuning wants float32 master weights with
     outer_loop.mixed_precision: bf16; bfloat16 suits LoRA slow weights and evaluation."""
+
+    def __post_init__(self):
+        if self.dtype not in DTYPES:
+            raise ValueError(f"dtype {self.dtype!r} is not one of {', '.join(DTYPES)}")
+
+    @property
+    def torch_dtype(self):
+        import torch
+
+        return getattr(torch, self.dtype)
 
 
 @dataclass
@@ -76,31 +89,6 @@ class TrainRecipe:
 ALGORITHMS = {"grpo": (GRPOConfig, GRPOTrainer), "ppo": (PPOConfig, PPOTrainer)}
 
 
-def _type_ok(value: Any, annotation: Any) -> bool:
-    origin = typing.get_origin(annotation)
-    if annotation is Any:
-        return True
-    if origin in (typing.Union, types.UnionType):
-        return any(_type_ok(value, a) for a in typing.get_args(annotation))
-    if annotation is type(None):
-        return value is None
-    if annotation is bool:
-        return isinstance(value, bool)
-    if annotation is int:
-        return isinstance(value, int) and not isinstance(value, bool)
-    if annotation is float:
-        return isinstance(value, (int, float)) and not isinstance(value, bool)
-    if annotation is str:
-        return isinstance(value, str)
-    if origin in (list, tuple):
-        args = [a for a in typing.get_args(annotation) if a is not Ellipsis]
-        return isinstance(value, (list, tuple)) and all(_type_ok(v, args[0]) for v in value) if args else True
-    if origin is dict or annotation is dict:
-        args = typing.get_args(annotation)
-        return isinstance(value, dict) and (not args or all(_type_ok(v, args[1]) for v in value.values()))
-    return True
-
-
 def _build(cls, data: Any, where: str, path: str):
     if not isinstance(data, dict):
         raise RecipeError(f"{path}: '{where}' must be a mapping of settings, got {type(data).__name__}")
@@ -110,19 +98,19 @@ def _build(cls, data: Any, where: str, path: str):
     for key, value in data.items():
         dotted = f"{where}.{key}" if where else key
         if key not in fields:
-            raise RecipeError(f"{path}: unknown key '{dotted}'; known keys: {', '.join(fields)}")
+            raise RecipeError(f"{path}: unknown key {dotted!r}; known keys: {', '.join(fields)}")
         hint = hints[key]
         if dataclasses.is_dataclass(hint):
             kwargs[key] = _build(hint, value, dotted, path)
             continue
-        if isinstance(value, str) and not _type_ok(value, hint) and _type_ok(0.5, hint):
+        if isinstance(value, str) and not value_fits(value, hint) and value_fits(0.5, hint):
             # PyYAML reads 1e-5 (no dot) as a string; accept it where a float is expected.
             try:
                 value = float(value)
             except ValueError:
                 pass
-        if not _type_ok(value, hint):
-            expected = getattr(hint, "__name__", None) or str(hint).replace("typing.", "")
+        if not value_fits(value, hint):
+            expected = type_name(hint)
             raise RecipeError(f"{path}: '{dotted}' must be {expected}, got {value!r} ({type(value).__name__})")
         kwargs[key] = tuple(value) if typing.get_origin(hint) is tuple else value
     try:
@@ -131,33 +119,56 @@ def _build(cls, data: Any, where: str, path: str):
         raise RecipeError(f"{path}: section '{where or 'top level'}': {err}") from err
 
 
+def _one_line(err: Exception) -> str:
+    return " ".join(str(err).split())
+
+
 def _apply_override(data: dict, override: str, path: str) -> None:
     if "=" not in override:
         raise RecipeError(f"override {override!r}: expected key=value, e.g. outer_loop.max_steps=10")
     key, raw = override.split("=", 1)
     parts = key.strip().split(".")
+    if not all(parts):
+        raise RecipeError(f"override {override!r}: expected a dotted key like outer_loop.max_steps before '='")
+    try:
+        value = yaml.safe_load(raw)
+    except (yaml.YAMLError, RecursionError, ValueError) as err:
+        raise RecipeError(f"override {override!r}: the value is not valid YAML ({_one_line(err)[:200]})") from err
     node = data
     for part in parts[:-1]:
         node = node.setdefault(part, {})
         if not isinstance(node, dict):
             raise RecipeError(f"{path}: override '{key}': '{part}' is not a section")
-    node[parts[-1]] = yaml.safe_load(raw)
+    node[parts[-1]] = value
 
 
 def load_recipe(path: str | Path, overrides: list[str] | None = None) -> TrainRecipe:
-    path = str(path)
+    from tmem_rl.envs import printable
+
+    source, path = Path(path), printable(path)  # read the path as given; name it printably
     try:
-        data = yaml.safe_load(Path(path).read_text()) or {}
+        text = source.read_bytes().decode("utf-8")
+        data = yaml.safe_load(text)
+    except RecursionError as err:
+        raise RecipeError(f"{path}: YAML nested too deeply to read") from err
     except yaml.YAMLError as err:
-        raise RecipeError(f"{path}: not valid YAML: {err}") from err
+        raise RecipeError(f"{path}: not valid YAML: {_one_line(err)}") from err
+    except UnicodeDecodeError as err:
+        raise RecipeError(f"{path}: not UTF-8 text (byte {err.start}: {err.reason})") from err
     except FileNotFoundError as err:
         raise RecipeError(f"{path}: no such recipe file") from err
+    except (OSError, ValueError) as err:  # a folder, no permission, a path the OS cannot take, a huge integer
+        detail = getattr(err, "strerror", None) or " ".join(str(err).split())[:120]
+        raise RecipeError(f"{path}: cannot read the recipe ({detail})") from err
+    if data is None:
+        raise RecipeError(f"{path}: the recipe is empty; expected sections such as model, env, inner_loop, "
+                          "episode, outer_loop (see recipes/quickstart_cpu.yaml)")
     if not isinstance(data, dict):
         raise RecipeError(f"{path}: a recipe is a mapping of sections, got {type(data).__name__}")
     for override in overrides or []:
         _apply_override(data, override, path)
     algorithm = data.get("algorithm", "grpo")
-    if algorithm not in ALGORITHMS:
+    if not isinstance(algorithm, str) or algorithm not in ALGORITHMS:
         raise RecipeError(f"{path}: 'algorithm' must be one of {tuple(ALGORITHMS)}, got {algorithm!r}")
     outer = data.pop("outer_loop", {})
     recipe = _build(TrainRecipe, data, "", path)
@@ -165,19 +176,19 @@ def load_recipe(path: str | Path, overrides: list[str] | None = None) -> TrainRe
     return recipe
 
 
-def run_recipe(recipe: TrainRecipe, resume: bool = False) -> list[dict]:
-    import torch
+def run_recipe(recipe: TrainRecipe, resume: bool = False, overwrite: bool = False) -> list[dict]:
     from accelerate import PartialState
 
     from tmem_rl.models import load_policy
 
+    env = recipe.env.make("train")  # before the model: a typo in env.kwargs is reported in a second
     # Straight onto this process's accelerator: the fast weights' SVD and every copy then start there too.
     device = PartialState().device
-    model, tokenizer = load_policy(recipe.model.name, dtype=getattr(torch, recipe.model.dtype), device=device)
-    env = recipe.env.make("train")
+    model, tokenizer = load_policy(recipe.model.name, dtype=recipe.model.torch_dtype, device=device)
     trainer_cls = ALGORITHMS[recipe.algorithm][1]
-    trainer = trainer_cls(recipe.outer_loop, model, tokenizer, env, recipe.inner_loop, recipe.episode)
-    return trainer.train(resume=resume)
+    trainer = trainer_cls(recipe.outer_loop, model, tokenizer, env, recipe.inner_loop, recipe.episode,
+                          run_info={"base_model": recipe.model.name, "recipe": dataclasses.asdict(recipe)})
+    return trainer.train(resume=resume, overwrite=overwrite)
 
 
 def eval_config(recipe: TrainRecipe, out: str, **overrides):

@@ -209,24 +209,37 @@ class EpisodeRunner:
             traj.timings["episode"] = total
         return EpisodeBatch(episode.trajectories, episode.snapshots)
 
-    def read(self, env: Environment, tasks: list[Task]) -> "Episode":
-        """Read every rollout's stream to its end, extracting and absorbing whenever the budget is exceeded."""
+    def read(self, env: Environment, tasks: list[Task], episode: "Episode | None" = None) -> "Episode":
+        """Read every rollout's stream to its end, extracting and absorbing whenever the budget is exceeded.
+
+        `episode`: an episode this runner read before, to go on with these tasks' chunks as if they followed its
+        streams. Its fast weights (slot g for rollout g, as the last read left them), working context, pairs,
+        trajectories and snapshots carry on, and the sampling generator is not reseeded; only the environment
+        states are new. Without it a new episode starts from the base model.
+        """
         cfg = self.config
         n = len(tasks)
         if self.fast is not None and n > self.fast.num_slots:
             raise ValueError(f"{n} rollouts but only {self.fast.num_slots} fast-weight slots")
-        self.reseed()
-        if self.fast is not None:
-            self.fast.reset(range(n))
-        ep = Episode(
-            states=[env.reset(task)[0] for task in tasks],
-            trajectories=[Trajectory(g, t.task_id, t.question, list(t.answers)) for g, t in enumerate(tasks)],
-        )
-        for traj in ep.trajectories:
-            traj.timings = {"generate_extraction": 0.0, "inner_update": 0.0, "generate_answer": 0.0}
-        ep.context = [[] for _ in range(n)]
-        ep.context_tokens = [0] * n
-        ep.pairs = [[] for _ in range(n)]
+        states = [env.reset(task)[0] for task in tasks]
+        if episode is not None:
+            if len(episode.trajectories) != n:
+                raise ValueError(f"the episode to continue has {len(episode.trajectories)} rollouts, got {n} tasks")
+            ep = episode
+            ep.states = states
+        else:
+            self.reseed()
+            if self.fast is not None:
+                self.fast.reset(range(n))
+            ep = Episode(
+                states=states,
+                trajectories=[Trajectory(g, t.task_id, t.question, list(t.answers)) for g, t in enumerate(tasks)],
+            )
+            for traj in ep.trajectories:
+                traj.timings = {"generate_extraction": 0.0, "inner_update": 0.0, "generate_answer": 0.0}
+            ep.context = [[] for _ in range(n)]
+            ep.context_tokens = [0] * n
+            ep.pairs = [[] for _ in range(n)]
         reading = list(range(n))
         while reading:
             for g in list(reading):

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 
 from tmem_rl.envs import register_env
 from tmem_rl.envs.base import Environment, Task
+from tmem_rl.errors import InputError
 from tmem_rl.metrics.qa import best_over_golds, exact_match, token_f1
 from tmem_rl.records import QAPair
 
@@ -173,6 +174,10 @@ class FactsEnv(Environment):
     KINDS = tuple(FACT_TEMPLATES)
     POSITIONS = ("early", "anywhere", "late")
     MAX_FACTS = 60  # keeps the cast within NAMES and every value pool large enough to stay distinct
+    # Upper bounds so that a typo in a count fails at once: len() takes at most a 63-bit count, and a stream of
+    # more lines (about 15 tokens each) than this is far beyond any model's context and slow to build.
+    MAX_TASKS = 2**31
+    MAX_DISTRACTORS = 10_000
 
     def __init__(
         self,
@@ -184,20 +189,20 @@ class FactsEnv(Environment):
         fact_position: str = "early",
         seed: int = 0,
     ):
-        for arg, value, low in (
-            ("num_tasks", num_tasks, 1),
-            ("num_facts", num_facts, 1),
-            ("num_distractors", num_distractors, 0),
-            ("lines_per_chunk", lines_per_chunk, 1),
+        for arg, value, low, high in (
+            ("num_tasks", num_tasks, 1, self.MAX_TASKS),
+            ("num_facts", num_facts, 1, self.MAX_FACTS),
+            ("num_distractors", num_distractors, 0, self.MAX_DISTRACTORS),
+            ("lines_per_chunk", lines_per_chunk, 1, None),
         ):
             if not isinstance(value, int) or isinstance(value, bool) or value < low:
-                raise ValueError(f"facts env: {arg} must be an integer >= {low}, got {value!r}")
-        if num_facts > self.MAX_FACTS:
-            raise ValueError(f"facts env: num_facts must be at most {self.MAX_FACTS}, got {num_facts!r}")
+                raise InputError(f"facts env: {arg} must be an integer >= {low}, got {value!r}")
+            if high is not None and value > high:
+                raise InputError(f"facts env: {arg} must be at most {high}, got {value!r}")
         if fact_position not in self.POSITIONS:
-            raise ValueError(f"facts env: fact_position must be one of {self.POSITIONS}, got {fact_position!r}")
+            raise InputError(f"facts env: fact_position must be one of {self.POSITIONS}, got {fact_position!r}")
         if not isinstance(seed, int) or isinstance(seed, bool):
-            raise ValueError(f"facts env: seed must be an integer, got {seed!r}")
+            raise InputError(f"facts env: seed must be an integer, got {seed!r}")
         self.num_tasks = num_tasks
         self.num_facts = num_facts
         self.num_distractors = num_distractors

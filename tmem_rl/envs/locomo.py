@@ -10,14 +10,14 @@ Data: the official ``locomo10.json`` (a list of samples, CC BY-NC 4.0); point ``
 
 from __future__ import annotations
 
-import json
 import random
 import re
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from tmem_rl.envs import register_env
+from tmem_rl.envs import lone_surrogate, printable, read_json_file, register_env
 from tmem_rl.envs.base import Environment, Task
 from tmem_rl.errors import InputError
 from tmem_rl.metrics.locomo import CATEGORY_NAMES, aggregate, score_answer
@@ -31,7 +31,8 @@ DATE_HINT = " Use DATE of CONVERSATION to answer with an approximate date."
 SELECT_SUFFIX = " Select the correct answer: (a) {} (b) {}. "
 NOT_MENTIONED = "Not mentioned in the conversation"
 
-_SESSION_KEY = re.compile(r"session_(\d+)")
+# ASCII digits, few enough for int(): a key like "session_<5000 digits>" is not a session, like any unknown key.
+_SESSION_KEY = re.compile(r"session_([0-9]{1,9})")
 _OPTION_LETTERS = {"a": "a", "(a)": "a", "b": "b", "(b)": "b"}
 
 
@@ -80,38 +81,36 @@ class LocomoSample:
 
 def load_locomo(path: str | Path, sample_ids: list[str] | None = None) -> list[LocomoSample]:
     """Samples of an official-format ``locomo10.json``, in file order, optionally only those in `sample_ids`."""
-    path = Path(path)
-    try:
-        raw = json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as e:
-        raise LocomoFormatError(f"{path}: not valid JSON ({e}); expected a list of LoCoMo samples") from e
+    raw = read_json_file(path, "a JSON list of LoCoMo samples", LocomoFormatError)
+    name = printable(path)
     if not isinstance(raw, list):
-        raise LocomoFormatError(f"{path}: expected a JSON list of samples, got {type(raw).__name__}")
+        raise LocomoFormatError(f"{name}: expected a JSON list of samples, got {type(raw).__name__}")
+    if not raw:
+        raise LocomoFormatError(f"{name}: no samples; expected a JSON list of LoCoMo samples")
 
-    samples = [_sample(path, i, item) for i, item in enumerate(raw)]
+    samples = [_sample(name, i, item) for i, item in enumerate(raw)]
     ids = [s.sample_id for s in samples]
-    duplicates = sorted({i for i in ids if ids.count(i) > 1})
+    duplicates = sorted(printable(i) for i, n in Counter(ids).items() if n > 1)
     if duplicates:
-        raise LocomoFormatError(f"{path}: field 'sample_id' must be unique; repeated: {', '.join(duplicates)}")
+        raise LocomoFormatError(f"{name}: field 'sample_id' must be unique; repeated: {', '.join(duplicates)}")
     if sample_ids is None:
         return samples
     unknown = [s for s in sample_ids if s not in ids]
     if unknown:
-        raise LocomoFormatError(
-            f"{path}: unknown sample_id {', '.join(map(repr, unknown))}; available: {', '.join(ids)}"
-        )
+        raise LocomoFormatError(f"{name}: unknown sample_id {', '.join(map(repr, unknown))}; "
+                                f"available: {', '.join(map(printable, ids))}")
     wanted = set(sample_ids)
     return [s for s in samples if s.sample_id in wanted]
 
 
-def _sample(path: Path, index: int, item: Any) -> LocomoSample:
-    where = f"{path}: sample index {index}"
+def _sample(name: str, index: int, item: Any) -> LocomoSample:
+    where = f"{name}: sample index {index}"
     if not isinstance(item, dict):
         raise LocomoFormatError(f"{where}: expected an object, got {type(item).__name__}")
     if "sample_id" not in item:
         raise LocomoFormatError(f"{where}: missing field 'sample_id'")
-    sample_id = str(item["sample_id"])
-    where = f"{path}: sample {sample_id}"
+    sample_id = _text(where, "sample_id", str(item["sample_id"]))
+    where = f"{name}: sample {printable(sample_id)}"
     for key in ("conversation", "qa"):
         if key not in item:
             raise LocomoFormatError(f"{where}: missing field {key!r}")
@@ -121,8 +120,7 @@ def _sample(path: Path, index: int, item: Any) -> LocomoSample:
     for key in ("speaker_a", "speaker_b"):
         if key not in conversation:
             raise LocomoFormatError(f"{where}: missing field 'conversation.{key}'")
-        if not isinstance(conversation[key], str):
-            raise LocomoFormatError(f"{where}: field 'conversation.{key}' must be a string, got {conversation[key]!r}")
+        _text(where, f"conversation.{key}", conversation[key])
     if not isinstance(item["qa"], list):
         raise LocomoFormatError(f"{where}: field 'qa' must be a list, got {type(item['qa']).__name__}")
 
@@ -159,9 +157,7 @@ def _sessions(where: str, conversation: dict) -> list[Session]:
         if not turns:
             continue
         date_key = f"{key}_date_time"
-        if not isinstance(conversation.get(date_key), str):
-            raise LocomoFormatError(f"{where}: field 'conversation.{date_key}' must be a string "
-                                    f"(the session's date), got {conversation.get(date_key)!r}")
+        _text(where, f"conversation.{date_key}", conversation.get(date_key), " (the session's date)")
         sessions.append(
             Session(index=number, date_time=conversation[date_key], turns=[
                 _turn(where, f"conversation.{key}[{i}]", t) for i, t in enumerate(turns)
@@ -174,12 +170,23 @@ def _turn(where: str, name: str, turn: Any) -> Turn:
     if not isinstance(turn, dict):
         raise LocomoFormatError(f"{where}: field '{name}' must be a turn object, got {type(turn).__name__}")
     for key in ("speaker", "text", "dia_id"):
-        if not isinstance(turn.get(key), str):
-            raise LocomoFormatError(f"{where}: field '{name}.{key}' must be a string, got {turn.get(key)!r}")
+        _text(where, f"{name}.{key}", turn.get(key))
     caption = turn.get("blip_caption")
-    if caption is not None and not isinstance(caption, str):
-        raise LocomoFormatError(f"{where}: field '{name}.blip_caption' must be a string, got {caption!r}")
+    if caption is not None:
+        _text(where, f"{name}.blip_caption", caption)
     return Turn(speaker=turn["speaker"], dia_id=turn["dia_id"], text=turn["text"], blip_caption=caption or None)
+
+
+def _text(where: str, name: str, value: Any, meaning: str = "") -> str:
+    """`value` if it is a string with a UTF-8 form; a lone surrogate (from a "\\ud800" escape) would pass here and
+    only fail later, in the tokenizer or when a record is written."""
+    if not isinstance(value, str):
+        raise LocomoFormatError(f"{where}: field '{name}' must be a string{meaning}, got {value!r}")
+    bad = lone_surrogate(value)
+    if bad is not None:
+        raise LocomoFormatError(f"{where}: field '{name}' must be Unicode text; it has a lone surrogate "
+                                f"({ascii(value[bad])}) at character {bad}")
+    return value
 
 
 def _gold_text(where: str, name: str, value: Any) -> str | None:
@@ -188,7 +195,7 @@ def _gold_text(where: str, name: str, value: Any) -> str | None:
         return None
     if isinstance(value, bool) or not isinstance(value, (str, int, float)):
         raise LocomoFormatError(f"{where}: field '{name}' must be a string or a number, got {value!r}")
-    return str(value).strip() or None
+    return _text(where, name, str(value)).strip() or None
 
 
 def _question(where: str, sample_id: str, index: int, qa: Any) -> LocomoQuestion | str:
@@ -196,8 +203,7 @@ def _question(where: str, sample_id: str, index: int, qa: Any) -> LocomoQuestion
     name = f"qa[{index}]"
     if not isinstance(qa, dict):
         raise LocomoFormatError(f"{where}: field '{name}' must be a question object, got {type(qa).__name__}")
-    if not isinstance(qa.get("question"), str):
-        raise LocomoFormatError(f"{where}: field '{name}.question' must be a string, got {qa.get('question')!r}")
+    _text(where, f"{name}.question", qa.get("question"))
     category = qa.get("category")
     if not isinstance(category, int) or isinstance(category, bool) or category not in CATEGORY_NAMES:
         raise LocomoFormatError(
@@ -206,6 +212,8 @@ def _question(where: str, sample_id: str, index: int, qa: Any) -> LocomoQuestion
     evidence = qa.get("evidence", [])
     if not isinstance(evidence, list) or not all(isinstance(e, str) for e in evidence):
         raise LocomoFormatError(f"{where}: field '{name}.evidence' must be a list of dia_id strings, got {evidence!r}")
+    for i, e in enumerate(evidence):
+        _text(where, f"{name}.evidence[{i}]", e)
     # A few entries pack two ids into one string ("D8:6; D9:17").
     evidence = [part.strip() for e in evidence for part in re.split(r"[;,]", e) if part.strip()]
 
@@ -265,9 +273,12 @@ class LocomoEnv(Environment):
         `max_questions` then truncates that list."""
         for name, value in (("max_questions", max_questions), ("per_category", per_category)):
             if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 0):
-                raise ValueError(f"locomo env: {name} must be None or an integer >= 0, got {value!r}")
+                raise InputError(f"locomo env: {name} must be None or an integer >= 0, got {value!r}")
         if not isinstance(seed, int) or isinstance(seed, bool):
-            raise ValueError(f"locomo env: seed must be an integer, got {seed!r}")
+            raise InputError(f"locomo env: seed must be an integer, got {seed!r}")
+        if sample_ids is not None and (not isinstance(sample_ids, list) or
+                                       not all(isinstance(s, str) for s in sample_ids)):
+            raise InputError(f"locomo env: sample_ids must be None or a list of strings, got {sample_ids!r}")
         self.data = str(data)
         self.seed = seed
         self.samples = load_locomo(data, sample_ids)

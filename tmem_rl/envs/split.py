@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 
+from tmem_rl.errors import InputError
 from tmem_rl.envs.base import Action, Environment, EpisodeState, Observation, StepResult, Task
 
 SPLITS = ("all", "train", "heldout")
@@ -35,7 +36,7 @@ class TaskSplit(Environment):
         self.indices = [i for i in range(len(env))
                         if is_heldout(env.split_key(i), heldout_fraction, seed) == want_heldout]
         if not self.indices:
-            raise ValueError(f"environment {env.name!r}: the {split} split of {len(env)} tasks at heldout_fraction "
+            raise InputError(f"environment {env.name!r}: the {split} split of {len(env)} tasks at heldout_fraction "
                              f"{heldout_fraction} is empty; use more tasks or another fraction")
 
     def __len__(self) -> int:

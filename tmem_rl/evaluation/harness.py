@@ -16,6 +16,8 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import sys
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -23,9 +25,10 @@ from typing import Any
 import torch
 from tqdm import tqdm
 
-from tmem_rl.envs import make_env
+from tmem_rl.envs import lone_surrogate, make_env, read_json_file
 from tmem_rl.envs.base import Environment, Task
 from tmem_rl.envs.split import SPLITS, split_env
+from tmem_rl.errors import InputError
 from tmem_rl.evaluation.methods import METHODS, Answered, MethodSettings, TMEMReference
 from tmem_rl.memory import FastWeightConfig, FastWeights
 from tmem_rl.models import DEFAULT_MODEL, load_policy, load_trained_policy
@@ -33,7 +36,13 @@ from tmem_rl.rollout import EpisodeConfig, EpisodeRunner
 
 EPISODE_UNITS = ("question", "conversation")
 RESULTS = "results.jsonl"
+CONFIG = "config.json"
 TRAINED = "trained"
+# The settings a --resume may change: which rows and questions are evaluated, where the run is written, and how
+# fast it goes (a resumed run's batches differ from the first run's anyway). Every other setting changes the
+# numbers, and a summary over records from two settings would be silently wrong.
+RESUME_MAY_CHANGE = frozenset({"out", "resume", "device", "methods", "evaluate_base", "max_questions",
+                               "per_category", "sample_ids", "methods_settings.answer_batch_size"})
 
 
 @dataclass
@@ -84,13 +93,20 @@ class EvalConfig:
     def __post_init__(self):
         unknown = [m for m in self.methods if m not in METHODS]
         if unknown:
-            raise ValueError(f"unknown method(s) {unknown}; available: {', '.join(METHODS)}")
+            raise InputError(f"unknown method(s) {unknown}; available: {', '.join(METHODS)}")
         if self.episode_unit not in EPISODE_UNITS:
-            raise ValueError(f"episode_unit={self.episode_unit!r}: expected one of {EPISODE_UNITS}")
+            raise InputError(f"episode_unit={self.episode_unit!r}: expected one of {EPISODE_UNITS}")
         if self.split not in SPLITS:
-            raise ValueError(f"split={self.split!r}: expected one of {SPLITS}")
+            raise InputError(f"split={self.split!r}: expected one of {SPLITS}")
         if self.split != "all" and not 0.0 < self.heldout_fraction < 1.0:
-            raise ValueError(f"split={self.split!r} needs heldout_fraction in (0, 1), got {self.heldout_fraction!r}")
+            raise InputError(f"split={self.split!r} needs heldout_fraction in (0, 1), got {self.heldout_fraction!r}")
+        limits = [("l_max", 1), ("max_extraction_tokens", 1), ("max_answer_tokens", 1)]
+        if self.max_questions is not None:  # negative, it would slice from the end (-1: all but the last question)
+            limits.append(("max_questions", 0))
+        for name, low in limits:
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < low:
+                raise InputError(f"{name}={value!r}: expected an integer >= {low}")
 
     def environment(self) -> Environment:
         kwargs = dict(self.env_kwargs)
@@ -100,31 +116,108 @@ class EvalConfig:
         return split_env(make_env(self.env, **kwargs), self.split, self.heldout_fraction, self.split_seed)
 
 
+def _record(line: bytes) -> dict[str, Any] | None:
+    """The record on one line of a results file, or None where the line is not one."""
+    try:
+        value = json.loads(line.decode("utf-8"))
+    except (ValueError, RecursionError):  # not UTF-8, not JSON, an over-long integer, nested too deep
+        return None
+    if not (isinstance(value, dict) and isinstance(value.get("method"), str)
+            and isinstance(value.get("question_id"), (str, int))
+            and all(isinstance(value.get(k), (int, float)) for k in ("f1", "em"))):
+        return None
+    return value
+
+
+def _line_numbers(numbers: list[int], shown: int = 10) -> str:
+    listed = ", ".join(map(str, numbers[:shown]))
+    return listed + (f" and {len(numbers) - shown} more" if len(numbers) > shown else "")
+
+
 def read_records(path: Path) -> list[dict[str, Any]]:
-    """Finished records; a torn last line (a crash mid-write) is cut off so that appends stay valid JSONL."""
+    """Every valid record of a results file, in file order.
+
+    A crash can cut the last write short: an unreadable last line without its newline is that torn write, dropped
+    and cut from the file so that the next append starts on a line of its own. Any other unreadable line (blank,
+    edited, not UTF-8) is skipped with one warning naming it and left in the file: no valid record around it is
+    lost."""
     if not path.exists():
         return []
-    records, good_bytes = [], 0
-    with open(path, "rb") as f:
-        for line in f:
-            try:
-                records.append(json.loads(line))
-            except json.JSONDecodeError:
-                print(f"{path}: dropping an incomplete record at byte {good_bytes} (interrupted write)")
-                break
-            good_bytes += len(line)
-    if good_bytes < path.stat().st_size:
-        with open(path, "r+b") as f:
-            f.truncate(good_bytes)
+    data = path.read_bytes()
+    *lines, tail = data.split(b"\n")  # tail: what follows the last newline, b"" in a file that ends with one
+    records, junk = [], []
+    for number, line in enumerate(lines, 1):
+        record = _record(line)
+        if record is None:
+            junk.append(number)
+        else:
+            records.append(record)
+    if tail:
+        record = _record(tail)
+        if record is None:
+            print(f"{path}: dropping the incomplete last line {len(lines) + 1} (an interrupted write)",
+                  file=sys.stderr)
+            os.truncate(path, len(data) - len(tail))
+        else:  # complete, only its newline missing
+            records.append(record)
+            with open(path, "ab") as f:
+                f.write(b"\n")
+    if junk:
+        warnings.warn(f"{path}: skipping {len(junk)} line(s) that hold no record: line(s) {_line_numbers(junk)}",
+                      stacklevel=2)
     return records
 
 
+def _jsonl(record: dict[str, Any]) -> str:
+    line = json.dumps(record, ensure_ascii=False)
+    if lone_surrogate(line) is not None:  # has no UTF-8 form; escaped, it is still the same JSON
+        line = json.dumps(record)
+    return line + "\n"
+
+
 def append_records(path: Path, records: list[dict[str, Any]]) -> None:
-    with open(path, "a") as f:
-        for record in records:
-            f.write(json.dumps(record, ensure_ascii=False) + "\n")
+    with open(path, "a", encoding="utf-8") as f:
+        f.write("".join(_jsonl(r) for r in records))
         f.flush()
         os.fsync(f.fileno())
+
+
+def _saved_settings(config: EvalConfig) -> dict[str, Any]:
+    """The settings as config.json holds them (lists where the dataclasses have tuples)."""
+    return json.loads(json.dumps(dataclasses.asdict(config)))
+
+
+def _flat(value: Any, prefix: str = "") -> dict[str, Any]:
+    """Nested settings as {dotted key: value}, so that a difference is named down to the setting."""
+    if isinstance(value, dict):
+        return {k: v for key, inner in value.items() for k, v in _flat(inner, f"{prefix}{key}.").items()}
+    return {prefix.rstrip("."): value}
+
+
+def _shown(settings: dict[str, Any], key: str) -> str:
+    return repr(settings[key]) if key in settings else "(not set)"
+
+
+def check_resumable(out: Path, config: EvalConfig) -> None:
+    """For --resume with results in `out`: its config.json must hold the new settings, except for those in
+    RESUME_MAY_CHANGE."""
+    path = out / CONFIG
+    if not path.exists():
+        warnings.warn(f"{path} is missing: the settings of the run being resumed cannot be checked", stacklevel=2)
+        return
+    saved = read_json_file(path, "the settings of the run to resume (written by tmem-rl eval)")
+    if not isinstance(saved, dict):
+        raise InputError(f"{path}: expected the settings of the run to resume as a JSON object, got "
+                         f"{type(saved).__name__}; use a new --out")
+    old, new = _flat(saved), _flat(_saved_settings(config))
+    changed = [key for key in sorted(old.keys() | new.keys())
+               if key not in RESUME_MAY_CHANGE and key.split(".")[0] not in RESUME_MAY_CHANGE
+               and not (key in old and key in new and old[key] == new[key])]
+    if changed:
+        listed = "; ".join(f"{k}: saved {_shown(old, k)}, now {_shown(new, k)}" for k in changed)
+        raise InputError(f"{path}: --resume with settings other than the run's ({listed}); one run's summary must "
+                         f"not mix two settings: evaluate the new settings with a new --out, or resume with the "
+                         f"saved ones")
 
 
 def row_label(method: str, policy: str) -> str:
@@ -176,19 +269,28 @@ def episodes(env, unit: str, pending: list[Task], batch_size: int):
 
 def run_eval(config: EvalConfig) -> dict[str, Any]:
     out = Path(config.out)
-    out.mkdir(parents=True, exist_ok=True)
     results_path = out / RESULTS
-    if results_path.exists() and results_path.stat().st_size and not config.resume:
-        raise FileExistsError(f"{results_path} already has results; pass --resume to continue, or another --out")
-    (out / "config.json").write_text(json.dumps(dataclasses.asdict(config), indent=2))
+    has_results = results_path.exists() and results_path.stat().st_size > 0
+    if has_results and not config.resume:
+        raise InputError(f"{results_path} already has results; pass --resume to continue, or another --out")
+    if has_results:
+        check_resumable(out, config)
 
     env = config.environment()
     tasks = env.tasks()
     if config.max_questions is not None:
         tasks = tasks[: config.max_questions]
+    if not tasks:
+        raise InputError(f"environment {env.name!r}: no tasks to evaluate (see --max-questions, --per-category, "
+                         "--sample-ids, --split)")
     if TMEMReference.name in config.methods and not all(t.reference_pairs for t in tasks):
-        raise ValueError(f"method {TMEMReference.name} needs reference pairs, and environment {env.name!r} has "
+        raise InputError(f"method {TMEMReference.name} needs reference pairs, and environment {env.name!r} has "
                          "none; drop it from --method")
+    # Written once every setting has been checked, atomically: a resume compares against it.
+    out.mkdir(parents=True, exist_ok=True)
+    staged = out / f"{CONFIG}.tmp"
+    staged.write_text(json.dumps(dataclasses.asdict(config), indent=2))
+    os.replace(staged, out / CONFIG)
     done = {(r["method"], r["question_id"]) for r in read_records(results_path)}
 
     policies = [("base", lambda: load_policy(config.model, device=config.device))]

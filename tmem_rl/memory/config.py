@@ -37,6 +37,9 @@ class FastWeightConfig:
     """Collapse guard. After each absorb the slot answers six general questions no stream is about (greedy, a few
     tokens); if more than this share of its answers repeat an answer it just absorbed (and the base model's did
     not), the absorb is rolled back and recorded as such. None: no guard (the paper's inner loop)."""
+    divergence_ratio: float | None = 2.0
+    """Roll an absorb back when the slot's loss on its own pairs ends above this multiple of where it started
+    (of 1.0 when it started lower; non-finite weights or losses always roll back). None: only non-finite."""
     seed: int = 0
     """Seeds the random init and the shuffling."""
     extra: dict = field(default_factory=dict)
@@ -56,10 +59,12 @@ class FastWeightConfig:
             "max_pair_tokens": self.max_pair_tokens >= 2,
             "target_modules": len(self.target_modules) > 0,
             "max_probe_leak": self.max_probe_leak is None or 0 <= self.max_probe_leak < 1,
+            "divergence_ratio": self.divergence_ratio is None or self.divergence_ratio > 1,
         }
         for name, ok in checks.items():
             if not ok:
-                expected = f"one of {INITS}" if name == "init" else "a positive value"
+                expected = {"init": f"one of {INITS}", "divergence_ratio": "None or a number above 1",
+                            "max_probe_leak": "None or a share in [0, 1)"}.get(name, "a positive value")
                 raise ValueError(f"FastWeightConfig.{name}={getattr(self, name)!r}: expected {expected}")
 
     def to_dict(self) -> dict:

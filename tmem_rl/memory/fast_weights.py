@@ -272,22 +272,47 @@ class FastWeights:
         """
         self.follow_model()
         prompt_fn = prompt_fn or user_turn
-        guarded = [s for s, pairs in pairs_by_slot.items() if pairs] if self.config.max_probe_leak else []
-        before = self.snapshot(guarded) if guarded else None
+        trained = [s for s, pairs in pairs_by_slot.items() if pairs]
+        before = self.snapshot(trained) if trained else None
         stats = inner_update(self, tokenizer, pairs_by_slot, prompt_fn, chat_template_kwargs)
         if before is not None:
-            self._guard(tokenizer, stats, pairs_by_slot, guarded, before, prompt_fn, chat_template_kwargs)
+            self._roll_back_failed(stats, trained, before)
+            if self.config.max_probe_leak:
+                self._guard(tokenizer, stats, pairs_by_slot, trained, before, prompt_fn, chat_template_kwargs)
         for slot, record in stats.items():
             if record["num_pairs"] and not record.get("rolled_back"):
                 self.versions[slot] += 1
         return stats
 
     @torch.no_grad()
+    def _roll_back_failed(self, stats: dict[int, dict], slots: list[int], before: Snapshot) -> None:
+        """Undo the updates that blew up: non-finite weights or losses, or a loss on the slot's own pairs that
+        grew past `config.divergence_ratio` times where it started. Recorded as rolled_back + rollback_reason."""
+        updated = [s for s in slots if stats[s]["num_pairs"]]
+        if not updated:
+            return
+        finite = torch.stack([t[updated].isfinite().flatten(1).all(1) for t in self.trainable().values()]).all(0)
+        ratio = self.config.divergence_ratio
+        for s, ok in zip(updated, finite.tolist()):
+            record = stats[s]
+            before_loss, after_loss = record["loss_before"], record["loss_after"]
+            reason = None
+            if not ok or not math.isfinite(after_loss):
+                reason = "non-finite"
+            elif ratio is not None and math.isfinite(before_loss) and after_loss > ratio * max(before_loss, 1.0):
+                # The floor of 1 nat: a loss already near 0 may wobble (0.01 -> 0.03) without diverging.
+                reason = "diverged"
+            if reason is not None:
+                i = slots.index(s)
+                self.restore({key: t[i : i + 1] for key, t in before.items()}, [s])
+                record.update(rolled_back=True, rollback_reason=reason)
+
+    @torch.no_grad()
     def _guard(self, tokenizer, stats, pairs_by_slot, slots, before: Snapshot, prompt_fn,
                chat_template_kwargs) -> None:
         """Greedy answers to PROBE_QUESTIONS under each updated slot; roll back the slots where more than
         max_probe_leak of them repeat what the slot absorbed, beyond what the base model already did."""
-        updated = [s for s in slots if stats[s]["num_pairs"]]
+        updated = [s for s in slots if stats[s]["num_pairs"] and not stats[s].get("rolled_back")]
         if not updated:
             return
         kwargs = chat_template_kwargs if chat_template_kwargs is not None else chat_template_kwargs_of(tokenizer)
@@ -310,5 +335,6 @@ class FastWeights:
             rolled_back = leak > self.config.max_probe_leak
             stats[s].update(probe_leak=leak, probe_answers=answers, rolled_back=rolled_back)
             if rolled_back:
+                stats[s]["rollback_reason"] = "probe_leak"
                 i = slots.index(s)
                 self.restore({key: t[i : i + 1] for key, t in before.items()}, [s])

@@ -29,6 +29,7 @@ from transformers import get_scheduler
 from trl.models.utils import unwrap_model_for_generation
 
 from tmem_rl.envs.base import Environment
+from tmem_rl.errors import InputError
 from tmem_rl.logprobs import (
     SegmentRows,
     TokenScores,
@@ -39,6 +40,9 @@ from tmem_rl.logprobs import (
 )
 from tmem_rl.memory import FastWeightConfig, FastWeights
 from tmem_rl.rollout import EpisodeBatch, EpisodeConfig, EpisodeRunner, Segment, Trajectory
+from tmem_rl.trainers.checkpoints import (METRICS, checkpoint_folders, existing_run, latest_good_checkpoint,
+                                          prune_checkpoints, remove_run, set_aside_newer, truncate_metrics,
+                                          write_manifest)
 
 LOSS_TYPES = ("grpo", "bnpo", "dapo", "dr_grpo")
 RewardFunc = Callable[..., list[float]]
@@ -93,6 +97,9 @@ class GRPOConfig:
     )
     logging_steps: int = 1
     save_steps: int = 50
+    """Write a checkpoint every this many steps (0: none)."""
+    save_total_limit: int | None = None
+    """Keep only the newest this many checkpoints (None: keep all)."""
     report_to: list[str] = field(default_factory=lambda: ["tensorboard"])
     seed: int = 42
 
@@ -107,6 +114,13 @@ class GRPOConfig:
             raise ValueError(f"GRPOConfig.questions_per_step={self.questions_per_step}: expected at least 1")
         if self.mixed_precision not in (None, "no", "bf16", "fp16"):
             raise ValueError(f"GRPOConfig.mixed_precision={self.mixed_precision!r}: expected no, bf16 or fp16")
+        for name in ("max_steps", "num_generations", "micro_batch_size", "max_completion_length", "logging_steps"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"GRPOConfig.{name}={getattr(self, name)}: expected a positive number")
+        if self.save_steps < 0:
+            raise ValueError(f"GRPOConfig.save_steps={self.save_steps}: expected 0 (no checkpoints) or more")
+        if self.save_total_limit is not None and self.save_total_limit < 1:
+            raise ValueError(f"GRPOConfig.save_total_limit={self.save_total_limit}: expected None or at least 1")
 
 
 @dataclass
@@ -149,14 +163,17 @@ class GRPOTrainer:
         episode_config: EpisodeConfig | None = None,
         reward_funcs: dict[str, RewardFunc] | None = None,
         accelerator: Accelerator | None = None,
+        run_info: dict | None = None,
     ):
+        """`run_info` (e.g. {"base_model": name, "recipe": {...}}) is saved with every checkpoint for export."""
         self.config = config
+        self.run_info = dict(run_info or {})
         self.tokenizer = tokenizer
         self.env = env
         self.reward_funcs = {"valid_extraction": valid_extraction_reward, **(reward_funcs or {})}
         unknown = [k for k in config.reward_weights if k != "outcome" and k not in self.reward_funcs]
         if unknown:
-            raise ValueError(f"reward_weights names unknown reward functions {unknown}; "
+            raise InputError(f"reward_weights names unknown reward functions {unknown}; "
                              f"available: outcome, {', '.join(self.reward_funcs)}")
         self.accelerator = accelerator or Accelerator(cpu=not torch.cuda.is_available(),
                                                       mixed_precision=config.mixed_precision,
@@ -164,10 +181,10 @@ class GRPOTrainer:
                                                       project_dir=config.output_dir)
         acc = self.accelerator
         if config.questions_per_step % acc.num_processes:
-            raise ValueError(f"questions_per_step={config.questions_per_step} does not divide among "
+            raise InputError(f"questions_per_step={config.questions_per_step} does not divide among "
                              f"{acc.num_processes} processes")
         if config.questions_per_step > len(env):
-            raise ValueError(f"questions_per_step={config.questions_per_step} but environment {env.name!r} has "
+            raise InputError(f"questions_per_step={config.questions_per_step} but environment {env.name!r} has "
                              f"{len(env)} tasks: every process must get its share of distinct questions")
         set_seed(config.seed)
         if config.use_peft:
@@ -178,6 +195,7 @@ class GRPOTrainer:
                                                      target_modules=config.lora_target_modules))
         policy = model
         fast_config = fast_config or FastWeightConfig()
+        self.fast_config = fast_config
         local_rollouts = config.questions_per_step // acc.num_processes * config.num_generations
         # Fast weights are built on the model before wrapping, so their SVD sees the initial weights and hooks sit
         # on the modules that every wrapper calls; they follow the model to whatever device `prepare` puts it on.
@@ -207,6 +225,10 @@ class GRPOTrainer:
         scheduler = get_scheduler(config.lr_scheduler_type, optimizer, num_warmup_steps=config.warmup_steps,
                                   num_training_steps=config.max_steps)
         self.model, self.optimizer, self.scheduler = acc.prepare(model, optimizer, scheduler)
+        if self._trainable_only():
+            # Only the trained parameters (adapter, value head) go into checkpoints: the frozen base is the
+            # recipe's model. DeepSpeed and FSDP save their own engine state and are left as they are.
+            acc.register_save_state_pre_hook(_keep_trainable_weights)
         self.policy = acc.unwrap_model(self.model)
         if self.reference is not None:
             self.reference.to(acc.device)
@@ -217,6 +239,7 @@ class GRPOTrainer:
                 fast.follow_model()
         # The trainer's sampling settings on a copy: the caller's EpisodeConfig stays as it was given.
         given = episode_config or EpisodeConfig()
+        self.episode_config = given
         episode_config = dataclasses.replace(
             given, do_sample=True, record_logprobs=True, temperature=config.temperature, top_p=config.top_p,
             top_k=config.top_k, max_answer_tokens=min(given.max_answer_tokens, config.max_completion_length),
@@ -448,14 +471,15 @@ class GRPOTrainer:
     def _rollout_stats(self, trajectories: list[Trajectory]) -> dict[str, float]:
         extractions = [e for t in trajectories for e in t.extractions]
         updates = [e["inner_update"] for e in extractions if e["inner_update"] and e["inner_update"]["num_pairs"]]
+        kept = [u for u in updates if not u.get("rolled_back")]  # a rolled-back update's losses may be inf / NaN
         mean = lambda xs: sum(xs) / len(xs) if xs else 0.0  # noqa: E731
         stats = {
             "f1": mean([t.metrics.get("f1", t.reward) for t in trajectories]),
             "extraction_parse_rate": mean([float(bool(e["supervision"]["pairs"])) for e in extractions]),
             "pairs_absorbed": mean([sum(e["inner_update"]["num_pairs"] for e in t.extractions if e["inner_update"])
                                     for t in trajectories]),
-            "inner_loss_before": mean([u["loss_before"] for u in updates]),
-            "inner_loss_after": mean([u["loss_after"] for u in updates]),
+            "inner_loss_before": mean([u["loss_before"] for u in kept]),
+            "inner_loss_after": mean([u["loss_after"] for u in kept]),
             "inner_rollbacks": mean([float(bool(u.get("rolled_back"))) for u in updates]),
         }
         limits = {"extraction": self.runner.config.max_extraction_tokens,
@@ -472,12 +496,29 @@ class GRPOTrainer:
 
     # ---- the loop ------------------------------------------------------------------------------------------
 
-    def train(self, resume: bool = False) -> list[dict]:
+    def train(self, resume: bool = False, overwrite: bool = False) -> list[dict]:
+        """Run to `max_steps`. An output folder that holds a run is refused unless `resume` (continue from its
+        newest good checkpoint; the metrics log is cut back to that step) or `overwrite` (delete it first)."""
         cfg, acc = self.config, self.accelerator
+        metrics_path = Path(cfg.output_dir) / METRICS
         if resume:
             self.load_checkpoint()
+            if acc.is_main_process:
+                truncate_metrics(metrics_path, self.step)
+                set_aside_newer(cfg.output_dir, self.step)  # the bad ones passed over: kept, never resumed or pruned
+        else:
+            earlier = existing_run(cfg.output_dir)
+            if earlier and not overwrite:
+                raise InputError(f"{cfg.output_dir} holds a run ({', '.join(earlier[-3:])}): pass --resume to "
+                                 "continue it or --overwrite to replace it, or choose another output_dir")
+            if earlier and acc.is_main_process:
+                remove_run(cfg.output_dir)
+        acc.wait_for_everyone()
         if cfg.report_to:
-            acc.init_trackers("tmem_rl", config={k: v for k, v in asdict(cfg).items() if not isinstance(v, (list, dict))})
+            # purge_step hides events a killed run logged after the checkpoint it resumes from.
+            init_kwargs = {"tensorboard": {"purge_step": self.step + 1}} if resume and self.step else {}
+            acc.init_trackers("tmem_rl", config={k: v for k, v in asdict(cfg).items() if not isinstance(v, (list, dict))},
+                              init_kwargs=init_kwargs)
         from tqdm import tqdm
 
         bar = tqdm(total=cfg.max_steps, initial=self.step, desc="grpo", disable=not acc.is_main_process)
@@ -493,7 +534,7 @@ class GRPOTrainer:
             metrics["step"] = self.step
             self.history.append(metrics)
             if acc.is_main_process:
-                with open(Path(cfg.output_dir) / "metrics.jsonl", "a") as f:
+                with open(metrics_path, "a") as f:
                     f.write(json.dumps(metrics) + "\n")
             if cfg.report_to and self.step % cfg.logging_steps == 0:
                 acc.log({k: v for k, v in metrics.items() if k != "step"}, step=self.step)
@@ -505,14 +546,15 @@ class GRPOTrainer:
         if cfg.report_to:
             acc.end_training()
         if acc.is_main_process:
-            plot_rewards(Path(cfg.output_dir) / "metrics.jsonl", Path(cfg.output_dir) / "reward_curve.png")
+            plot_rewards(metrics_path, Path(cfg.output_dir) / "reward_curve.png")
         return self.history
 
     # ---- checkpoints ---------------------------------------------------------------------------------------
 
     def save_checkpoint(self) -> Path:
-        """Model or adapter, optimizer, scheduler, RNG states and the step (the data position), written to a
-        temporary folder and renamed into place: an interrupted save never looks like a checkpoint."""
+        """Model (only the trained parameters under LoRA), optimizer, scheduler, RNG states, the step (the data
+        position), what export needs (run.json, the model config and tokenizer under hf/) and, last, a manifest of
+        every file's size and hash. Written to a temporary folder and renamed into place."""
         acc = self.accelerator
         final = Path(self.config.output_dir) / f"checkpoint-{self.step}"
         staging = final.with_name(final.name + ".tmp")
@@ -523,27 +565,86 @@ class GRPOTrainer:
         acc.wait_for_everyone()  # every process has written its shard and RNG state before the rename
         if acc.is_main_process:
             (staging / "trainer_state.json").write_text(json.dumps({"step": self.step, "history": self.history}))
+            (staging / "run.json").write_text(json.dumps(self.run_record(), indent=2, default=str))
+            self.policy.config.save_pretrained(staging / "hf")
+            self.tokenizer.save_pretrained(staging / "hf")
             if self.config.use_peft:
                 self.policy.save_pretrained(staging / "adapter")
+            write_manifest(staging, self.step)
             if final.exists():
                 shutil.rmtree(final)
             staging.rename(final)
+            if self.config.save_total_limit:
+                prune_checkpoints(self.config.output_dir, self.config.save_total_limit, self.step)
         acc.wait_for_everyone()
         return final
 
+    def run_record(self) -> dict:
+        """The settings a checkpoint was trained with, for export and for running it as an agent."""
+        base = self.run_info.get("base_model") or getattr(self.policy.config, "name_or_path", "") or ""
+        return {**self.run_info, "base_model": base, "algorithm": type(self.config).__name__,
+                "distributed_type": str(self.accelerator.distributed_type),
+                "step": self.step, "use_peft": self.config.use_peft, "outer_loop": asdict(self.config),
+                "fast_weights": self.fast_config.to_dict(), "episode": asdict(self.episode_config)}
+
     def latest_checkpoint(self) -> Path | None:
-        found = [p for p in Path(self.config.output_dir).glob("checkpoint-*")
-                 if p.is_dir() and not p.name.endswith(".tmp") and (p / "trainer_state.json").exists()]
-        return max(found, key=lambda p: int(p.name.split("-")[1]), default=None)
+        """The newest checkpoint that passes its manifest, chosen on the main process for all of them."""
+        from accelerate.utils import broadcast_object_list
+
+        found = [str(latest_good_checkpoint(self.config.output_dir) or "")] if self.accelerator.is_main_process else [""]
+        if self.accelerator.num_processes > 1:
+            broadcast_object_list(found)
+        return Path(found[0]) if found[0] else None
 
     def load_checkpoint(self, path: Path | None = None) -> None:
+        """Load `path`, else the newest good checkpoint; checkpoints that are all unusable are an error rather than
+        a silent restart."""
         path = path or self.latest_checkpoint()
         if path is None:
+            found = [p.name for p in checkpoint_folders(self.config.output_dir)]
+            if found:
+                raise InputError(f"{self.config.output_dir}: no usable checkpoint to resume from ({', '.join(found)} "
+                                 "failed their manifest, see the warnings); pass --overwrite to start over")
             return
-        self.accelerator.load_state(str(path))
-        state = json.loads((path / "trainer_state.json").read_text())
-        self.step = state["step"]
-        self.history = state["history"]
+        if self._trainable_only():
+            self._check_trainable_keys(path)
+        try:
+            state = json.loads((path / "trainer_state.json").read_text())
+            step, history = int(state["step"]), list(state["history"])
+            # Under LoRA only the trained parameters were saved; the frozen base comes from the recipe's model.
+            self.accelerator.load_state(str(path), **({"strict": False} if self._trainable_only() else {}))
+        except Exception as err:  # a checkpoint of another model or recipe: name it, not the library's internals
+            detail = str(err).strip().splitlines()[0][:300] if str(err).strip() else ""
+            raise InputError(f"checkpoint {path} does not fit this run ({type(err).__name__}: {detail})") from err
+        self.step = step
+        self.history = history
+
+    def _trainable_only(self) -> bool:
+        """Checkpoints hold only the trained parameters (LoRA runs outside DeepSpeed / FSDP)."""
+        return self.config.use_peft and self.accelerator.distributed_type not in (DistributedType.DEEPSPEED,
+                                                                                  DistributedType.FSDP)
+
+    def _check_trainable_keys(self, path: Path) -> None:
+        """Loading only the trained parameters is not strict: a checkpoint of another adapter would load nothing
+        and raise nothing. Its names must be exactly this run's trainable parameters."""
+        from safetensors import safe_open
+
+        weights = path / "model.safetensors"
+        if not weights.is_file():
+            raise InputError(f"checkpoint {path}: no model.safetensors (the trained parameters)")
+        with safe_open(str(weights), framework="pt") as f:
+            saved = set(f.keys())
+        expected = {name for name, p in self.model.named_parameters() if p.requires_grad}
+        if saved != expected:
+            raise InputError(f"checkpoint {path} does not fit this run: its trained parameters differ (missing "
+                             f"{sorted(expected - saved)[:2]}, unexpected {sorted(saved - expected)[:2]})")
+
+
+def _keep_trainable_weights(models, weights, output_dir) -> None:
+    """Accelerate save hook: drop the frozen parameters from each model's state dict."""
+    for i, (model, state) in enumerate(zip(models, weights)):
+        trainable = {name for name, p in model.named_parameters() if p.requires_grad}
+        weights[i] = {k: v for k, v in state.items() if k in trainable}
 
 
 def plot_rewards(metrics_path: Path, out: Path) -> None:

@@ -1,0 +1,85 @@
+"""benchmarks/run_all.py on stand-in scripts: one that reports JSON, one that crashes, one that prints no JSON."""
+
+import importlib.util
+import json
+from pathlib import Path
+
+import pytest
+
+RUN_ALL = Path(__file__).resolve().parents[1] / "benchmarks" / "run_all.py"
+
+REPORTS = """import json, sys
+print("warming up")
+print(json.dumps({"speed": 1.5, "quick": "--quick" in sys.argv, "nested": {"x": 2}}))
+"""
+CRASHES = """import sys
+print("not json")
+sys.exit("broken on purpose")
+"""
+SILENT = """print("done, but no result")
+"""
+
+
+@pytest.fixture(scope="module")
+def run_all():
+    spec = importlib.util.spec_from_file_location("run_all", RUN_ALL)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_suite_records_success_and_failure(run_all, tmp_path):
+    scripts_dir = tmp_path / "benchmarks"
+    scripts_dir.mkdir()
+    (scripts_dir / "reports.py").write_text(REPORTS)
+    (scripts_dir / "crashes.py").write_text(CRASHES)
+    (scripts_dir / "silent.py").write_text(SILENT)
+    (scripts_dir / "_helper.py").write_text("raise SystemExit('a helper is not a benchmark')\n")
+    scripts = run_all.discover(scripts_dir)
+    assert sorted(scripts) == ["crashes", "reports", "silent"]
+
+    out = tmp_path / "out"
+    run_all.run_suite(scripts, out, quick=True, timeout=60)
+
+    results = json.loads((out / "results.json").read_text())
+    reports, crashes, silent = (results["benchmarks"][name] for name in ("reports", "crashes", "silent"))
+    assert reports["status"] == "ok" and reports["exit_status"] == 0
+    assert reports["result"] == {"speed": 1.5, "quick": True, "nested": {"x": 2}}
+    assert reports["command"].endswith("reports.py --quick") and reports["seconds"] >= 0
+    assert crashes["status"] == "failed (exit 1)" and crashes["exit_status"] == 1
+    assert crashes["stderr_tail"][-1] == "broken on purpose" and "result" not in crashes
+    assert silent["exit_status"] == 0 and silent["status"].startswith("failed (last stdout line is not")
+    machine = results["machine"]
+    for key in ("cpu", "logical_cores", "torch_threads", "gpus", "torch", "transformers", "python", "date"):
+        assert machine.get(key) is not None, key
+    assert machine["omp_wait_policy"]  # quick runs wait passively unless the caller chose a policy
+
+    table = (out / "results.md").read_text()
+    rows = [line for line in table.splitlines() if line.startswith("|")]
+    assert len(rows) == 5  # header, separator, one row per script: a single table
+    assert rows[2].startswith("| crashes | failed (exit 1) |") and "broken on purpose" in rows[2]
+    assert rows[3].startswith("| reports | ok |") and "speed 1.5" in rows[3]
+    assert rows[4].startswith("| silent | failed (last stdout line is not a JSON object) |")
+    assert table.index(machine["cpu"]) < table.index("| benchmark |")
+
+
+def test_last_line_must_be_a_json_object(run_all):
+    assert run_all.last_line_json('noise\n{"a": 1}\n') == {"a": 1}
+    assert run_all.last_line_json('{"a": 1}\nnoise') is None
+    assert run_all.last_line_json("[1, 2]") is None
+    assert run_all.last_line_json("") is None
+
+
+def test_headlines_reach_into_nested_results(run_all):
+    result = {"episodes": [{"s": 1.0}, {"s": 2.0}], "decode_step": {"ms": 3.0}}
+    assert run_all.lookup(result, "episodes.-1.s") == 2.0
+    assert run_all.lookup(result, "decode_step.ms") == 3.0
+    assert run_all.lookup(result, "decode_step.missing") is None
+    assert run_all.lookup(result, "episodes.9.s") is None
+
+
+def test_unknown_benchmark_is_one_line_error(run_all, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        run_all.main(["--only", "no_such_benchmark"])
+    assert exit_info.value.code == 2
+    assert "unknown benchmark no_such_benchmark" in capsys.readouterr().err

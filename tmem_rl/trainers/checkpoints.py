@@ -1,0 +1,158 @@
+"""Checkpoint folders of `tmem-rl train`: a manifest written last, finding the newest good one, pruning, and the
+metrics log cut back to a checkpoint's step on resume.
+
+A checkpoint is `<output_dir>/checkpoint-<step>/`. Its `manifest.json` lists every other file with its size and
+SHA-256 and is written after all of them, so a folder without it, or whose files no longer match it (a partial
+copy, a corrupt disk, a kill in the middle of a save), is recognised as bad and the previous one is used.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import shutil
+import warnings
+from pathlib import Path
+
+from tmem_rl.errors import InputError
+
+MANIFEST = "manifest.json"
+METRICS = "metrics.jsonl"
+_NAME = re.compile(r"checkpoint-(\d+)")
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def write_manifest(folder: Path, step: int) -> None:
+    files = {
+        str(p.relative_to(folder)): {"size": p.stat().st_size, "sha256": _sha256(p)}
+        for p in sorted(folder.rglob("*"))
+        if p.is_file() and p.name != MANIFEST
+    }
+    staging = folder / (MANIFEST + ".tmp")
+    staging.write_text(json.dumps({"step": step, "files": files}, indent=1))
+    os.replace(staging, folder / MANIFEST)
+
+
+def checkpoint_problem(folder: Path) -> str | None:
+    """Why this checkpoint folder cannot be trusted, or None when every file matches its manifest."""
+    manifest = folder / MANIFEST
+    if not manifest.is_file():
+        return f"no {MANIFEST} (the save did not finish)"
+    try:
+        files = json.loads(manifest.read_bytes())["files"]
+        entries = [(rel, int(meta["size"]), str(meta["sha256"])) for rel, meta in files.items()]
+    except (ValueError, KeyError, TypeError, AttributeError):
+        return f"{MANIFEST} is unreadable"
+    for rel, size, sha in entries:
+        path = folder / rel
+        if not path.is_file():
+            return f"{rel} is missing"
+        if path.stat().st_size != size:
+            return f"{rel} has {path.stat().st_size} bytes, the manifest says {size}"
+        if _sha256(path) != sha:
+            return f"{rel} does not match its SHA-256 in {MANIFEST}"
+    return None
+
+
+def checkpoint_step(folder: Path) -> int:
+    return int(_NAME.fullmatch(folder.name).group(1))
+
+
+def checkpoint_folders(output_dir: str | Path) -> list[Path]:
+    """Every `checkpoint-<step>` folder, oldest first (staging folders of unfinished saves excluded)."""
+    found = [p for p in Path(output_dir).glob("checkpoint-*") if p.is_dir() and _NAME.fullmatch(p.name)]
+    return sorted(found, key=checkpoint_step)
+
+
+def latest_good_checkpoint(output_dir: str | Path) -> Path | None:
+    """The newest checkpoint whose files match its manifest; each newer bad one gets a warning naming it."""
+    for folder in reversed(checkpoint_folders(output_dir)):
+        problem = checkpoint_problem(folder)
+        if problem is None:
+            return folder
+        warnings.warn(f"checkpoint {folder} is unusable: {problem}; falling back to the previous one", stacklevel=2)
+    return None
+
+
+def verified_checkpoint(folder: str | Path) -> Path:
+    """A checkpoint the user named: its files must match its manifest."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise InputError(f"checkpoint {folder}: no such folder")
+    problem = checkpoint_problem(folder)
+    if problem is not None:
+        raise InputError(f"checkpoint {folder}: {problem}")
+    return folder
+
+
+def prune_checkpoints(output_dir: str | Path, keep: int, step: int) -> list[Path]:
+    """Delete the oldest checkpoints up to `step` so that `keep` of them remain; step's own is never deleted."""
+    folders = [f for f in checkpoint_folders(output_dir) if checkpoint_step(f) <= step]
+    doomed = folders[: max(len(folders) - max(keep, 1), 0)]
+    for folder in doomed:
+        shutil.rmtree(folder, ignore_errors=True)
+    return doomed
+
+
+def set_aside_newer(output_dir: str | Path, step: int) -> list[Path]:
+    """Rename the checkpoints newer than `step` (the bad ones a resume passed over) to `<name>.bad`: kept for
+    inspection, but never resumed from, pruned, or overwritten by the resumed run's saves."""
+    moved = []
+    for folder in checkpoint_folders(output_dir):
+        if checkpoint_step(folder) > step:
+            target = folder.with_name(folder.name + ".bad")
+            shutil.rmtree(target, ignore_errors=True)
+            folder.rename(target)
+            moved.append(target)
+    return moved
+
+
+def truncate_metrics(path: Path, step: int) -> int:
+    """Keep the log's records of steps <= `step` (what the resumed run has done); drop later ones and torn lines.
+    Returns how many lines were dropped."""
+    if not path.exists():
+        return 0
+    kept, dropped = [], 0
+    for line in path.read_bytes().split(b"\n"):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+            keep = int(record["step"]) <= step
+        except (ValueError, KeyError, TypeError):
+            keep = False
+        if keep:
+            kept.append(line)
+        else:
+            dropped += 1
+    if dropped:
+        staging = path.with_name(path.name + ".tmp")
+        staging.write_bytes(b"".join(line + b"\n" for line in kept))
+        os.replace(staging, path)
+    return dropped
+
+
+def existing_run(output_dir: str | Path) -> list[str]:
+    """What in `output_dir` belongs to an earlier run (checkpoints and the metrics log)."""
+    out = Path(output_dir)
+    names = [p.name for p in checkpoint_folders(out)]
+    return names + ([METRICS] if (out / METRICS).exists() else [])
+
+
+def remove_run(output_dir: str | Path) -> None:
+    """Delete an earlier run's checkpoints, unfinished saves, metrics log, reward curve and tracker logs."""
+    out = Path(output_dir)
+    for path in out.glob("checkpoint-*"):
+        shutil.rmtree(path, ignore_errors=True)
+    for name in (METRICS, "reward_curve.png"):
+        (out / name).unlink(missing_ok=True)
+    shutil.rmtree(out / "tmem_rl", ignore_errors=True)  # the trackers' run folder
