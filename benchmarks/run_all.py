@@ -253,6 +253,9 @@ def main(argv: list[str] | None = None) -> int:
     results = run_suite(scripts, args.out, args.quick, args.timeout)
     print(markdown(results))
     failed = [name for name, entry in results["benchmarks"].items() if entry["status"] != "ok"]
+    # Like every benchmark: one JSON object as the last line of stdout.
+    print(json.dumps({"results": str(args.out / "results.json"), "ok": len(results["benchmarks"]) - len(failed),
+                      "failed": failed, "seconds": round(sum(e["seconds"] for e in results["benchmarks"].values()), 1)}))
     return 1 if failed else 0
 
 

@@ -62,7 +62,8 @@ PAIR_WITH = st.tuples(HOSTILE | st.text(max_size=5), HOSTILE | st.text(max_size=
 def test_every_kept_pair_has_a_utf8_form(text, source):
     record = parse_and_check(text, source=source)
     for pair in record.pairs:
-        (pair.instruction + pair.output).encode("utf-8")
+        text = pair.instruction + pair.output
+        assert text.encode("utf-8").decode("utf-8") == text  # raises on a lone surrogate
 
 
 # ----------------------------------------------------------------------------------------------------------------
