@@ -91,3 +91,11 @@ def test_train_refuses_an_existing_run_and_continues_with_resume(recipe, tmp_pat
     assert len((tmp_path / "run" / "metrics.jsonl").read_text().splitlines()) == 2
     assert main(["train", str(recipe), "--overwrite"]) == 0
     assert len((tmp_path / "run" / "metrics.jsonl").read_text().splitlines()) == 1
+
+
+@pytest.mark.parametrize("flag", ["--batch-size", "--retrieval-k", "--context-budget"])
+def test_eval_method_settings_below_one_fail_before_any_model_loads(tmp_path, capsys, flag):
+    assert main(["eval", "--env", "facts", "--env-kwargs", '{"num_tasks": 3}', "--out", str(tmp_path / "run"),
+                 flag, "0"]) == 2
+    assert "expected a positive number" in one_error_line(capsys.readouterr().err)
+    assert not (tmp_path / "run").exists()

@@ -26,6 +26,7 @@ from typing import Any
 from rank_bm25 import BM25Okapi
 
 from tmem_rl.envs.base import Environment, Task
+from tmem_rl.errors import InputError
 from tmem_rl.rollout import EpisodeRunner
 
 _WORD = re.compile(r"\w+")
@@ -62,6 +63,11 @@ class MethodSettings:
     """Generation budget of each summary rewrite."""
     answer_batch_size: int = 8
     """Streams read in lockstep (one fast-weight slot each) and question rows answered together."""
+
+    def __post_init__(self):
+        for name in ("context_budget", "retrieval_k", "summary_tokens", "answer_batch_size"):
+            if getattr(self, name) < 1:
+                raise InputError(f"MethodSettings.{name}={getattr(self, name)}: expected a positive number")
 
 
 class MemoryMethod:
