@@ -99,3 +99,8 @@ def test_eval_method_settings_below_one_fail_before_any_model_loads(tmp_path, ca
                  flag, "0"]) == 2
     assert "expected a positive number" in one_error_line(capsys.readouterr().err)
     assert not (tmp_path / "run").exists()
+
+
+def test_convert_of_the_built_in_tiny_model_says_it_has_no_folder(capsys):
+    assert main(["convert", "tiny"]) == 2
+    assert "'tiny' is built in memory" in one_error_line(capsys.readouterr().err)

@@ -67,6 +67,9 @@ def resolve_model_path(name_or_path: str) -> str:
     unchanged; anything else an InputError."""
     if name_or_path in KNOWN_MODELS:
         return str(_ensure_converted(name_or_path))
+    if name_or_path == TINY_MODEL:
+        raise InputError(f"model {TINY_MODEL!r} is built in memory by load_policy (a random test model): it has "
+                         "no folder")
     path = Path(name_or_path).expanduser()
     if path.is_dir():
         if not (path / "config.json").exists():

@@ -20,6 +20,8 @@ from tmem_rl.errors import InputError
 
 MANIFEST = "manifest.json"
 METRICS = "metrics.jsonl"
+TRACKER_RUN = "tmem_rl"
+"""The trackers' run name: TensorBoard writes under <output_dir>/<TRACKER_RUN>."""
 _NAME = re.compile(r"checkpoint-(\d+)")
 
 
@@ -155,4 +157,4 @@ def remove_run(output_dir: str | Path) -> None:
         shutil.rmtree(path, ignore_errors=True)
     for name in (METRICS, "reward_curve.png"):
         (out / name).unlink(missing_ok=True)
-    shutil.rmtree(out / "tmem_rl", ignore_errors=True)  # the trackers' run folder
+    shutil.rmtree(out / TRACKER_RUN, ignore_errors=True)

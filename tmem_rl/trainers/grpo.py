@@ -40,7 +40,7 @@ from tmem_rl.logprobs import (
 )
 from tmem_rl.memory import FastWeightConfig, FastWeights
 from tmem_rl.rollout import EpisodeBatch, EpisodeConfig, EpisodeRunner, Segment, Trajectory
-from tmem_rl.trainers.checkpoints import (METRICS, checkpoint_folders, existing_run, latest_good_checkpoint,
+from tmem_rl.trainers.checkpoints import (METRICS, TRACKER_RUN, checkpoint_folders, existing_run, latest_good_checkpoint,
                                           prune_checkpoints, remove_run, set_aside_newer, truncate_metrics,
                                           write_manifest)
 
@@ -517,7 +517,7 @@ class GRPOTrainer:
         if cfg.report_to:
             # purge_step hides events a killed run logged after the checkpoint it resumes from.
             init_kwargs = {"tensorboard": {"purge_step": self.step + 1}} if resume and self.step else {}
-            acc.init_trackers("tmem_rl", config={k: v for k, v in asdict(cfg).items() if not isinstance(v, (list, dict))},
+            acc.init_trackers(TRACKER_RUN, config={k: v for k, v in asdict(cfg).items() if not isinstance(v, (list, dict))},
                               init_kwargs=init_kwargs)
         from tqdm import tqdm
 
