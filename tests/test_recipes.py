@@ -150,3 +150,105 @@ def test_learning_recipe_trains_only_on_its_train_split_and_eval_takes_the_held_
     assert (config["env"], config["env_kwargs"], config["split"], config["episode_kwargs"]["max_pairs"],
             config["episode_kwargs"]["examples"], config["fast_weights"]["lr"]) == ("locomo", {}, "all", 2, False, 1e-3)
     assert {r["method"] for r in read_records(other / "results.jsonl")} == {"tmem", "tmem@trained"}
+
+
+# ---- reward functions by dotted path -----------------------------------------------------------------------------
+
+# The recipes below name these as "test_recipes:...": pytest puts tests/ on sys.path and imports this file under
+# that name, so the path resolves to this very module.
+SHOUTING = "not a function"
+
+
+def shortness(prompts, completions, **kwargs):
+    """A reward function for the recipe tests: 1.0 for an empty answer, less the longer it is."""
+    return [1.0 / (1 + len(c)) for c in completions]
+
+
+@pytest.mark.parametrize("value, expected", [
+    ('"test_recipes"', r"'reward_funcs.short' must be \"package.module:function\", got 'test_recipes'"),
+    ('"test_recipes:"', r"'reward_funcs.short' must be \"package.module:function\""),
+    ('"tests/test_recipes.py:shortness"', r"'reward_funcs.short' must be \"package.module:function\""),
+    ("3", r"'reward_funcs.short' must be \"package.module:function\", got 3"),
+])
+def test_a_reward_function_path_of_the_wrong_form_names_the_key(tmp_path, value, expected):
+    """The form is checked on loading; the module is only imported by run_recipe."""
+    path = write(tmp_path, f"reward_funcs:\n  short: {value}\n")
+    with pytest.raises(RecipeError, match=rf"{path}: {expected}"):
+        load_recipe(path)
+
+
+def test_a_well_formed_path_is_kept_as_written_until_the_run(tmp_path):
+    path = write(tmp_path, "reward_funcs:\n  short: no_such_module_of_rewards:shortness\n")
+    recipe = load_recipe(path, ["reward_funcs.long=pkg.rewards:Scorer.length"])
+    assert recipe.reward_funcs == {"short": "no_such_module_of_rewards:shortness", "long": "pkg.rewards:Scorer.length"}
+
+
+def test_outcome_is_not_a_reward_function_name(tmp_path):
+    path = write(tmp_path, "reward_funcs:\n  outcome: test_recipes:shortness\n")
+    with pytest.raises(RecipeError, match="'reward_funcs.outcome': outcome is the environment's own score"):
+        load_recipe(path)
+
+
+@pytest.mark.parametrize("target, expected", [
+    ("no_such_module_of_rewards:shortness", "cannot import module 'no_such_module_of_rewards' "
+                                            "(ModuleNotFoundError: "),
+    ("test_recipes:longness", "module 'test_recipes' has no attribute 'longness'"),
+    ("test_recipes:shortness.missing", "module 'test_recipes' has no attribute 'shortness.missing'"),
+    ("test_recipes:SHOUTING", "'SHOUTING' is not callable (it is a str)"),
+])
+def test_a_reward_function_that_cannot_be_resolved_is_one_error_naming_key_and_path(target, expected):
+    from tmem_rl.recipes import resolve_reward_funcs
+
+    with pytest.raises(RecipeError) as raised:
+        resolve_reward_funcs({"short": target})
+    assert str(raised.value).startswith(f"reward_funcs.short: {target!r}: ") and expected in str(raised.value)
+    assert "\n" not in str(raised.value)
+
+
+def test_a_reward_function_that_fails_to_resolve_stops_train_before_the_model_loads(tmp_path, capsys, monkeypatch):
+    from tmem_rl import models
+    from tmem_rl.cli import main
+
+    monkeypatch.setattr(models, "load_policy", lambda *a, **k: pytest.fail("the model was loaded"))
+    path = write(tmp_path, "model: {name: tiny}\nreward_funcs:\n  short: test_recipes:longness\n")
+    assert main(["train", str(path)]) == 2
+    err = capsys.readouterr().err
+    assert err.strip() == ("tmem-rl: error: reward_funcs.short: 'test_recipes:longness': module "
+                           "'test_recipes' has no attribute 'longness'")
+
+
+def test_reward_functions_by_path_reach_the_trainer_and_are_weighed(tmp_path, monkeypatch):
+    from tmem_rl.recipes import run_recipe
+    from tmem_rl.trainers.grpo import GRPOTrainer
+
+    seen = {}
+    original = GRPOTrainer.rewards
+
+    def recording_rewards(self, trajectories):
+        seen["funcs"] = dict(self.reward_funcs)
+        total, parts = original(self, trajectories)
+        seen["parts"], seen["completions"] = parts, [t.prediction for t in trajectories]
+        return total, parts
+
+    monkeypatch.setattr(GRPOTrainer, "rewards", recording_rewards)
+    path = write(tmp_path, f"""\
+model: {{name: tiny}}
+env: {{name: facts, kwargs: {{num_tasks: 2, num_distractors: 2, num_facts: 2}}}}
+reward_funcs: {{short: "test_recipes:shortness"}}
+inner_loop: {{lr: 0.05, epochs: 1}}
+episode: {{l_max: 4096, max_extraction_tokens: 8, max_answer_tokens: 4}}
+outer_loop:
+  output_dir: {tmp_path / "run"}
+  max_steps: 1
+  save_steps: 0
+  questions_per_step: 1
+  num_generations: 2
+  max_completion_length: 8
+  report_to: []
+  reward_weights: {{outcome: 1.0, short: 0.5}}
+""")
+    history = run_recipe(load_recipe(path))
+    assert seen["funcs"]["short"] is shortness
+    expected = sum(shortness([], seen["completions"])) / 2
+    assert seen["parts"]["reward/short"] == pytest.approx(expected)
+    assert history[-1]["reward/short"] == pytest.approx(expected)

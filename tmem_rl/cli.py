@@ -1,4 +1,4 @@
-"""`tmem-rl` command line: demo | envs | convert."""
+"""`tmem-rl` command line: demo | eval | train | export | envs | convert."""
 
 from __future__ import annotations
 
@@ -67,6 +67,21 @@ def _eval_config(args):
     return config
 
 
+def _print_envs() -> None:
+    """`tmem-rl envs list`: a table of env_sources(); a row that failed to load or clashes with another says so."""
+    from tmem_rl.envs import env_sources
+
+    rows = [("NAME", "PACKAGE", "TARGET", "KIND")]
+    for s in env_sources():
+        kind = s.kind or f"error: {s.error}"
+        if s.conflicts:
+            kind += f"  CONFLICT: also registered by {', '.join(s.conflicts)}"
+        rows.append((s.name, s.origin, s.target, kind))
+    widths = [max(len(row[i]) for row in rows) for i in range(3)]
+    for row in rows:
+        print("  ".join(cell.ljust(w) for cell, w in zip(row, widths)) + "  " + row[3])
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point: a user's mistake (InputError) is printed as one line and exits 2, like argparse's own errors."""
     from tmem_rl.errors import InputError
@@ -120,7 +135,7 @@ def _run(argv: list[str] | None) -> int:
     ev.add_argument("--resume", action="store_true",
                     help="continue an interrupted evaluation in --out with the same settings: every (method, "
                          "question) already recorded is kept and not run again")
-    ev.add_argument("--l-max", type=int, default=None, help="working-context budget (default: the paper's 4096)")
+    ev.add_argument("--l-max", type=int, default=None, help="working-context budget in tokens (default: the environment's own, e.g. search 8192, else the paper's LoCoMo 4096)")
     ev.add_argument("--max-pairs", type=int, default=None, help="pairs asked for per extraction (default 8)")
     ev.add_argument("--inner-lr", type=float, default=None, help="inner-loop SGD learning rate (default 5e-4)")
     ev.add_argument("--inner-epochs", type=int, default=None, help="inner-loop epochs per extraction (default 5)")
@@ -157,7 +172,9 @@ def _run(argv: list[str] | None) -> int:
     export.add_argument("--base", default=None, help="the base model, when the checkpoint does not record it")
     export.add_argument("--eval", default=None, help="a summary.json of tmem-rl eval to put in the model card")
     export.add_argument("--overwrite", action="store_true", help="replace --out if it holds files")
-    sub.add_parser("envs", help="list the available environments")
+    envs = sub.add_parser("envs", help="the available environments: tmem-rl envs list")
+    envs.add_argument("action", nargs="?", choices=["list"], default="list",
+                      help="list: one line per environment: name, package, module:Class, stream or tool")
     convert = sub.add_parser("convert", help="convert a known packaged model into the HF cache folder; print it")
     convert.add_argument("name", nargs="?", default=None, help="a known model name (default: the default model)")
 
@@ -212,9 +229,7 @@ def _run(argv: list[str] | None) -> int:
             if not result["verified"]:
                 return 1
     elif args.command == "envs":
-        from tmem_rl.envs import available_envs
-
-        print("\n".join(available_envs()))
+        _print_envs()
     elif args.command == "convert":
         from tmem_rl.models import DEFAULT_MODEL, resolve_model_path
 

@@ -321,6 +321,7 @@ _EXAMPLE_PAIRS = [
 ]
 
 _ANSWER_SYSTEM = "Answer the question briefly, in a few words, using what you read and remember."
+_SUMMARY_SYSTEM = "You keep short notes about a long text so that questions can be answered from the notes alone."
 
 
 def _extraction_request(question: str, context: str, previous: list[QAPair] | None, max_pairs: int) -> str:
@@ -384,3 +385,16 @@ def grounded(pairs: list[QAPair], source: str) -> tuple[list[QAPair], list[dict[
 def answer_messages(user_text: str) -> list[dict[str, str]]:
     """Chat messages for the final answer; `user_text` comes from `Environment.answer_prompt`."""
     return [{"role": "system", "content": _ANSWER_SYSTEM}, {"role": "user", "content": user_text}]
+
+
+def summary_messages(question: str, notes: str, window: str, summary_tokens: int) -> list[dict[str, str]]:
+    """Chat messages asking to rewrite running `notes` with the new text `window` (the summary-memory baseline,
+    MemAgent-style); `question` may be empty when it is not known while reading."""
+    focus = f"Question to answer later: {question}\n\n" if question else ""
+    keep = ("every fact that may help answer the question" if question
+            else "every fact someone may ask about later (names, dates, events, places)")
+    budget_words = int(summary_tokens * 0.7)
+    user = (f"{focus}Current notes:\n{notes or '(none yet)'}\n\nNew text:\n{window}\n\n"
+            f"Rewrite the notes: keep {keep}, add the new ones from the new text, with their dates. "
+            f"At most {budget_words} words. Output only the notes.")
+    return [{"role": "system", "content": _SUMMARY_SYSTEM}, {"role": "user", "content": user}]

@@ -2,16 +2,19 @@
 
 A recipe has the sections model / env / inner_loop / episode / outer_loop; each maps onto a config dataclass, and
 every key is checked against the dataclass field's type. Errors name the file and the dotted key. Command-line
-overrides use the same dotted keys: `outer_loop.learning_rate=1e-5 env.kwargs.num_facts=3`.
+overrides use the same dotted keys: `outer_loop.learning_rate=1e-5 env.kwargs.num_facts=3`. A `reward_funcs`
+section adds reward functions by import path ("package.module:function"), weighed in outer_loop.reward_weights.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import importlib
+import re
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import yaml
 
@@ -29,6 +32,8 @@ class RecipeError(InputError):
 
 
 DTYPES = ("float32", "bfloat16", "float16")
+# "module:function", each part dotted identifiers: what an import and attribute lookups can resolve.
+_FUNCTION_PATH = re.compile(r"[A-Za-z_]\w*(\.[A-Za-z_]\w*)*:[A-Za-z_]\w*(\.[A-Za-z_]\w*)*")
 
 
 @dataclass
@@ -84,6 +89,9 @@ class TrainRecipe:
     episode: EpisodeConfig = field(default_factory=EpisodeConfig)
     outer_loop: GRPOConfig = field(default_factory=GRPOConfig)
     """GRPOConfig, or PPOConfig when algorithm is ppo."""
+    reward_funcs: dict[str, str] = field(default_factory=dict)
+    """Reward name -> "package.module:function", called as fn(prompts, completions, trajectories) -> one float
+    per rollout; outer_loop.reward_weights weighs them by name."""
 
 
 ALGORITHMS = {"grpo": (GRPOConfig, GRPOTrainer), "ppo": (PPOConfig, PPOTrainer)}
@@ -171,9 +179,54 @@ def load_recipe(path: str | Path, overrides: list[str] | None = None) -> TrainRe
     if not isinstance(algorithm, str) or algorithm not in ALGORITHMS:
         raise RecipeError(f"{path}: 'algorithm' must be one of {tuple(ALGORITHMS)}, got {algorithm!r}")
     outer = data.pop("outer_loop", {})
+    reward_funcs = _reward_funcs(data.pop("reward_funcs", {}), path)
     recipe = _build(TrainRecipe, data, "", path)
     recipe.outer_loop = _build(ALGORITHMS[algorithm][0], outer, "outer_loop", path)
+    recipe.reward_funcs = reward_funcs
     return recipe
+
+
+def _reward_funcs(data: Any, path: str) -> dict[str, str]:
+    """The reward_funcs section with every path checked for its form; resolving one imports user code, which
+    waits for run_recipe."""
+    from tmem_rl.envs import printable
+
+    if not isinstance(data, dict):
+        raise RecipeError(f"{path}: 'reward_funcs' must be a mapping of reward name -> \"package.module:function\", "
+                          f"got {type(data).__name__}")
+    for name, target in data.items():
+        if not isinstance(name, str):
+            raise RecipeError(f"{path}: 'reward_funcs': a reward name must be text, got {name!r}")
+        if name == "outcome":
+            raise RecipeError(f"{path}: 'reward_funcs.outcome': outcome is the environment's own score; give the "
+                              "function another name")
+        if not isinstance(target, str) or not _FUNCTION_PATH.fullmatch(target):
+            raise RecipeError(f"{path}: 'reward_funcs.{printable(name)}' must be \"package.module:function\", "
+                              f"got {target!r}")
+    return dict(data)
+
+
+def resolve_reward_funcs(reward_funcs: dict[str, str]) -> dict[str, Callable[..., list[float]]]:
+    """{name: the function at "module:function"}; one that cannot be imported, found or called is a RecipeError
+    naming `reward_funcs.NAME` and the path."""
+    funcs = {}
+    for name, target in reward_funcs.items():
+        where = f"reward_funcs.{name}: {target!r}"
+        module_name, _, attribute = target.partition(":")
+        try:
+            value = importlib.import_module(module_name)
+        except Exception as err:  # not installed, or its own import failed: either way the run cannot start
+            raise RecipeError(f"{where}: cannot import module {module_name!r} "
+                              f"({type(err).__name__}: {_one_line(err)})") from err
+        for part in attribute.split("."):
+            if not hasattr(value, part):
+                raise RecipeError(f"{where}: module {module_name!r} has no attribute {attribute!r}")
+            value = getattr(value, part)
+        if not callable(value):
+            raise RecipeError(f"{where}: {attribute!r} is not callable (it is a {type(value).__name__}); expected "
+                              "a function fn(prompts, completions, trajectories) -> list of floats")
+        funcs[name] = value
+    return funcs
 
 
 def run_recipe(recipe: TrainRecipe, resume: bool = False, overwrite: bool = False) -> list[dict]:
@@ -182,11 +235,13 @@ def run_recipe(recipe: TrainRecipe, resume: bool = False, overwrite: bool = Fals
     from tmem_rl.models import load_policy
 
     env = recipe.env.make("train")  # before the model: a typo in env.kwargs is reported in a second
+    reward_funcs = resolve_reward_funcs(recipe.reward_funcs)  # likewise a wrong reward function path
     # Straight onto this process's accelerator: the fast weights' SVD and every copy then start there too.
     device = PartialState().device
     model, tokenizer = load_policy(recipe.model.name, dtype=recipe.model.torch_dtype, device=device)
     trainer_cls = ALGORITHMS[recipe.algorithm][1]
     trainer = trainer_cls(recipe.outer_loop, model, tokenizer, env, recipe.inner_loop, recipe.episode,
+                          reward_funcs=reward_funcs,
                           run_info={"base_model": recipe.model.name, "recipe": dataclasses.asdict(recipe)})
     return trainer.train(resume=resume, overwrite=overwrite)
 

@@ -1,4 +1,6 @@
-"""The TMEM episode: G rollouts read their streams in lockstep, write supervision, learn it, and answer.
+"""The TMEM episode: G rollouts act in lockstep, write supervision, learn it, and answer.
+
+A stream environment is read:
 
     for each chunk of the stream:
         working context += chunk
@@ -9,6 +11,19 @@
             working context <- empty
     answer ~ policy(answer prompt(question, working context))                    # base + fast weights
     reward = environment.score(answer)
+
+A tool environment is acted on, one action per turn (format in `tmem_rl.actions`):
+
+    until the agent answers or the environment's turn limit:
+        action ~ policy(turn prompt(question, working context))                  # fast weights live
+        tool call:  working context += action + the environment's result
+        malformed:  working context += action + why it is not one                # counted; the episode goes on
+        answer:     reward = environment.score(answer); done
+        if tokens(working context) > L_max: extract and absorb, as above
+    at the limit: answer ~ policy(answer prompt(question, working context))
+
+`EpisodeConfig.memory` picks what happens at the budget (the baselines keep the same loop): extract and absorb,
+drop the context, keep its most recent part, keep it all, or rewrite running notes.
 
 Everything the outer loop needs is recorded in a JSON-serialisable trajectory per rollout: every prompt and
 generated segment as token ids, the fast-weight version that was live for each generated segment (its tensors
@@ -29,16 +44,17 @@ from safetensors.torch import load_file, save_file
 from transformers import LogitsProcessor, LogitsProcessorList
 from transformers.generation.logits_process import TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper
 
+from tmem_rl.actions import ACTION_PREFILL, ANSWER, MALFORMED, TOOL, closing_tags, parse_action
 from tmem_rl.chat import chat_ids, chat_template_kwargs, left_padded, stop_token_ids, strip_thinking
 from tmem_rl.decoding import StaticDecoder
 from tmem_rl.envs.base import Action, ActionKind, Environment, EpisodeState, Task
 from tmem_rl.extraction import (EXTRACTION_PREFILL, answer_messages, extraction_messages, parse_qa_pairs,
-                                reference_supervision)
+                                reference_supervision, summary_messages)
 from tmem_rl.logprobs import build_rows, completion_logprobs
 from tmem_rl.memory.fast_weights import FastWeights, Snapshot
 from tmem_rl.records import QAPair, Supervision
 
-MEMORY_MODES = ("fast_weights", "none")
+MEMORY_MODES = ("fast_weights", "none", "window", "full", "summary")
 EXTRACTORS = ("policy", "reference")
 DECODERS = ("generate", "static")
 
@@ -48,7 +64,9 @@ class EpisodeConfig:
     l_max: int = 4096
     """Working-context budget in tokens; exceeding it triggers an extraction action."""
     memory: str = "fast_weights"
-    """"fast_weights": extract and absorb. "none": the context is simply dropped at the budget (baseline)."""
+    """What happens when the working context exceeds l_max. "fast_weights": extract and absorb, then clear.
+    Baselines: "none" drops the context; "window" keeps its most recent l_max tokens; "full" keeps it all (no
+    budget); "summary" rewrites running notes from it (shown in every later prompt), then clears it."""
     max_pairs: int = 8
     """Pairs asked for per extraction."""
     extractor: str = "policy"
@@ -60,12 +78,18 @@ class EpisodeConfig:
     KV cache and fixed-shape decode steps, replayed as CUDA graphs on a GPU (the same tokens)."""
     max_extraction_tokens: int = 192
     max_answer_tokens: int = 32
+    max_action_tokens: int = 64
+    """Generation budget of each action turn in a tool environment (the turn ends at its action's closing tag)."""
+    summary_tokens: int = 256
+    """Generation budget of each notes rewrite (memory "summary")."""
     extraction_retries: int = 1
     """Extra attempts (sampled) when an extraction yields no usable pair."""
     prefill: bool = True
-    """Start the extraction answer with "[" so the model continues a JSON list."""
+    """Start each extraction with "[" so the model continues a JSON list, and each action with "<" so that it
+    continues a tag (tool environments)."""
     examples: bool = True
-    """Show one worked example in the extraction prompt."""
+    """Show one worked example in the extraction prompt, and the environment's worked episode
+    (`Environment.example_turns`) before each action turn."""
     grounding: bool = True
     """Drop extracted pairs whose answer does not occur in the text that was read."""
     do_sample: bool = False
@@ -86,6 +110,9 @@ class EpisodeConfig:
     def __post_init__(self):
         if self.memory not in MEMORY_MODES:
             raise ValueError(f"EpisodeConfig.memory={self.memory!r}: expected one of {MEMORY_MODES}")
+        for name in ("max_extraction_tokens", "max_answer_tokens", "max_action_tokens", "summary_tokens"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"EpisodeConfig.{name}={getattr(self, name)}: expected a positive token budget")
         if self.l_max < 1:
             raise ValueError(f"EpisodeConfig.l_max={self.l_max}: expected a positive token budget")
         if self.max_pairs < 1:
@@ -100,8 +127,8 @@ class EpisodeConfig:
 class Segment:
     """One generated stretch of tokens and the prompt it continued."""
 
-    kind: str  # "extraction" | "answer"
-    chunk_index: int
+    kind: str  # "extraction" | "action" (a tool call or a malformed action) | "answer" | "summary"
+    chunk_index: int  # where in the episode: the last chunk read (streams) or the turn (tool environments)
     attempt: int
     prompt_ids: list[int]
     completion_ids: list[int]
@@ -124,6 +151,11 @@ class Trajectory:
     reward: float = 0.0
     metrics: dict[str, float] = field(default_factory=dict)
     timings: dict[str, float] = field(default_factory=dict)
+    turns: int = 0
+    """Actions taken (tool environments): tool calls, malformed actions and the answer."""
+    actions: list[dict[str, Any]] = field(default_factory=list)
+    """One record per action turn: turn, kind (tool | answer | malformed | forced_answer), tool, argument, error."""
+    malformed_actions: int = 0
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -179,6 +211,15 @@ class Episode:
     context: list[list[str]] = field(default_factory=list)  # working context left at the end of the stream
     context_tokens: list[int] = field(default_factory=list)
     pairs: list[list[QAPair]] = field(default_factory=list)  # every pair each rollout absorbed, in order
+    notes: list[str] = field(default_factory=list)  # memory "summary": each rollout's running notes
+    acting: bool = False  # a tool environment's episode (positions are turns, not chunks)
+
+    def context_text(self, g: int) -> str:
+        """What rollout g's prompts show of its memory in text: its notes (memory "summary") and working context."""
+        text = "\n".join(self.context[g])
+        if self.notes and self.notes[g]:
+            return f"Notes:\n{self.notes[g]}" + (f"\n\n{text}" if text else "")
+        return text
 
 
 class EpisodeRunner:
@@ -202,8 +243,11 @@ class EpisodeRunner:
     def run(self, env: Environment, tasks: list[Task]) -> EpisodeBatch:
         """Run one rollout per task (repeat a task G times for a GRPO group), all in lockstep."""
         started = time.perf_counter()
-        episode = self.read(env, tasks)
-        self._answer(env, episode)
+        if env.tools:
+            episode = self.act(env, tasks)
+        else:
+            episode = self.read(env, tasks)
+            self._answer(env, episode)
         total = time.perf_counter() - started
         for traj in episode.trajectories:
             traj.timings["episode"] = total
@@ -217,29 +261,8 @@ class EpisodeRunner:
         trajectories and snapshots carry on, and the sampling generator is not reseeded; only the environment
         states are new. Without it a new episode starts from the base model.
         """
-        cfg = self.config
+        ep = self._begin(env, tasks, episode)
         n = len(tasks)
-        if self.fast is not None and n > self.fast.num_slots:
-            raise ValueError(f"{n} rollouts but only {self.fast.num_slots} fast-weight slots")
-        states = [env.reset(task)[0] for task in tasks]
-        if episode is not None:
-            if len(episode.trajectories) != n:
-                raise ValueError(f"the episode to continue has {len(episode.trajectories)} rollouts, got {n} tasks")
-            ep = episode
-            ep.states = states
-        else:
-            self.reseed()
-            if self.fast is not None:
-                self.fast.reset(range(n))
-            ep = Episode(
-                states=states,
-                trajectories=[Trajectory(g, t.task_id, t.question, list(t.answers)) for g, t in enumerate(tasks)],
-            )
-            for traj in ep.trajectories:
-                traj.timings = {"generate_extraction": 0.0, "inner_update": 0.0, "generate_answer": 0.0}
-            ep.context = [[] for _ in range(n)]
-            ep.context_tokens = [0] * n
-            ep.pairs = [[] for _ in range(n)]
         reading = list(range(n))
         while reading:
             for g in list(reading):
@@ -249,14 +272,154 @@ class EpisodeRunner:
                     continue
                 ep.context[g].append(observation.text)
                 ep.context_tokens[g] += self._count_tokens(observation.text)
-            over_budget = [g for g in reading if ep.context_tokens[g] > cfg.l_max]
-            if not over_budget:
-                continue
-            if cfg.memory == "fast_weights":
-                self._extract_and_absorb(env, over_budget, ep)
-            for g in over_budget:
-                ep.context[g], ep.context_tokens[g] = [], 0
+            self._enforce_budget(env, reading, ep)
         return ep
+
+    def act(self, env: Environment, tasks: list[Task], episode: "Episode | None" = None) -> "Episode":
+        """Run every rollout's tool-use episode to its answer (see the module docstring), in lockstep: each turn
+        generates one action per rollout still acting. `episode` as for `read`."""
+        cfg = self.config
+        ep = self._begin(env, tasks, episode)
+        closing = closing_tags(env.tools)
+        acting = [g for g in range(len(tasks)) if not ep.states[g].done]
+        while acting:
+            prefill = ACTION_PREFILL if cfg.prefill else ""
+            prompts = [self.prompt_ids(self._turn_messages(env, ep, g), prefill=prefill) for g in acting]
+            t0 = time.perf_counter()
+            completions = self.generate(prompts, acting, cfg.max_action_tokens, cfg.do_sample, cfg.temperature,
+                                        stop_strings=closing)
+            completions = [self._through_action(c, env.tools, closing, prefill) for c in completions]
+            elapsed = time.perf_counter() - t0
+            logprobs = self._logprobs(prompts, completions, acting, cfg.temperature)
+            for g, prompt, completion, lp in zip(acting, prompts, completions, logprobs):
+                traj = ep.trajectories[g]
+                text = prefill + self.tokenizer.decode(completion, skip_special_tokens=True)
+                action = parse_action(strip_thinking(text), env.tools)
+                self._add_segment(traj, ep.snapshots, kind="answer" if action.kind == ANSWER else "action",
+                                  chunk_index=traj.turns, attempt=0, prompt_ids=prompt, completion_ids=completion,
+                                  text=text, temperature=cfg.temperature, logprobs=lp)
+                traj.timings["generate_action"] = traj.timings.get("generate_action", 0.0) + elapsed
+                traj.actions.append({"turn": traj.turns, "kind": action.kind, "tool": action.name,
+                                     "argument": action.argument, "error": action.error, "ignored": action.ignored})
+                traj.turns += 1
+                if action.kind == ANSWER:
+                    self._finish(env, ep, g, action.argument)
+                    continue
+                if action.kind == TOOL:
+                    result = env.step(ep.states[g], Action(ActionKind.TOOL, action.argument, tool=action.name))
+                    piece = f"<{action.name}>{action.argument}</{action.name}>\n{result.observation.text}"
+                else:
+                    traj.malformed_actions += 1
+                    piece = f"{text.strip()}\n(not an action: {action.error})"
+                ep.context[g].append(piece)
+                ep.context_tokens[g] += self._count_tokens(piece)
+            acting = [g for g in acting if not ep.states[g].done]
+            self._enforce_budget(env, acting, ep)
+            out_of_turns = [g for g in acting if ep.trajectories[g].turns >= env.max_turns]
+            if out_of_turns:
+                self._answer(env, ep, out_of_turns)
+                acting = [g for g in acting if g not in out_of_turns]
+        return ep
+
+    def _begin(self, env: Environment, tasks: list[Task], episode: "Episode | None") -> "Episode":
+        """A new episode (fast weights reset, sampling reseeded), or `episode` going on with new environment
+        states for `tasks`."""
+        n = len(tasks)
+        if self.fast is not None and n > self.fast.num_slots:
+            raise ValueError(f"{n} rollouts but only {self.fast.num_slots} fast-weight slots")
+        states = [env.reset(task)[0] for task in tasks]
+        if episode is not None:
+            if len(episode.trajectories) != n:
+                raise ValueError(f"the episode to continue has {len(episode.trajectories)} rollouts, got {n} tasks")
+            episode.states = states
+            return episode
+        self.reseed()
+        if self.fast is not None:
+            self.fast.reset(range(n))
+        ep = Episode(
+            states=states,
+            trajectories=[Trajectory(g, t.task_id, t.question, list(t.answers)) for g, t in enumerate(tasks)],
+        )
+        for traj in ep.trajectories:
+            traj.timings = {"generate_extraction": 0.0, "inner_update": 0.0, "generate_answer": 0.0}
+        ep.context = [[] for _ in range(n)]
+        ep.context_tokens = [0] * n
+        ep.pairs = [[] for _ in range(n)]
+        ep.notes = [""] * n
+        ep.acting = bool(env.tools)
+        return ep
+
+    def _enforce_budget(self, env: Environment, rollouts: list[int], ep: "Episode") -> None:
+        """What EpisodeConfig.memory does to the working contexts of `rollouts` that are over l_max."""
+        cfg = self.config
+        over = [g for g in rollouts if ep.context_tokens[g] > cfg.l_max]
+        if not over or cfg.memory == "full":
+            return
+        if cfg.memory == "fast_weights":
+            self._extract_and_absorb(env, over, ep)
+        elif cfg.memory == "summary":
+            self._summarize(over, ep)
+        for g in over:
+            if cfg.memory == "window":
+                self._keep_recent(g, ep)
+            else:
+                ep.context[g], ep.context_tokens[g] = [], 0
+
+    def _keep_recent(self, g: int, ep: "Episode") -> None:
+        """Drop the oldest pieces of rollout g's context until it fits l_max; a last piece too long on its own keeps
+        its final l_max tokens."""
+        budget = self.config.l_max
+        pieces, tokens = ep.context[g], [self._count_tokens(p) for p in ep.context[g]]
+        while len(pieces) > 1 and sum(tokens) > budget:
+            pieces.pop(0)
+            tokens.pop(0)
+        if tokens and tokens[0] > budget:
+            ids = self.tokenizer(pieces[0], add_special_tokens=False)["input_ids"][-budget:]
+            pieces[0] = self.tokenizer.decode(ids)
+            tokens[0] = self._count_tokens(pieces[0])
+        ep.context_tokens[g] = sum(tokens)
+
+    def _summarize(self, rollouts: list[int], ep: "Episode") -> None:
+        """Rewrite each rollout's running notes from its notes and working context (memory "summary")."""
+        cfg = self.config
+        prompts = [self.prompt_ids(summary_messages(ep.states[g].task.question, ep.notes[g],
+                                                    "\n".join(ep.context[g]), cfg.summary_tokens))
+                   for g in rollouts]
+        t0 = time.perf_counter()
+        completions = self.generate(prompts, rollouts, cfg.summary_tokens, cfg.do_sample, cfg.temperature)
+        elapsed = time.perf_counter() - t0
+        logprobs = self._logprobs(prompts, completions, rollouts, cfg.temperature)
+        for g, prompt, completion, lp in zip(rollouts, prompts, completions, logprobs):
+            text = self.tokenizer.decode(completion, skip_special_tokens=True)
+            ep.notes[g] = strip_thinking(text).strip()
+            self._add_segment(ep.trajectories[g], ep.snapshots, kind="summary", chunk_index=self._position(ep, g),
+                              attempt=0, prompt_ids=prompt, completion_ids=completion, text=text,
+                              temperature=cfg.temperature, logprobs=lp)
+            timings = ep.trajectories[g].timings
+            timings["generate_summary"] = timings.get("generate_summary", 0.0) + elapsed
+
+    def _turn_messages(self, env: Environment, ep: "Episode", g: int) -> list[dict[str, str]]:
+        task, traj = ep.states[g].task, ep.trajectories[g]
+        user = env.turn_prompt(task, ep.context_text(g), env.max_turns - traj.turns)
+        example = env.example_turns() if self.config.examples else []
+        return [{"role": "system", "content": env.instructions(task)}, *example, {"role": "user", "content": user}]
+
+    def _through_action(self, completion: list[int], tools: dict[str, str], closing: list[str],
+                        prefill: str) -> list[int]:
+        """The completion cut just after its first complete action: what stopping at the closing tag gives. The
+        tokens after it never reach the environment and get no log-prob."""
+        if not any(tag in self.tokenizer.decode(completion, skip_special_tokens=True) for tag in closing):
+            return completion
+        for end in range(1, len(completion) + 1):
+            text = prefill + self.tokenizer.decode(completion[:end], skip_special_tokens=True)
+            if parse_action(strip_thinking(text), tools).kind != MALFORMED:
+                return completion[:end]
+        return completion
+
+    @staticmethod
+    def _position(ep: "Episode", g: int) -> int:
+        """Where rollout g is: its turn in a tool environment, else the last chunk it read."""
+        return ep.trajectories[g].turns if ep.acting else ep.states[g].cursor - 1
 
     # ---- actions --------------------------------------------------------------------------------------------
 
@@ -297,7 +460,7 @@ class EpisodeRunner:
                 record = parse_qa_pairs(strip_thinking(text), prefilled=cfg.prefill, source=source)
                 supervision[g].attempts.append(record)
                 supervision[g].pairs = record.pairs
-                self._add_segment(trajectories[g], snapshots, kind="extraction", chunk_index=states[g].cursor - 1,
+                self._add_segment(trajectories[g], snapshots, kind="extraction", chunk_index=self._position(ep, g),
                                   attempt=attempt, prompt_ids=prompt, completion_ids=completion, text=text,
                                   temperature=temperature, logprobs=lp)
                 trajectories[g].timings["generate_extraction"] += elapsed
@@ -316,7 +479,7 @@ class EpisodeRunner:
             trajectories[g].timings["inner_update"] += elapsed if g in stats else 0.0
             trajectories[g].extractions.append(
                 {
-                    "chunk_index": states[g].cursor - 1,
+                    "chunk_index": self._position(ep, g),
                     "supervision": supervision[g].to_dict(),
                     "inner_update": stats.get(g),
                     "fast_weight_version": self.fast.versions[g],
@@ -325,20 +488,30 @@ class EpisodeRunner:
             if absorbed:
                 snapshots[self._snapshot_key(g)] = self.fast.snapshot([g])
 
-    def _answer(self, env: Environment, ep: "Episode") -> None:
-        everyone = list(range(len(ep.states)))
-        tasks = [state.task for state in ep.states]
-        answers = self.answer(env, everyone, tasks, ["\n".join(c) for c in ep.context])
-        for g, out in enumerate(answers):
+    def _answer(self, env: Environment, ep: "Episode", rollouts: list[int] | None = None) -> None:
+        """Ask `rollouts` (default: all) for their answers with the environment's answer prompt, and score them."""
+        rollouts = list(range(len(ep.states))) if rollouts is None else rollouts
+        tasks = [ep.states[g].task for g in rollouts]
+        answers = self.answer(env, rollouts, tasks, [ep.context_text(g) for g in rollouts])
+        for g, out in zip(rollouts, answers):
             traj = ep.trajectories[g]
-            self._add_segment(traj, ep.snapshots, kind="answer", chunk_index=ep.states[g].cursor, attempt=0,
+            position = traj.turns if env.tools else ep.states[g].cursor
+            self._add_segment(traj, ep.snapshots, kind="answer", chunk_index=position, attempt=0,
                               prompt_ids=out.prompt_ids, completion_ids=out.completion_ids, text=out.text,
                               temperature=self.config.temperature, logprobs=out.logprobs)
-            result = env.step(ep.states[g], Action(ActionKind.ANSWER, out.text))
-            traj.prediction = out.text
-            traj.reward = result.reward
-            traj.metrics = dict(result.info)
+            if env.tools:  # the turn limit ended the episode: this answer was asked for
+                traj.actions.append({"turn": traj.turns, "kind": "forced_answer", "tool": "", "argument": out.text,
+                                     "error": "", "ignored": 0})
             traj.timings["generate_answer"] += out.seconds
+            self._finish(env, ep, g, out.text)
+
+    def _finish(self, env: Environment, ep: "Episode", g: int, prediction: str) -> None:
+        """Rollout g answers: the environment scores it and the episode ends."""
+        traj = ep.trajectories[g]
+        result = env.step(ep.states[g], Action(ActionKind.ANSWER, prediction))
+        traj.prediction = prediction
+        traj.reward = result.reward
+        traj.metrics = dict(result.info)
 
     def answer(self, env: Environment, slots: list[int], tasks: list[Task], contexts: list[str]) -> list["Generated"]:
         """Answer each task's question in one batch, row i under fast-weight slot slots[i] with contexts[i] in the
@@ -402,8 +575,11 @@ class EpisodeRunner:
 
     @torch.no_grad()
     def generate(self, prompts: list[list[int]], slots: list[int], max_new_tokens: int, sample: bool,
-                 temperature: float) -> list[list[int]]:
-        """Batched, KV-cached generation; row i runs under fast-weight slot slots[i] (-1: the base model)."""
+                 temperature: float, stop_strings: list[str] | None = None) -> list[list[int]]:
+        """Batched, KV-cached generation; row i runs under fast-weight slot slots[i] (-1: the base model).
+
+        `stop_strings`: a row may stop once its text holds one (the "generate" decoder; the tokens before the stop
+        are the same either way, so callers cut each row themselves)."""
         pad = self.tokenizer.pad_token_id
         input_ids, attention_mask = left_padded(prompts, pad)
         # Sampling draws from the runner's own generator (Gumbel-max over HF's warped scores, decoded greedily), so
@@ -429,9 +605,13 @@ class EpisodeRunner:
                     eos_token_id=self.stop_ids,
                     do_sample=False, temperature=None, top_p=None, top_k=None,
                     logits_processor=processors,
+                    **({"stop_strings": stop_strings, "tokenizer": self.tokenizer} if stop_strings else {}),
                 )[:, input_ids.shape[1]:]
         completions = []
         for row in new_tokens.tolist():
+            if stop_strings:  # a row stopped by a string is filled with padding up to the longest row
+                while row and row[-1] == pad:
+                    row.pop()
             end = next((i for i, token in enumerate(row) if token in self.stop_ids), None)
             # Keep the end token: it was generated and carries log-prob.
             completions.append(row if end is None else row[: end + 1])

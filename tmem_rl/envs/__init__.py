@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
-import importlib
 import inspect
 import json
 import os
+import re
 import sys
-from importlib.metadata import entry_points
+from dataclasses import dataclass, replace
+from importlib.metadata import EntryPoint, entry_points
 from pathlib import Path
 from typing import Any, Callable
 
@@ -20,14 +21,51 @@ from tmem_rl.envs.base import (  # noqa: F401  (re-exported contract)
     StepResult,
     Task,
 )
-from tmem_rl.errors import InputError
+from tmem_rl.errors import InputError  # noqa: F401  (re-exported: environments raise it for bad settings)
 from tmem_rl.records import ParseRecord, QAPair, Supervision  # noqa: F401  (what extraction actions produce)
 
 _REGISTRY: dict[str, Callable[..., Environment]] = {}
 
-# The environments that ship with tmem_rl, imported on first use. They need no installed package metadata, so they
-# also work from a source checkout on PYTHONPATH; other packages add theirs through the entry point group.
-BUILTIN_ENVS = {"facts": "tmem_rl.envs.facts:FactsEnv", "locomo": "tmem_rl.envs.locomo:LocomoEnv"}
+ENTRY_POINT_GROUP = "tmem_rl.envs"
+PACKAGE = "tmem_rl"
+
+# The environments that ship with tmem_rl. pyproject.toml registers them in the entry point group too, so that an
+# installed tmem_rl lists them like any other package's; this copy is for a source checkout on PYTHONPATH, which has
+# no installed metadata. tests/test_plugins.py checks that the two agree.
+BUILTIN_ENVS = {
+    "facts": "tmem_rl.envs.facts:FactsEnv",
+    "locomo": "tmem_rl.envs.locomo:LocomoEnv",
+    "search": "tmem_rl.envs.search:SearchEnv",
+}
+
+
+@dataclass(frozen=True)
+class EnvSource:
+    """One registration of an environment name: which package makes it available, and as what."""
+
+    name: str
+    package: str
+    """The distribution that registers it ("tmem_rl" for the built-ins)."""
+    version: str | None
+    """Its installed version; None when not from installed metadata: a built-in in a source checkout, or a class
+    given to `register_env` in this process (package: its top-level module)."""
+    target: str
+    """What the name loads, "module:Class"."""
+    kind: str = ""
+    """"stream" or "tool" (the class lists tools); "" until loaded, or when loading failed."""
+    error: str = ""
+    """Why the target could not be loaded, in one line."""
+    conflicts: tuple[str, ...] = ()
+    """The other packages that register the same name."""
+
+    @property
+    def origin(self) -> str:
+        if self.version:
+            return f"{self.package} {self.version}"
+        return f"{self.package} (built in)" if self.package == PACKAGE else f"{self.package} (register_env)"
+
+    def load(self) -> Callable[..., Environment]:
+        return EntryPoint(self.name, self.target, ENTRY_POINT_GROUP).load()
 
 
 def register_env(name: str):
@@ -40,25 +78,65 @@ def register_env(name: str):
     return decorator
 
 
+def _normalized(package: str) -> str:
+    """A distribution name as packaging compares them: tmem_rl, tmem-rl and TMEM.rl are one package."""
+    return re.sub(r"[-_.]+", "-", package).lower()
+
+
+def _same_package(a: str, b: str) -> bool:
+    return _normalized(a) == _normalized(b)
+
+
+def _registrations() -> list[EnvSource]:
+    """Every (name, package) registration, from installed metadata, then the built-ins that metadata lacks (none
+    on an up-to-date install; all of them in a source checkout). Nothing is imported."""
+    found = [EnvSource(ep.name, ep.dist.name, ep.dist.version, ep.value)
+             for ep in entry_points(group=ENTRY_POINT_GROUP)]
+    installed = {s.name for s in found if _same_package(s.package, PACKAGE)}
+    found += [EnvSource(name, PACKAGE, None, target) for name, target in BUILTIN_ENVS.items() if name not in installed]
+    return found
+
+
+def env_sources() -> list[EnvSource]:
+    """Every registered environment, sorted by name, each loaded to learn its kind. A target that fails to import
+    keeps its error in the record instead of raising, so one broken package hides no other; a name that several
+    packages register appears once per package, each naming the others in `conflicts`."""
+    found = _registrations()
+    records = []
+    for source in found:
+        try:
+            loaded = source.load()
+            kind, error = ("tool" if getattr(loaded, "tools", None) else "stream"), ""
+        except Exception as err:  # whatever a third-party import raises, the listing goes on
+            kind, error = "", " ".join(f"{type(err).__name__}: {err}".split())
+        others = tuple(s.origin for s in found
+                       if s.name == source.name and not _same_package(s.package, source.package))
+        records.append(replace(source, kind=kind, error=error, conflicts=others))
+    listed = {s.name for s in found}
+    for name, cls in _REGISTRY.items():  # registered in this process only, through register_env
+        if name not in listed:
+            target = f"{cls.__module__}:{cls.__qualname__}"
+            kind = "tool" if getattr(cls, "tools", None) else "stream"
+            records.append(EnvSource(name, cls.__module__.split(".")[0], None, target, kind))
+    return sorted(records, key=lambda s: (s.name, s.package))
+
+
 def available_envs() -> list[str]:
-    names = set(_REGISTRY) | set(BUILTIN_ENVS)
-    names.update(ep.name for ep in entry_points(group="tmem_rl.envs"))
-    return sorted(names)
+    return sorted({s.name for s in _registrations()} | set(_REGISTRY))
 
 
 def make_env(name: str, **kwargs) -> Environment:
-    """The environment registered under `name`, built from `kwargs`; an unknown name or setting is an InputError
-    that names the environment, the setting and the accepted ones."""
-    if name not in _REGISTRY and name in BUILTIN_ENVS:
-        module, cls = BUILTIN_ENVS[name].split(":")
-        _REGISTRY[name] = getattr(importlib.import_module(module), cls)
+    """The environment registered under `name`, built from `kwargs`; an unknown name or setting, or a name that two
+    packages register, is an InputError that says so."""
+    sources = [s for s in _registrations() if s.name == name]
+    if len({_normalized(s.package) for s in sources}) > 1:
+        both = "; ".join(f"{s.origin} ({s.target})" for s in sources)
+        raise InputError(f"environment {name!r} is registered by more than one package: {both}; uninstall one, "
+                         "or rename the entry point in its pyproject.toml")
     if name not in _REGISTRY:
-        for ep in entry_points(group="tmem_rl.envs"):
-            if ep.name == name:
-                _REGISTRY[name] = ep.load()
-                break
-        else:
+        if not sources:
             raise InputError(f"unknown environment {name!r}; available: {', '.join(available_envs())}")
+        _REGISTRY[name] = sources[0].load()
     factory = _REGISTRY[name]
     _check_settings(name, factory, kwargs)
     return factory(**kwargs)

@@ -1,13 +1,14 @@
 """The environment contract.
 
-An environment is an agentic decision process: it poses a question, then serves a stream of chunks. The agent
-acts on it by reading (take the next chunk), extracting (free text, parsed into QA-pair supervision for its fast
-weights) and answering (scored by the environment, ends the episode). Tool actions are reserved for environments
-that have tools.
+An environment is an agentic decision process: it poses a question, then either serves a stream of chunks (a
+*stream* environment: the agent reads) or answers tool calls (a *tool* environment: the agent acts). In both the
+agent may extract (free text, parsed into QA-pair supervision for its fast weights) when its working context is
+over budget, and ends the episode by answering (scored by the environment).
 
-A new environment subclasses `Environment`, implements `__len__`, `task` and `score`, and registers under the entry
-point group ``tmem_rl.envs`` (or calls `register_env`). The episode runner drives it only through `reset` / `step`,
-so an environment never sees the model and the runner never needs to know which environment it is driving.
+A new environment subclasses `Environment`, implements `__len__`, `task` and `score` (a tool environment also
+`tools` and `call_tool`), and registers under the entry point group ``tmem_rl.envs`` (or calls `register_env`).
+The episode runner drives it only through `reset` / `step`, so an environment never sees the model and the runner
+never needs to know which environment it is driving. docs/environments.md walks through both kinds.
 """
 
 from __future__ import annotations
@@ -45,7 +46,7 @@ class Task:
 class Observation:
     """What the agent sees after reset or a read: the question, or the next chunk of the stream."""
 
-    kind: str  # "question" | "chunk" | "end" | "tool"
+    kind: str  # "question" | "chunk" | "end" | "tool" (a tool's result)
     text: str
     index: int = -1  # chunk position in the stream; -1 for the question and the end marker
 
@@ -54,6 +55,9 @@ class Observation:
 class Action:
     kind: ActionKind
     text: str = ""
+    """The answer (ANSWER), or the tool's argument (TOOL)."""
+    tool: str = ""
+    """The tool called (TOOL only): a key of `Environment.tools`."""
 
 
 @dataclass(frozen=True)
@@ -71,6 +75,7 @@ class EpisodeState:
     task: Task
     cursor: int = 0  # index of the next chunk to serve
     done: bool = False
+    tool_calls: int = 0  # tool actions executed so far
 
     @property
     def stream_finished(self) -> bool:
@@ -81,6 +86,12 @@ class Environment(ABC):
     """Base class: subclasses provide tasks and a scorer; reading/answering mechanics are shared."""
 
     name: str = "base"
+    tools: dict[str, str] = {}
+    """Tool name -> what it does, one line, shown to the agent. Empty: a stream environment (the agent reads)."""
+    max_turns: int = 10
+    """Actions a tool environment allows per episode; at the limit the runner asks for the answer."""
+    default_l_max: int | None = None
+    """The working-context budget this environment is meant to run at, used where a run sets none."""
 
     @abstractmethod
     def __len__(self) -> int:
@@ -117,6 +128,30 @@ class Environment(ABC):
             return f"Text:\n{context}\n\nQuestion: {question}"
         return f"Question: {question}"
 
+    def call_tool(self, state: EpisodeState, tool: str, argument: str) -> str:
+        """Run `tool` (a key of `tools`) on `argument`; the returned text is the agent's observation."""
+        raise NotImplementedError(f"environment {self.name!r} lists tools but does not implement call_tool")
+
+    def instructions(self, task: Task) -> str:
+        """The system prompt of every action turn in a tool environment: what the agent is and how to act."""
+        from tmem_rl.actions import action_format
+
+        return ("You answer questions by using tools. Each turn, write exactly one action and nothing else.\n"
+                + action_format(self.tools))
+
+    def turn_prompt(self, task: Task, context: str, turns_left: int) -> str:
+        """The user turn that asks for the next action: the question, what the agent gathered that is still in its
+        working context, and how many actions remain."""
+        gathered = context.strip() or "(nothing yet)"
+        last = " This is your last action: answer now." if turns_left == 1 else ""
+        return (f"Question: {task.question}\n\nWhat you have found so far:\n{gathered}\n\n"
+                f"Actions left: {turns_left}.{last} Write your next action.")
+
+    def example_turns(self) -> list[dict[str, str]]:
+        """A worked episode shown before every action turn when `EpisodeConfig.examples` is on: alternating user
+        (turn prompts) and assistant (actions) chat messages. Small models act far better after one."""
+        return []
+
     def reset(self, task: Task) -> tuple[EpisodeState, Observation]:
         return EpisodeState(task=task), Observation(kind="question", text=task.question)
 
@@ -136,5 +171,11 @@ class Environment(ABC):
             state.done = True
             metrics = self.score(state.task, action.text)
             return StepResult(Observation(kind="end", text=""), reward=metrics["reward"], done=True, info=metrics)
-        raise ValueError(f"environment {self.name!r} has no tools; got action {action.kind.value!r}")
+        if action.kind == ActionKind.TOOL:
+            if action.tool not in self.tools:
+                raise ValueError(f"environment {self.name!r} has no tool {action.tool!r}; tools: "
+                                 f"{', '.join(self.tools) or 'none'}")
+            state.tool_calls += 1
+            return StepResult(Observation(kind="tool", text=self.call_tool(state, action.tool, action.text)))
+        raise ValueError(f"environment {self.name!r}: unknown action {action.kind!r}")
 

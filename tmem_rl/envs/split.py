@@ -31,7 +31,8 @@ class TaskSplit(Environment):
             raise ValueError(f"heldout_fraction must be in (0, 1) to split tasks, got {heldout_fraction!r}")
         self.env = env
         self.split = split
-        self.name = env.name
+        # The base class defines these, so attribute lookup would never reach __getattr__ for them.
+        self.name, self.tools, self.max_turns, self.default_l_max = env.name, env.tools, env.max_turns, env.default_l_max
         want_heldout = split == "heldout"
         self.indices = [i for i in range(len(env))
                         if is_heldout(env.split_key(i), heldout_fraction, seed) == want_heldout]
@@ -53,6 +54,21 @@ class TaskSplit(Environment):
 
     def answer_prompt(self, question: str, context: str, task: Task | None = None) -> str:
         return self.env.answer_prompt(question, context, task)
+
+    def summarize(self, records):
+        return self.env.summarize(records)
+
+    def instructions(self, task: Task) -> str:
+        return self.env.instructions(task)
+
+    def turn_prompt(self, task: Task, context: str, turns_left: int) -> str:
+        return self.env.turn_prompt(task, context, turns_left)
+
+    def example_turns(self) -> list[dict[str, str]]:
+        return self.env.example_turns()
+
+    def call_tool(self, state: EpisodeState, tool: str, argument: str) -> str:
+        return self.env.call_tool(state, tool, argument)
 
     def reset(self, task: Task) -> tuple[EpisodeState, Observation]:
         return self.env.reset(task)

@@ -35,6 +35,7 @@ from tmem_rl.models import DEFAULT_MODEL, load_policy, load_trained_policy
 from tmem_rl.rollout import EpisodeConfig, EpisodeRunner
 
 EPISODE_UNITS = ("question", "conversation")
+DEFAULT_L_MAX = 4096  # the paper's LoCoMo budget, for environments that name none
 RESULTS = "results.jsonl"
 CONFIG = "config.json"
 TRAINED = "trained"
@@ -75,7 +76,9 @@ class EvalConfig:
     greedy: bool = False
     resume: bool = False
     # The paper's LoCoMo inference settings.
-    l_max: int = 4096
+    l_max: int | None = None
+    """Working-context budget in tokens (None: the environment's `default_l_max`, else 4096, the paper's LoCoMo
+    budget)."""
     max_extraction_tokens: int = 192
     max_answer_tokens: int = 50
     temperature: float = 0.4
@@ -100,7 +103,9 @@ class EvalConfig:
             raise InputError(f"split={self.split!r}: expected one of {SPLITS}")
         if self.split != "all" and not 0.0 < self.heldout_fraction < 1.0:
             raise InputError(f"split={self.split!r} needs heldout_fraction in (0, 1), got {self.heldout_fraction!r}")
-        limits = [("l_max", 1), ("max_extraction_tokens", 1), ("max_answer_tokens", 1)]
+        limits = [("max_extraction_tokens", 1), ("max_answer_tokens", 1)]
+        if self.l_max is not None:
+            limits.append(("l_max", 1))
         if self.max_questions is not None:  # negative, it would slice from the end (-1: all but the last question)
             limits.append(("max_questions", 0))
         for name, low in limits:
@@ -267,16 +272,33 @@ def episodes(env, unit: str, pending: list[Task], batch_size: int):
         yield readings, questions
 
 
+def check_applicable(config: EvalConfig, env: Environment) -> None:
+    """Methods and episode unit against the environment's kind: a tool environment runs one episode per task."""
+    if not env.tools:
+        return
+    if config.episode_unit != "question":
+        raise InputError(f"episode_unit={config.episode_unit!r}: environment {env.name!r} is a tool environment, "
+                         "whose episodes are one task each; use episode_unit question")
+    unusable = [m for m in config.methods if METHODS[m].agent_memory is None]
+    if unusable:
+        usable = [name for name, cls in METHODS.items() if cls.agent_memory is not None]
+        raise InputError(f"method(s) {', '.join(unusable)} do not apply to the tool environment {env.name!r}; "
+                         f"available: {', '.join(usable)}")
+
+
 def run_eval(config: EvalConfig) -> dict[str, Any]:
     out = Path(config.out)
     results_path = out / RESULTS
     has_results = results_path.exists() and results_path.stat().st_size > 0
     if has_results and not config.resume:
         raise InputError(f"{results_path} already has results; pass --resume to continue, or another --out")
+    env = config.environment()
+    if config.l_max is None:
+        config = dataclasses.replace(config, l_max=env.default_l_max or DEFAULT_L_MAX)
+    check_applicable(config, env)
     if has_results:
         check_resumable(out, config)
 
-    env = config.environment()
     tasks = env.tasks()
     if config.max_questions is not None:
         tasks = tasks[: config.max_questions]
@@ -367,7 +389,18 @@ def summarize(records: list[dict[str, Any]]) -> dict[str, Any]:
         "parse_rate": _mean([float(p) for p in parsed]),
         "pairs_per_extraction": _mean([float(len(e["supervision"]["pairs"])) for e in extractions]),
         "seconds_per_episode": _mean(seconds),
+        **_acting(records),
     }
+
+
+def _acting(records: list[dict[str, Any]]) -> dict[str, Any]:
+    """Tool environments' episode shape: turns, tool calls, malformed actions and answers forced by the turn limit,
+    per episode."""
+    acting = [r for r in records if "turns" in r]
+    if not acting:
+        return {}
+    return {key: _mean([float(r[key]) for r in acting])
+            for key in ("turns", "tool_calls", "malformed_actions", "forced_answer")}
 
 
 def _fmt(value) -> str:
@@ -382,14 +415,16 @@ def _categories(summary: dict[str, Any]) -> list[str]:
 def markdown_table(summary: dict[str, Any]) -> str:
     cats = _categories(summary)
     extra = [k for k in ("f1_1_4", "f1_1_5") if any(k in s for s in summary.values())]
-    head = ["method", "n", *cats, "F1", *extra, "EM", "parse rate", "pairs / extraction", "s / episode"]
+    acting = [k for k in ("turns", "tool_calls", "malformed_actions", "forced_answer")
+              if any(s.get(k) is not None for s in summary.values())]
+    head = ["method", "n", *cats, "F1", *extra, "EM", "parse rate", "pairs / extraction", *acting, "s / episode"]
     rows = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for method, s in summary.items():
         by_cat = [_fmt(s["f1_by_category"].get(c)) for c in cats]
         secs = "-" if s["seconds_per_episode"] is None else f"{s['seconds_per_episode']:.1f}"
         rows.append("| " + " | ".join([method, str(s["n"]), *by_cat, _fmt(s["f1"]), *[_fmt(s.get(k)) for k in extra],
                                        _fmt(s["em"]), _fmt(s["parse_rate"]), _fmt(s["pairs_per_extraction"]),
-                                       secs]) + " |")
+                                       *[_fmt(s.get(k)) for k in acting], secs]) + " |")
     return "\n".join(rows)
 
 

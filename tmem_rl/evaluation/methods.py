@@ -13,36 +13,29 @@ whether fast weights are live:
     tmem-reference  tmem with the environment's reference pairs absorbed in place of the agent's extractions:
                     the gold supervision's own score through the same fast weights (environments that know it,
                     such as facts); a policy can beat it by writing fewer pairs that interfere less
+
+In a tool environment every method runs the same turn loop (`EpisodeRunner.act`); what differs is what happens
+when the working context exceeds L_max (`EpisodeConfig.memory`):
+
+    none            the context is cut to its most recent L_max tokens ("window")
+    full-context    nothing is cut: no budget ("full")
+    summary         running notes are rewritten from the context, which is then cleared ("summary")
+    tmem            extraction and absorb into fast weights, then the context is cleared ("fast_weights")
+    tmem-reference  tmem, absorbing the environment's reference pairs grounded in the context
 """
 
 from __future__ import annotations
 
 import dataclasses
-import re
 import time
 from dataclasses import dataclass, field
 from typing import Any
 
-from rank_bm25 import BM25Okapi
-
 from tmem_rl.envs.base import Environment, Task
 from tmem_rl.errors import InputError
+from tmem_rl.extraction import summary_messages
+from tmem_rl.retrieval import bm25_top_k
 from tmem_rl.rollout import EpisodeRunner
-
-_WORD = re.compile(r"\w+")
-
-
-def bm25_tokens(text: str) -> list[str]:
-    return _WORD.findall(text.lower())
-
-
-def bm25_top_k(documents: list[str], query: str, k: int) -> list[int]:
-    """Indices of the k best BM25 matches, returned in document order (stream order reads naturally)."""
-    if not documents or k <= 0:
-        return []
-    scores = BM25Okapi([bm25_tokens(d) or ["<empty>"] for d in documents]).get_scores(bm25_tokens(query))
-    best = sorted(range(len(documents)), key=lambda i: (-scores[i], i))[:k]
-    return sorted(best)
 
 
 @dataclass
@@ -73,6 +66,8 @@ class MethodSettings:
 class MemoryMethod:
     name = "base"
     uses_fast_weights = False
+    agent_memory: str | None = None
+    """EpisodeConfig.memory of this method in a tool environment; None: the method does not apply to one."""
 
     def __init__(self, runner: EpisodeRunner, env: Environment, settings: MethodSettings):
         self.runner = runner
@@ -81,6 +76,8 @@ class MemoryMethod:
         self.tokenizer = runner.tokenizer
 
     def run(self, readings: list[Task], questions: list[list[Task]]) -> list[list[Answered]]:
+        if self.env.tools:
+            return self.act(readings)
         self.runner.reseed()  # every batch samples the same way whatever ran before it
         start = time.perf_counter()
         slots, contexts, extras = self.prepare(readings, questions)
@@ -100,6 +97,32 @@ class MemoryMethod:
                 out[g].append(Answered(task, generated.text, share + generated.seconds / len(batch), extra))
         return out
 
+    def act(self, tasks: list[Task]) -> list[list[Answered]]:
+        """Tool environments: one episode per task, in lockstep, with this method's memory at the budget."""
+        given = self.runner.config
+        self.runner.config = dataclasses.replace(given, memory=self.agent_memory, **self.agent_settings())
+        try:
+            batch = self.runner.run(self.env, tasks)
+        finally:
+            self.runner.config = given
+        out = []
+        for task, traj in zip(tasks, batch.trajectories):
+            kinds = [a["kind"] for a in traj.actions]
+            extra = {
+                "turns": traj.turns, "tool_calls": kinds.count("tool"), "malformed_actions": traj.malformed_actions,
+                "forced_answer": "forced_answer" in kinds, "actions": traj.actions,
+                "extractions": traj.extractions, "pairs_absorbed": sum(
+                    len(e["supervision"]["pairs"]) for e in traj.extractions
+                    if e["inner_update"] and not e["inner_update"].get("rolled_back")),
+                "summaries": sum(s.kind == "summary" for s in traj.segments),
+            }
+            out.append([Answered(task, traj.prediction, traj.timings["episode"] / len(tasks), extra)])
+        return out
+
+    def agent_settings(self) -> dict[str, Any]:
+        """Further EpisodeConfig settings of this method in a tool environment."""
+        return {}
+
     def prepare(self, readings, questions):
         """-> (fast-weight slot per reading, answer contexts per reading per question, extra record fields)."""
         contexts = [[self.context_for(reading, q) for q in qs] for reading, qs in zip(readings, questions)]
@@ -114,10 +137,12 @@ class MemoryMethod:
 
 class NoMemory(MemoryMethod):
     name = "none"
+    agent_memory = "window"
 
 
 class FullContext(MemoryMethod):
     name = "full-context"
+    agent_memory = "full"
 
     def context_for(self, reading, question):
         kept, used = [], 0
@@ -152,11 +177,12 @@ class Retrieval(MemoryMethod):
         return [-1] * len(readings), contexts, extras
 
 
-_SUMMARY_SYSTEM = "You keep short notes about a long text so that questions can be answered from the notes alone."
-
-
 class Summary(MemoryMethod):
     name = "summary"
+    agent_memory = "summary"
+
+    def agent_settings(self):
+        return {"summary_tokens": self.settings.summary_tokens}
 
     def prepare(self, readings, questions):
         notes = [""] * len(readings)
@@ -176,8 +202,8 @@ class Summary(MemoryMethod):
                     due.append(g)  # the stream's tail
             if not due:
                 continue
-            prompts = [self.runner.prompt_ids(self._messages(readings[g], notes[g], "\n".join(windows[g])))
-                       for g in due]
+            prompts = [self.runner.prompt_ids(summary_messages(readings[g].question, notes[g], "\n".join(windows[g]),
+                                                               self.settings.summary_tokens)) for g in due]
             outputs = self.runner.generate(prompts, [-1] * len(due), self.settings.summary_tokens, False, 1.0)
             for g, ids in zip(due, outputs):
                 notes[g] = self.tokenizer.decode(ids, skip_special_tokens=True).strip()
@@ -187,20 +213,11 @@ class Summary(MemoryMethod):
         extras = [{"summary": notes[g], "summary_rewrites": rewrites[g]} for g in range(len(readings))]
         return [-1] * len(readings), contexts, extras
 
-    def _messages(self, reading: Task, notes: str, window: str) -> list[dict[str, str]]:
-        focus = (f"Question to answer later: {reading.question}\n\n" if reading.question else "")
-        keep = ("every fact that may help answer the question" if reading.question
-                else "every fact someone may ask about later (names, dates, events, places)")
-        budget_words = int(self.settings.summary_tokens * 0.7)
-        user = (f"{focus}Current notes:\n{notes or '(none yet)'}\n\nNew text:\n{window}\n\n"
-                f"Rewrite the notes: keep {keep}, add the new ones from the new text, with their dates. "
-                f"At most {budget_words} words. Output only the notes.")
-        return [{"role": "system", "content": _SUMMARY_SYSTEM}, {"role": "user", "content": user}]
-
 
 class TMEM(MemoryMethod):
     name = "tmem"
     uses_fast_weights = True
+    agent_memory = "fast_weights"
 
     def prepare(self, readings, questions):
         episode = self.runner.read(self.env, readings)
@@ -221,6 +238,7 @@ class TMEM(MemoryMethod):
 
 class TMEMExplicit(TMEM):
     name = "tmem+explicit"
+    agent_memory = None  # its notes are retrieved per question from a read stream
 
     def with_explicit(self, pairs, question, residual):
         texts = [f"{p.instruction} {p.output}" for p in pairs]
@@ -233,6 +251,9 @@ class TMEMExplicit(TMEM):
 
 class TMEMReference(TMEM):
     name = "tmem-reference"
+
+    def agent_settings(self):
+        return {"extractor": "reference"}
 
     def prepare(self, readings, questions):
         policy_config = self.runner.config

@@ -38,6 +38,7 @@ from tmem_rl.logprobs import (
     score_completions,
     segment_rows,
 )
+from tmem_rl.actions import closing_tags
 from tmem_rl.memory import FastWeightConfig, FastWeights
 from tmem_rl.rollout import EpisodeBatch, EpisodeConfig, EpisodeRunner, Segment, Trajectory
 from tmem_rl.trainers.checkpoints import (METRICS, TRACKER_RUN, checkpoint_folders, existing_run, latest_good_checkpoint,
@@ -484,10 +485,22 @@ class GRPOTrainer:
         }
         limits = {"extraction": self.runner.config.max_extraction_tokens,
                   "answer": self.runner.config.max_answer_tokens}
+        if self.env.tools:
+            limits["action"] = self.runner.config.max_action_tokens
+            kinds = [[a["kind"] for a in t.actions] for t in trajectories]
+            stats.update({
+                "turns": mean([float(t.turns) for t in trajectories]),
+                "tool_calls": mean([float(k.count("tool")) for k in kinds]),
+                "malformed_actions": mean([float(t.malformed_actions) for t in trajectories]),
+                "forced_answers": mean([float("forced_answer" in k) for k in kinds]),
+            })
         for kind, limit in limits.items():
             segments = [s for t in trajectories for s in t.segments if s.kind == kind]
             lengths = [len(s.completion_ids) for s in segments]
-            ended = [bool(s.completion_ids) and s.completion_ids[-1] in self.runner.stop_ids for s in segments]
+            # An action ends at its closing tag as well as at an end token.
+            closing = closing_tags(self.env.tools) if self.env.tools else []
+            ended = [bool(s.completion_ids) and s.completion_ids[-1] in self.runner.stop_ids
+                     or any(tag in s.text for tag in closing) for s in segments]
             stats[f"{kind}_length_mean"] = mean(lengths)
             stats[f"{kind}_length_max"] = float(max(lengths, default=0))
             # Clipped: the generation budget ran out before an end token.
