@@ -34,8 +34,8 @@ def tiny_path(tmp_path_factory):
 def config(tiny_path, out, **overrides):
     base = dict(data=FIXTURE, out=str(out), model=tiny_path, greedy=True, l_max=120, max_answer_tokens=4,
                 max_extraction_tokens=12,
-                fast_weights=FastWeightConfig(epochs=1), methods_settings=MethodSettings(summary_tokens=8,
-                                                                                         answer_batch_size=4))
+                fast_weights=FastWeightConfig(epochs=1), methods_settings=MethodSettings(answer_batch_size=4),
+                episode_kwargs={"summary_tokens": 8})
     base.update(overrides)
     return EvalConfig(**base)
 

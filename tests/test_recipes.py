@@ -178,9 +178,18 @@ def test_a_reward_function_path_of_the_wrong_form_names_the_key(tmp_path, value,
 
 
 def test_a_well_formed_path_is_kept_as_written_until_the_run(tmp_path):
-    path = write(tmp_path, "reward_funcs:\n  short: no_such_module_of_rewards:shortness\n")
+    path = write(tmp_path, "reward_funcs:\n  short: no_such_module_of_rewards:shortness\n"
+                           "outer_loop:\n  reward_weights: {outcome: 1.0, short: 0.1, long: 0.1}\n")
     recipe = load_recipe(path, ["reward_funcs.long=pkg.rewards:Scorer.length"])
     assert recipe.reward_funcs == {"short": "no_such_module_of_rewards:shortness", "long": "pkg.rewards:Scorer.length"}
+
+
+def test_a_reward_function_without_a_weight_is_refused(tmp_path):
+    path = write(tmp_path, "reward_funcs:\n  short: test_recipes:shortness\n"
+                           "outer_loop:\n  reward_weights: {outcome: 1.0, shortness: 0.1}\n")
+    with pytest.raises(RecipeError, match=r"'reward_funcs.short' has no weight in 'outer_loop.reward_weights' "
+                                          r"\(weighed: outcome, shortness\)"):
+        load_recipe(path)
 
 
 def test_outcome_is_not_a_reward_function_name(tmp_path):
@@ -210,7 +219,8 @@ def test_a_reward_function_that_fails_to_resolve_stops_train_before_the_model_lo
     from tmem_rl.cli import main
 
     monkeypatch.setattr(models, "load_policy", lambda *a, **k: pytest.fail("the model was loaded"))
-    path = write(tmp_path, "model: {name: tiny}\nreward_funcs:\n  short: test_recipes:longness\n")
+    path = write(tmp_path, "model: {name: tiny}\nreward_funcs:\n  short: test_recipes:longness\n"
+                           "outer_loop:\n  reward_weights: {outcome: 1.0, short: 0.1}\n")
     assert main(["train", str(path)]) == 2
     err = capsys.readouterr().err
     assert err.strip() == ("tmem-rl: error: reward_funcs.short: 'test_recipes:longness': module "

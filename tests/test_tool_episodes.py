@@ -139,7 +139,7 @@ def test_searches_twice_extracts_over_budget_and_answers(tiny):
     assert traj.prediction == "4417; 9021" and traj.reward == 1.0
     # The extraction saw both results; it fired after turn 2, and the answer ran under the absorbed pair.
     extraction = traj.segments[2]
-    assert extraction.chunk_index == 2
+    assert extraction.chunk_index == 1  # after the second turn
     prompt = tok.decode(extraction.prompt_ids)
     assert "Alpha's code is 4417" in prompt and "Beta's code is 9021" in prompt
     assert traj.extractions[0]["supervision"]["pairs"][0]["output"] == "4417"
@@ -167,7 +167,7 @@ def test_an_action_prefilled_with_a_bracket_continues_the_tag(tiny):
     _, tok = tiny
     assert [a["kind"] for a in traj.actions] == ["tool", "answer"] and traj.prediction == "4417"
     assert tok.decode(traj.segments[0].prompt_ids).endswith("assistant\n<")
-    assert traj.segments[0].text == "<search>alpha</search>"
+    assert traj.segments[0].text == "search>alpha</search>"  # what was generated; the "<" is prompt
     assert "<search>alpha</search>\nAlpha note." in tok.decode(traj.segments[1].prompt_ids)
 
 
@@ -282,11 +282,13 @@ def test_a_training_step_on_a_tool_environment(tiny, tmp_path, algorithm):
                                         max_answer_tokens=8, grounding=False), reward_funcs=by_rollout)
     before = {n: p.detach().clone() for n, p in trainer.policy.named_parameters() if p.requires_grad}
     batch = trainer.generate_rollouts(0)
-    kinds = {s.kind for t in batch.trajectories for s in t.segments}
-    assert "action" in kinds and "answer" in kinds
-    assert all(t.turns >= 1 for t in batch.trajectories)
+    actions = [s for t in batch.trajectories for s in t.segments if s.kind == "action"]
+    assert actions and all(s.logprobs and len(s.logprobs) == len(s.completion_ids) for s in actions)
     metrics = trainer.train_step(batch)
     assert torch.isfinite(torch.tensor(metrics["loss"]))
+    # Every generated token, action turns included, is in the loss.
+    generated = sum(len(s.completion_ids) for t in batch.trajectories for s in t.segments)
+    assert metrics["completion_tokens"] == generated
     changed = [n for n, p in trainer.policy.named_parameters() if p.requires_grad and not torch.equal(p, before[n])]
     assert changed
 
@@ -371,7 +373,10 @@ def test_the_search_recipe_trains_a_step(tmp_path, algorithm):
     assert main(["train", str(recipe), *overrides]) == 0
     metrics = json.loads((out / "metrics.jsonl").read_text().splitlines()[0])
     assert metrics["step"] == 1 and 1 <= metrics["turns"] <= 2
-    assert metrics["tool_calls"] + metrics["malformed_actions"] + 1 >= metrics["turns"]
+    # Each rollout's turns are its tool calls, its malformed actions and its answer action unless the limit forced
+    # one.
+    answered_by_action = 1 - metrics["forced_answers"]
+    assert metrics["tool_calls"] + metrics["malformed_actions"] + answered_by_action == pytest.approx(metrics["turns"])
     assert (out / "checkpoint-1" / "manifest.json").exists()
 
 
@@ -391,3 +396,42 @@ def test_a_split_of_a_tool_environment_is_the_same_tool_environment():
     inherited = [name for name, value in vars(Environment).items()
                  if not name.startswith("_") and name not in vars(TaskSplit) and name not in vars(half)]
     assert inherited == ["tasks"], inherited  # tasks() goes through the split's own task()
+
+
+def test_rewards_the_environment_gives_on_extractions_and_tool_calls_add_to_the_return(tiny):
+    from tmem_rl.envs.base import ActionKind, StepResult
+
+    class Shaping(NotesEnv):
+        def step(self, state, action):
+            result = super().step(state, action)
+            bonus = {ActionKind.TOOL: -0.25, ActionKind.EXTRACT: 0.1}.get(action.kind, 0.0)
+            return StepResult(result.observation, result.reward + bonus, result.done, result.info)
+
+    env = Shaping()
+    _, tok = tiny
+    script = {0: ["<search>alpha</search>", "<search>beta</search>", "<answer>4417; 9021</answer>"]}
+    runner, _ = _runner(tiny, script, l_max=_tokens(tok, "<search>alpha</search>\n" + env.NOTES["alpha"]) + 10)
+    traj = runner.run(env, [env.task(0)]).trajectories[0]
+    assert [s.kind for s in traj.segments].count("extraction") == 1
+    assert traj.metrics["reward"] == 1.0  # the answer's own score
+    assert traj.shaping_reward == pytest.approx(-0.25 * 2 + 0.1)
+    assert traj.reward == pytest.approx(1.0 - 0.5 + 0.1)
+
+
+def test_an_action_turn_ends_at_its_first_closing_tag_and_keeps_a_generated_end_token(tiny):
+    model, tok = tiny
+    runner = EpisodeRunner(model, tok, None, EpisodeConfig(memory="none"))
+    closing = ["</search>", "</answer>"]
+    ids = lambda text: tok(text, add_special_tokens=False)["input_ids"]  # noqa: E731
+    eos = tok.eos_token_id
+    # Padding after a stop (here the pad is the end token) is not part of the action.
+    cut = runner._through_action(ids("search>velmora founding</search>") + [eos, eos, eos], closing)
+    assert tok.decode(cut).endswith("</search>") and eos not in cut
+    # The first closing tag of any kind ends the turn, as a stop string does, even when a later call would parse.
+    cut = runner._through_action(ids("search>a</answer><search>b</search>"), closing)
+    # (a token may run past the tag: "><" is one token here, and a stop string ends after it too)
+    assert "</answer>" in tok.decode(cut) and "search>b" not in tok.decode(cut)
+    assert "</answer>" not in tok.decode(cut[:-1])
+    # No tag: the completion is kept as generated, its end token too.
+    assert runner._through_action([eos], closing) == [eos]
+    assert runner._through_action(ids("hello") + [eos], closing) == ids("hello") + [eos]

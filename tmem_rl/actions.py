@@ -15,6 +15,7 @@ import re
 from dataclasses import dataclass
 
 ANSWER = "answer"
+FORCED_ANSWER = "forced_answer"  # not an action: the answer the runner asked for at the turn limit
 ACTION_PREFILL = "<"  # what an action turn starts with (EpisodeConfig.prefill): the model continues a tag
 TOOL, MALFORMED = "tool", "malformed"
 
@@ -34,7 +35,7 @@ class ParsedAction:
     error: str = ""
     """Why the text is not an action (malformed only), phrased for the agent."""
     ignored: int = 0
-    """Further complete tags after the first: only one action runs per turn."""
+    """Further complete tags after the first in the parsed text: only one action runs per turn."""
     end: int = 0
     """Offset in the text just past the action's closing tag (0 when malformed)."""
 
@@ -44,6 +45,11 @@ def action_format(tools: dict[str, str]) -> str:
     lines = [f"<{name}>...</{name}>: {description}" for name, description in tools.items()]
     lines.append(f"<{ANSWER}>...</{ANSWER}>: your final answer; this ends the episode.")
     return "Actions:\n" + "\n".join(lines)
+
+
+def format_call(tool: str, argument: str, result: str) -> str:
+    """A tool call and its result as they stand in the working context."""
+    return f"<{tool}>{argument}</{tool}>\n{result}"
 
 
 def closing_tags(tools: dict[str, str]) -> list[str]:

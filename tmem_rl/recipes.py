@@ -179,9 +179,13 @@ def load_recipe(path: str | Path, overrides: list[str] | None = None) -> TrainRe
     if not isinstance(algorithm, str) or algorithm not in ALGORITHMS:
         raise RecipeError(f"{path}: 'algorithm' must be one of {tuple(ALGORITHMS)}, got {algorithm!r}")
     outer = data.pop("outer_loop", {})
-    reward_funcs = _reward_funcs(data.pop("reward_funcs", {}), path)
+    reward_funcs = _reward_funcs(data.pop("reward_funcs", None) or {}, path)  # an empty section reads as None
     recipe = _build(TrainRecipe, data, "", path)
     recipe.outer_loop = _build(ALGORITHMS[algorithm][0], outer, "outer_loop", path)
+    unweighed = [name for name in reward_funcs if name not in recipe.outer_loop.reward_weights]
+    if unweighed:  # it would never be called: most likely a name that differs between the two sections
+        raise RecipeError(f"{path}: 'reward_funcs.{printable(unweighed[0])}' has no weight in "
+                          f"'outer_loop.reward_weights' (weighed: {', '.join(recipe.outer_loop.reward_weights)})")
     recipe.reward_funcs = reward_funcs
     return recipe
 
@@ -260,7 +264,8 @@ def eval_config(recipe: TrainRecipe, out: str, **overrides):
         temperature=outer.temperature, top_p=outer.top_p, top_k=outer.top_k,
         chat_template_kwargs=episode.chat_template_kwargs,
         episode_kwargs={k: getattr(episode, k) for k in ("max_pairs", "extraction_retries", "prefill", "examples",
-                                                         "grounding", "retry_temperature")},
+                                                         "grounding", "retry_temperature", "max_action_tokens",
+                                                         "summary_tokens")},
     )
     fields.update({k: v for k, v in overrides.items() if v is not None})
     return EvalConfig(**fields)

@@ -44,7 +44,7 @@ from safetensors.torch import load_file, save_file
 from transformers import LogitsProcessor, LogitsProcessorList
 from transformers.generation.logits_process import TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper
 
-from tmem_rl.actions import ACTION_PREFILL, ANSWER, MALFORMED, TOOL, closing_tags, parse_action
+from tmem_rl.actions import ACTION_PREFILL, ANSWER, FORCED_ANSWER, TOOL, closing_tags, format_call, parse_action
 from tmem_rl.chat import chat_ids, chat_template_kwargs, left_padded, stop_token_ids, strip_thinking
 from tmem_rl.decoding import StaticDecoder
 from tmem_rl.envs.base import Action, ActionKind, Environment, EpisodeState, Task
@@ -65,8 +65,9 @@ class EpisodeConfig:
     """Working-context budget in tokens; exceeding it triggers an extraction action."""
     memory: str = "fast_weights"
     """What happens when the working context exceeds l_max. "fast_weights": extract and absorb, then clear.
-    Baselines: "none" drops the context; "window" keeps its most recent l_max tokens; "full" keeps it all (no
-    budget); "summary" rewrites running notes from it (shown in every later prompt), then clears it."""
+    Baselines: "none" drops the context; "window" keeps the most recent whole chunks or turns that fit l_max (one
+    longer than l_max keeps its last l_max tokens); "full" keeps it all (no budget); "summary" rewrites running
+    notes from it (shown in every later prompt), then clears it."""
     max_pairs: int = 8
     """Pairs asked for per extraction."""
     extractor: str = "policy"
@@ -149,10 +150,17 @@ class Trajectory:
     extractions: list[dict[str, Any]] = field(default_factory=list)
     prediction: str = ""
     reward: float = 0.0
+    """The episode's return: the answer's score plus `shaping_reward`."""
+    shaping_reward: float = 0.0
+    """Rewards the environment gave before the answer (its `step` on extraction and tool actions; 0 unless it
+    shapes them)."""
     metrics: dict[str, float] = field(default_factory=dict)
     timings: dict[str, float] = field(default_factory=dict)
     turns: int = 0
     """Actions taken (tool environments): tool calls, malformed actions and the answer."""
+    tool_calls: int = 0
+    forced_answer: bool = False
+    """The turn limit ended the episode, and the answer was asked for."""
     actions: list[dict[str, Any]] = field(default_factory=list)
     """One record per action turn: turn, kind (tool | answer | malformed | forced_answer), tool, argument, error."""
     malformed_actions: int = 0
@@ -203,12 +211,13 @@ class Generated:
 
 @dataclass
 class Episode:
-    """Rollouts that have read their streams: what answering (and evaluation protocols) need next."""
+    """The state of G rollouts in lockstep: after `read`, what answering (and evaluation protocols) need next;
+    after `act`, the finished episodes."""
 
     states: list[EpisodeState]
     trajectories: list[Trajectory]
     snapshots: dict[str, Snapshot] = field(default_factory=dict)
-    context: list[list[str]] = field(default_factory=list)  # working context left at the end of the stream
+    context: list[list[str]] = field(default_factory=list)  # working context: chunks read, or turns taken
     context_tokens: list[int] = field(default_factory=list)
     pairs: list[list[QAPair]] = field(default_factory=list)  # every pair each rollout absorbed, in order
     notes: list[str] = field(default_factory=list)  # memory "summary": each rollout's running notes
@@ -275,42 +284,44 @@ class EpisodeRunner:
             self._enforce_budget(env, reading, ep)
         return ep
 
-    def act(self, env: Environment, tasks: list[Task], episode: "Episode | None" = None) -> "Episode":
+    def act(self, env: Environment, tasks: list[Task]) -> "Episode":
         """Run every rollout's tool-use episode to its answer (see the module docstring), in lockstep: each turn
-        generates one action per rollout still acting. `episode` as for `read`."""
+        generates one action per rollout still acting."""
         cfg = self.config
-        ep = self._begin(env, tasks, episode)
+        ep = self._begin(env, tasks, None)
         closing = closing_tags(env.tools)
-        acting = [g for g in range(len(tasks)) if not ep.states[g].done]
+        acting = list(range(len(tasks)))
+        prefill = ACTION_PREFILL if cfg.prefill else ""
         while acting:
-            prefill = ACTION_PREFILL if cfg.prefill else ""
             prompts = [self.prompt_ids(self._turn_messages(env, ep, g), prefill=prefill) for g in acting]
             t0 = time.perf_counter()
             completions = self.generate(prompts, acting, cfg.max_action_tokens, cfg.do_sample, cfg.temperature,
                                         stop_strings=closing)
-            completions = [self._through_action(c, env.tools, closing, prefill) for c in completions]
+            completions = [self._through_action(c, closing) for c in completions]
             elapsed = time.perf_counter() - t0
             logprobs = self._logprobs(prompts, completions, acting, cfg.temperature)
             for g, prompt, completion, lp in zip(acting, prompts, completions, logprobs):
                 traj = ep.trajectories[g]
-                text = prefill + self.tokenizer.decode(completion, skip_special_tokens=True)
-                action = parse_action(strip_thinking(text), env.tools)
+                text = self.tokenizer.decode(completion, skip_special_tokens=True)
+                action = parse_action(strip_thinking(prefill + text), env.tools)
                 self._add_segment(traj, ep.snapshots, kind="answer" if action.kind == ANSWER else "action",
                                   chunk_index=traj.turns, attempt=0, prompt_ids=prompt, completion_ids=completion,
                                   text=text, temperature=cfg.temperature, logprobs=lp)
                 traj.timings["generate_action"] = traj.timings.get("generate_action", 0.0) + elapsed
                 traj.actions.append({"turn": traj.turns, "kind": action.kind, "tool": action.name,
-                                     "argument": action.argument, "error": action.error, "ignored": action.ignored})
+                                     "argument": action.argument, "error": action.error})
                 traj.turns += 1
                 if action.kind == ANSWER:
                     self._finish(env, ep, g, action.argument)
                     continue
                 if action.kind == TOOL:
                     result = env.step(ep.states[g], Action(ActionKind.TOOL, action.argument, tool=action.name))
-                    piece = f"<{action.name}>{action.argument}</{action.name}>\n{result.observation.text}"
+                    traj.shaping_reward += result.reward
+                    traj.tool_calls += 1
+                    piece = format_call(action.name, action.argument, result.observation.text)
                 else:
                     traj.malformed_actions += 1
-                    piece = f"{text.strip()}\n(not an action: {action.error})"
+                    piece = f"{(prefill + text).strip()}\n(not an action: {action.error})"
                 ep.context[g].append(piece)
                 ep.context_tokens[g] += self._count_tokens(piece)
             acting = [g for g in acting if not ep.states[g].done]
@@ -404,22 +415,22 @@ class EpisodeRunner:
         example = env.example_turns() if self.config.examples else []
         return [{"role": "system", "content": env.instructions(task)}, *example, {"role": "user", "content": user}]
 
-    def _through_action(self, completion: list[int], tools: dict[str, str], closing: list[str],
-                        prefill: str) -> list[int]:
-        """The completion cut just after its first complete action: what stopping at the closing tag gives. The
-        tokens after it never reach the environment and get no log-prob."""
+    def _through_action(self, completion: list[int], closing: list[str]) -> list[int]:
+        """The completion cut just past the first token whose text completes a closing tag, as generation that
+        stops at the tag ends (either decoder gives the same tokens). What follows, padding included, was never
+        part of the action and gets no log-prob."""
         if not any(tag in self.tokenizer.decode(completion, skip_special_tokens=True) for tag in closing):
             return completion
         for end in range(1, len(completion) + 1):
-            text = prefill + self.tokenizer.decode(completion[:end], skip_special_tokens=True)
-            if parse_action(strip_thinking(text), tools).kind != MALFORMED:
+            text = self.tokenizer.decode(completion[:end], skip_special_tokens=True)
+            if any(tag in text for tag in closing):
                 return completion[:end]
         return completion
 
     @staticmethod
     def _position(ep: "Episode", g: int) -> int:
-        """Where rollout g is: its turn in a tool environment, else the last chunk it read."""
-        return ep.trajectories[g].turns if ep.acting else ep.states[g].cursor - 1
+        """Where rollout g is: its last turn in a tool environment, else the last chunk it read."""
+        return ep.trajectories[g].turns - 1 if ep.acting else ep.states[g].cursor - 1
 
     # ---- actions --------------------------------------------------------------------------------------------
 
@@ -458,6 +469,8 @@ class EpisodeRunner:
                 text = self.tokenizer.decode(completion, skip_special_tokens=True)
                 source = "\n".join(context[g]) if cfg.grounding else None
                 record = parse_qa_pairs(strip_thinking(text), prefilled=cfg.prefill, source=source)
+                # The environment sees every extraction action, so that it can shape rewards on them.
+                trajectories[g].shaping_reward += env.step(states[g], Action(ActionKind.EXTRACT, text)).reward
                 supervision[g].attempts.append(record)
                 supervision[g].pairs = record.pairs
                 self._add_segment(trajectories[g], snapshots, kind="extraction", chunk_index=self._position(ep, g),
@@ -495,13 +508,14 @@ class EpisodeRunner:
         answers = self.answer(env, rollouts, tasks, [ep.context_text(g) for g in rollouts])
         for g, out in zip(rollouts, answers):
             traj = ep.trajectories[g]
-            position = traj.turns if env.tools else ep.states[g].cursor
+            position = traj.turns if ep.acting else ep.states[g].cursor
             self._add_segment(traj, ep.snapshots, kind="answer", chunk_index=position, attempt=0,
                               prompt_ids=out.prompt_ids, completion_ids=out.completion_ids, text=out.text,
                               temperature=self.config.temperature, logprobs=out.logprobs)
-            if env.tools:  # the turn limit ended the episode: this answer was asked for
-                traj.actions.append({"turn": traj.turns, "kind": "forced_answer", "tool": "", "argument": out.text,
-                                     "error": "", "ignored": 0})
+            if ep.acting:  # the turn limit ended the episode: this answer was asked for
+                traj.forced_answer = True
+                traj.actions.append({"turn": traj.turns, "kind": FORCED_ANSWER, "tool": "", "argument": out.text,
+                                     "error": ""})
             traj.timings["generate_answer"] += out.seconds
             self._finish(env, ep, g, out.text)
 
@@ -510,7 +524,7 @@ class EpisodeRunner:
         traj = ep.trajectories[g]
         result = env.step(ep.states[g], Action(ActionKind.ANSWER, prediction))
         traj.prediction = prediction
-        traj.reward = result.reward
+        traj.reward = result.reward + traj.shaping_reward
         traj.metrics = dict(result.info)
 
     def answer(self, env: Environment, slots: list[int], tasks: list[Task], contexts: list[str]) -> list["Generated"]:
@@ -578,8 +592,8 @@ class EpisodeRunner:
                  temperature: float, stop_strings: list[str] | None = None) -> list[list[int]]:
         """Batched, KV-cached generation; row i runs under fast-weight slot slots[i] (-1: the base model).
 
-        `stop_strings`: a row may stop once its text holds one (the "generate" decoder; the tokens before the stop
-        are the same either way, so callers cut each row themselves)."""
+        `stop_strings`: a row may stop once its text holds one (the "generate" decoder), to save time; the tokens
+        up to the stop are the same either way, and callers cut each row there themselves (padding follows it)."""
         pad = self.tokenizer.pad_token_id
         input_ids, attention_mask = left_padded(prompts, pad)
         # Sampling draws from the runner's own generator (Gumbel-max over HF's warped scores, decoded greedily), so
@@ -609,9 +623,6 @@ class EpisodeRunner:
                 )[:, input_ids.shape[1]:]
         completions = []
         for row in new_tokens.tolist():
-            if stop_strings:  # a row stopped by a string is filled with padding up to the longest row
-                while row and row[-1] == pad:
-                    row.pop()
             end = next((i for i, token in enumerate(row) if token in self.stop_ids), None)
             # Keep the end token: it was generated and carries log-prob.
             completions.append(row if end is None else row[: end + 1])

@@ -16,7 +16,8 @@ from __future__ import annotations
 import enum
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
-from typing import Any
+from types import MappingProxyType
+from typing import Any, Mapping
 
 from tmem_rl.records import QAPair
 
@@ -86,12 +87,13 @@ class Environment(ABC):
     """Base class: subclasses provide tasks and a scorer; reading/answering mechanics are shared."""
 
     name: str = "base"
-    tools: dict[str, str] = {}
+    tools: Mapping[str, str] = MappingProxyType({})  # read-only: a shared default must not be written into
     """Tool name -> what it does, one line, shown to the agent. Empty: a stream environment (the agent reads)."""
     max_turns: int = 10
     """Actions a tool environment allows per episode; at the limit the runner asks for the answer."""
     default_l_max: int | None = None
-    """The working-context budget this environment is meant to run at, used where a run sets none."""
+    """The working-context budget this environment is meant to run at: `tmem-rl eval` uses it when no --l-max is
+    given (training takes a recipe's episode.l_max)."""
 
     @abstractmethod
     def __len__(self) -> int:

@@ -15,6 +15,7 @@ import re
 from collections import OrderedDict
 from dataclasses import dataclass, field
 
+from tmem_rl.actions import format_call
 from tmem_rl.envs import register_env
 from tmem_rl.envs.base import Environment, EpisodeState, Task
 from tmem_rl.errors import InputError
@@ -339,10 +340,10 @@ class SearchEnv(Environment):
         question = ("Answer these 2 questions, in order, separated by ';': (1) In what year was Acme Robotics "
                     "founded? (2) Which town is Anna Berg from?")
         example = Task("example", question, (), ("1987; Lund",), metadata={"k": 2})
-        first = ("<search>Acme Robotics founded year</search>\n[1] Acme Robotics\nAcme Robotics makes garden "
-                 "robots. It was founded in the year 1987. Its headquarters are in the town of Lund.")
-        second = ("<search>Anna Berg town</search>\n[1] Anna Berg\nAnna Berg is a nurse. She comes from the town "
-                  "of Lund.")
+        first = format_call("search", "Acme Robotics founded year", "[1] Acme Robotics\nAcme Robotics makes garden "
+                            "robots. It was founded in the year 1987. Its headquarters are in the town of Lund.")
+        second = format_call("search", "Anna Berg town", "[1] Anna Berg\nAnna Berg is a nurse. She comes from the "
+                             "town of Lund.")
         steps = [("", "<search>Acme Robotics founded year</search>"), (first, "<search>Anna Berg town</search>"),
                  (f"{first}\n{second}", "<answer>1987; Lund</answer>")]
         messages = []

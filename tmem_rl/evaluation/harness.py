@@ -35,7 +35,7 @@ from tmem_rl.models import DEFAULT_MODEL, load_policy, load_trained_policy
 from tmem_rl.rollout import EpisodeConfig, EpisodeRunner
 
 EPISODE_UNITS = ("question", "conversation")
-DEFAULT_L_MAX = 4096  # the paper's LoCoMo budget, for environments that name none
+DEFAULT_L_MAX = EpisodeConfig.l_max  # the paper's LoCoMo budget, for environments that name none
 RESULTS = "results.jsonl"
 CONFIG = "config.json"
 TRAINED = "trained"

@@ -17,7 +17,7 @@ whether fast weights are live:
 In a tool environment every method runs the same turn loop (`EpisodeRunner.act`); what differs is what happens
 when the working context exceeds L_max (`EpisodeConfig.memory`):
 
-    none            the context is cut to its most recent L_max tokens ("window")
+    none            the context keeps its most recent turns that fit L_max ("window")
     full-context    nothing is cut: no budget ("full")
     summary         running notes are rewritten from the context, which is then cleared ("summary")
     tmem            extraction and absorb into fast weights, then the context is cleared ("fast_weights")
@@ -52,13 +52,11 @@ class MethodSettings:
     """Tokens of stream text a full-context prompt may hold."""
     retrieval_k: int = 10
     """Chunks (turns) retrieved per question; also the number of extracted pairs tmem+explicit retrieves."""
-    summary_tokens: int = 256
-    """Generation budget of each summary rewrite."""
     answer_batch_size: int = 8
     """Streams read in lockstep (one fast-weight slot each) and question rows answered together."""
 
     def __post_init__(self):
-        for name in ("context_budget", "retrieval_k", "summary_tokens", "answer_batch_size"):
+        for name in ("context_budget", "retrieval_k", "answer_batch_size"):
             if getattr(self, name) < 1:
                 raise InputError(f"MethodSettings.{name}={getattr(self, name)}: expected a positive number")
 
@@ -107,10 +105,9 @@ class MemoryMethod:
             self.runner.config = given
         out = []
         for task, traj in zip(tasks, batch.trajectories):
-            kinds = [a["kind"] for a in traj.actions]
             extra = {
-                "turns": traj.turns, "tool_calls": kinds.count("tool"), "malformed_actions": traj.malformed_actions,
-                "forced_answer": "forced_answer" in kinds, "actions": traj.actions,
+                "turns": traj.turns, "tool_calls": traj.tool_calls, "malformed_actions": traj.malformed_actions,
+                "forced_answer": traj.forced_answer, "actions": traj.actions,
                 "extractions": traj.extractions, "pairs_absorbed": sum(
                     len(e["supervision"]["pairs"]) for e in traj.extractions
                     if e["inner_update"] and not e["inner_update"].get("rolled_back")),
@@ -181,10 +178,8 @@ class Summary(MemoryMethod):
     name = "summary"
     agent_memory = "summary"
 
-    def agent_settings(self):
-        return {"summary_tokens": self.settings.summary_tokens}
-
     def prepare(self, readings, questions):
+        budget = self.runner.config.summary_tokens
         notes = [""] * len(readings)
         windows: list[list[str]] = [[] for _ in readings]
         used = [0] * len(readings)
@@ -203,8 +198,8 @@ class Summary(MemoryMethod):
             if not due:
                 continue
             prompts = [self.runner.prompt_ids(summary_messages(readings[g].question, notes[g], "\n".join(windows[g]),
-                                                               self.settings.summary_tokens)) for g in due]
-            outputs = self.runner.generate(prompts, [-1] * len(due), self.settings.summary_tokens, False, 1.0)
+                                                               budget)) for g in due]
+            outputs = self.runner.generate(prompts, [-1] * len(due), budget, False, 1.0)
             for g, ids in zip(due, outputs):
                 notes[g] = self.tokenizer.decode(ids, skip_special_tokens=True).strip()
                 windows[g], used[g] = [], 0

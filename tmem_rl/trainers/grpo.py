@@ -28,6 +28,7 @@ from accelerate.utils import DistributedType, set_seed
 from transformers import get_scheduler
 from trl.models.utils import unwrap_model_for_generation
 
+from tmem_rl.actions import closing_tags
 from tmem_rl.envs.base import Environment
 from tmem_rl.errors import InputError
 from tmem_rl.logprobs import (
@@ -38,7 +39,6 @@ from tmem_rl.logprobs import (
     score_completions,
     segment_rows,
 )
-from tmem_rl.actions import closing_tags
 from tmem_rl.memory import FastWeightConfig, FastWeights
 from tmem_rl.rollout import EpisodeBatch, EpisodeConfig, EpisodeRunner, Segment, Trajectory
 from tmem_rl.trainers.checkpoints import (METRICS, TRACKER_RUN, checkpoint_folders, existing_run, latest_good_checkpoint,
@@ -77,7 +77,8 @@ class GRPOConfig:
     scale_rewards: bool = True
     """Divide group-centred rewards by the group's std."""
     max_completion_length: int = 1024
-    """Token budget of each generated answer / extraction (the paper's response budget)."""
+    """Token budget of each generated segment: answer, extraction, action, summary (the paper's response
+    budget); caps the episode's own budgets."""
     temperature: float = 1.0
     top_p: float = 1.0
     top_k: int = 0
@@ -245,6 +246,8 @@ class GRPOTrainer:
             given, do_sample=True, record_logprobs=True, temperature=config.temperature, top_p=config.top_p,
             top_k=config.top_k, max_answer_tokens=min(given.max_answer_tokens, config.max_completion_length),
             max_extraction_tokens=min(given.max_extraction_tokens, config.max_completion_length),
+            max_action_tokens=min(given.max_action_tokens, config.max_completion_length),
+            summary_tokens=min(given.summary_tokens, config.max_completion_length),
         )
         self.runner = EpisodeRunner(self.policy, tokenizer, self.fast, episode_config)
         self.step = 0
@@ -487,12 +490,11 @@ class GRPOTrainer:
                   "answer": self.runner.config.max_answer_tokens}
         if self.env.tools:
             limits["action"] = self.runner.config.max_action_tokens
-            kinds = [[a["kind"] for a in t.actions] for t in trajectories]
             stats.update({
                 "turns": mean([float(t.turns) for t in trajectories]),
-                "tool_calls": mean([float(k.count("tool")) for k in kinds]),
+                "tool_calls": mean([float(t.tool_calls) for t in trajectories]),
                 "malformed_actions": mean([float(t.malformed_actions) for t in trajectories]),
-                "forced_answers": mean([float("forced_answer" in k) for k in kinds]),
+                "forced_answers": mean([float(t.forced_answer) for t in trajectories]),
             })
         for kind, limit in limits.items():
             segments = [s for t in trajectories for s in t.segments if s.kind == kind]

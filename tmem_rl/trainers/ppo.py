@@ -1,6 +1,6 @@
 """Fast-weight-aware PPO: the GRPO trainer's rollouts, log-probs and clipped loss, with a value head and GAE.
 
-A rollout's generated tokens (every extraction and the answer, in order) form one trajectory of actions; the
+A rollout's generated tokens (extractions, actions and the answer, in order) form one trajectory of actions; the
 environment text in between is part of the transitions. The outcome reward arrives on the answer's last token.
 A linear value head on the policy's last hidden state estimates the return before each generated token;
 advantages come from GAE over that token sequence and are whitened over the batch.
