@@ -32,7 +32,8 @@ REPO_ROOT = BENCHMARKS_DIR.parent  # scripts' relative defaults (e.g. runs/...) 
 # shows its first few scalar top-level keys.
 HEADLINES = {
     "inner_update": ["tmem_s", "speedup_vs_peft", "ratio_to_floor", "init_speedup_vs_full_svd"],
-    "svd_vs_random": ["svd_steps", "random_steps", "svd_final_loss", "random_final_loss"],
+    "ablations": ["init.svd_steps", "init.random_steps", "supervision.facts.qa_pairs.f1",
+                  "supervision.facts.transcript.f1"],
     "grpo_step": ["tmem_tokens_per_s", "trl_tokens_per_s", "ratio_vs_trl", "fast_weights_overhead"],
     "episode_cost": ["episodes.0.seconds_per_episode", "episodes.-1.seconds_per_episode",
                      "decode_step.static_decode_step_ms", "decode_step.static_speedup_vs_generate"],

@@ -158,7 +158,7 @@ def test_a_misspelt_facts_setting_names_the_key_and_the_accepted_ones():
     with pytest.raises(InputError) as err:
         make_env("facts", num_fact=3)
     assert "environment 'facts': unknown setting(s) 'num_fact'; accepted: num_tasks, num_facts" in str(err.value)
-    with pytest.raises(InputError, match="unknown environment 'fact'; available: facts, locomo"):
+    with pytest.raises(InputError, match="unknown environment 'fact'; available: context_learning, facts, locomo"):
         make_env("fact")
     # A count past what len() or a context can hold fails at once instead of deep inside evaluation.
     with pytest.raises(InputError, match="num_tasks must be at most"):

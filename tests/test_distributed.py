@@ -120,3 +120,16 @@ def test_ppo_under_zero3_with_unequal_segment_counts(fixed_batch, tmp_path):
     assert "value_head.weight" in gathered
     report = json.loads((tmp_path / "ppo" / "rank1.json").read_text())
     assert report["step_after_reload"] == 2
+
+
+def test_tmem_rl_train_under_torchrun_is_one_run_of_two_processes(tmp_path):
+    """The user's path: `torchrun --nproc_per_node 2 -m tmem_rl.cli train RECIPE` on CPU. Each process must see the
+    other (a recipe whose one question per step cannot be shared by two is refused, naming both), not train alone."""
+    recipe = Path(__file__).resolve().parents[1] / "recipes" / "quickstart_cpu.yaml"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29977",
+           "-m", "tmem_rl.cli", "train", str(recipe), "model.name=tiny", "outer_loop.questions_per_step=1",
+           f"outer_loop.output_dir={tmp_path / 'run'}", "outer_loop.report_to=[]"]
+    result = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=tmp_path,
+                            env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert result.returncode != 0
+    assert "2 processes" in result.stderr, result.stderr[-3000:]

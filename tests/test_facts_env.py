@@ -224,4 +224,4 @@ def test_builtin_environments_work_from_a_source_checkout(tmp_path):
     result = subprocess.run([sys.executable, "-S", "-c", code], cwd=tmp_path, capture_output=True, text=True,
                             env={**os.environ, "PYTHONPATH": str(repo)}, timeout=60)
     assert result.returncode == 0, result.stderr[-2000:]
-    assert result.stdout.strip() == "['facts', 'locomo', 'search'] 3"
+    assert result.stdout.strip() == "['context_learning', 'facts', 'locomo', 'longmemeval', 'search'] 3"

@@ -203,6 +203,14 @@ def test_more_questions_per_step_than_tasks_is_a_clear_error(tmp_path, env):
         GRPOTrainer(cfg, model, tok, env, FastWeightConfig(num_layers=2), accelerator=Accelerator(cpu=True))
 
 
+def test_training_refuses_carried_fast_weights(tmp_path, env):
+    model, tok = tiny_model(num_layers=2, tokenizer_path=FIXTURE_TOKENIZER)
+    cfg = GRPOConfig(output_dir=str(tmp_path), num_generations=2, questions_per_step=1, report_to=[])
+    with pytest.raises(ValueError, match="carry_fast_weights is for evaluation"):
+        GRPOTrainer(cfg, model, tok, env, FastWeightConfig(num_layers=2), EpisodeConfig(carry_fast_weights=True),
+                    accelerator=Accelerator(cpu=True))
+
+
 def moved_fraction(trainer, before):
     """Share of the decoder layers' elements that an optimizer step changed (embeddings of unseen tokens get no
     gradient, so they are left out)."""

@@ -36,7 +36,7 @@ SETTINGS_FORMAT = "tmem_rl.agent/1"
 AGENT_EPISODE_FIELDS = (
     "l_max", "max_pairs", "max_extraction_tokens", "max_answer_tokens", "extraction_retries", "prefill", "examples",
     "grounding", "retry_temperature", "decoder", "chat_template_kwargs", "do_sample", "temperature", "top_p", "top_k",
-    "seed",
+    "seed", "supervision", "summary_tokens",
 )
 """The EpisodeConfig fields that shape how the agent reads and answers; the rest belong to training."""
 

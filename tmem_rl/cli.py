@@ -6,6 +6,7 @@ import argparse
 import dataclasses
 import json
 import sys
+from pathlib import Path
 
 
 def _add_dataclass_args(parser: argparse.ArgumentParser, cls) -> None:
@@ -45,7 +46,7 @@ def _eval_config(args):
     common = dict(out=args.out, data=args.data, methods=args.method, max_questions=args.max_questions,
                   per_category=args.per_category, sample_ids=args.sample_ids, episode_unit=args.episode_unit,
                   greedy=args.greedy, resume=args.resume, methods_settings=settings, seed=args.seed,
-                  checkpoint=args.checkpoint)
+                  checkpoint=args.checkpoint, continual=args.continual)
     inner = {k: v for k, v in (("lr", args.inner_lr), ("epochs", args.inner_epochs)) if v is not None}
     if args.recipe:
         from tmem_rl.recipes import eval_config, load_recipe
@@ -126,11 +127,14 @@ def _run(argv: list[str] | None) -> int:
                          "recipe's, else the default model)")
     ev.add_argument("--max-questions", type=int, default=None, help="evaluate only the first N questions")
     ev.add_argument("--per-category", type=int, default=None, help="first N questions of each category")
-    ev.add_argument("--sample-ids", nargs="+", default=None, help="LoCoMo: only these conversations")
+    ev.add_argument("--sample-ids", nargs="+", default=None, help="only these samples (LoCoMo: conversation ids; LongMemEval: question ids)")
     ev.add_argument("--episode-unit", choices=["question", "conversation"], default="question",
                     help="question: one episode per question (the stream read with it in mind); conversation: "
                          "read each stream once, then answer all its questions from the same memory")
     ev.add_argument("--greedy", action="store_true", help="deterministic decoding instead of the paper's sampling")
+    ev.add_argument("--continual", action="store_true",
+                    help="carry fast weights across a sequence of episodes (one per slot) and report forward "
+                         "transfer, retention and forgetting in continual.json")
     ev.add_argument("--out", required=True, help="folder for results.jsonl, summary.json / .md and the chart")
     ev.add_argument("--resume", action="store_true",
                     help="continue an interrupted evaluation in --out with the same settings: every (method, "
@@ -194,7 +198,7 @@ def _run(argv: list[str] | None) -> int:
         print(format_table(summary))
         print(f"\ntrajectories and summary written to {config.out}/")
     elif args.command == "eval":
-        from tmem_rl.evaluation.harness import markdown_table, run_eval
+        from tmem_rl.evaluation.harness import run_eval
 
         from tmem_rl.errors import InputError
 
@@ -204,8 +208,8 @@ def _run(argv: list[str] | None) -> int:
             raise
         except (TypeError, ValueError) as err:  # a settings class refused a flag's value
             raise InputError(f"tmem-rl eval: {err}") from err
-        summary = run_eval(config)
-        print(markdown_table(summary))
+        run_eval(config)
+        print((Path(config.out) / "summary.md").read_text().rstrip())
         print(f"\nrecords, summary.json, summary.md and f1_by_category.png written to {config.out}/")
     elif args.command == "train":
         from tmem_rl.recipes import load_recipe, run_recipe

@@ -58,6 +58,8 @@ class ModelSection:
 @dataclass
 class EnvSection:
     name: str = "facts"
+    """A registered environment (`tmem-rl envs list`): a built-in one (facts, locomo, longmemeval, context_learning,
+    search) or one a plugin package adds."""
     kwargs: dict[str, Any] = field(default_factory=dict)
     """Passed to the environment's constructor."""
     heldout_fraction: float = 0.0
@@ -83,10 +85,16 @@ class EnvSection:
 @dataclass
 class TrainRecipe:
     algorithm: str = "grpo"
+    """grpo | ppo: the outer-loop trainer, and which settings the outer_loop section takes."""
     model: ModelSection = field(default_factory=ModelSection)
+    """The policy: its slow weights are what the outer loop trains."""
     env: EnvSection = field(default_factory=EnvSection)
+    """The environment the episodes run in, and the share of its tasks held out of training."""
     inner_loop: FastWeightConfig = field(default_factory=FastWeightConfig)
+    """The fast weights and their inner update (the paper's settings by default)."""
     episode: EpisodeConfig = field(default_factory=EpisodeConfig)
+    """How an episode reads, extracts and answers. Training always samples, with outer_loop's temperature, top_p
+    and top_k in place of these, and caps every generation budget at outer_loop.max_completion_length."""
     outer_loop: GRPOConfig = field(default_factory=GRPOConfig)
     """GRPOConfig, or PPOConfig when algorithm is ppo."""
     reward_funcs: dict[str, str] = field(default_factory=dict)
@@ -234,6 +242,7 @@ def resolve_reward_funcs(reward_funcs: dict[str, str]) -> dict[str, Callable[...
 
 
 def run_recipe(recipe: TrainRecipe, resume: bool = False, overwrite: bool = False) -> list[dict]:
+    import torch
     from accelerate import PartialState
 
     from tmem_rl.models import load_policy
@@ -241,7 +250,8 @@ def run_recipe(recipe: TrainRecipe, resume: bool = False, overwrite: bool = Fals
     env = recipe.env.make("train")  # before the model: a typo in env.kwargs is reported in a second
     reward_funcs = resolve_reward_funcs(recipe.reward_funcs)  # likewise a wrong reward function path
     # Straight onto this process's accelerator: the fast weights' SVD and every copy then start there too.
-    device = PartialState().device
+    # cpu= as the trainer's Accelerator will say: a state first made without it stays single-process on CPU.
+    device = PartialState(cpu=not torch.cuda.is_available()).device
     model, tokenizer = load_policy(recipe.model.name, dtype=recipe.model.torch_dtype, device=device)
     trainer_cls = ALGORITHMS[recipe.algorithm][1]
     trainer = trainer_cls(recipe.outer_loop, model, tokenizer, env, recipe.inner_loop, recipe.episode,
@@ -265,7 +275,7 @@ def eval_config(recipe: TrainRecipe, out: str, **overrides):
         chat_template_kwargs=episode.chat_template_kwargs,
         episode_kwargs={k: getattr(episode, k) for k in ("max_pairs", "extraction_retries", "prefill", "examples",
                                                          "grounding", "retry_temperature", "max_action_tokens",
-                                                         "summary_tokens")},
+                                                         "summary_tokens", "supervision")},
     )
     fields.update({k: v for k, v in overrides.items() if v is not None})
     return EvalConfig(**fields)

@@ -23,7 +23,10 @@ A tool environment is acted on, one action per turn (format in `tmem_rl.actions`
     at the limit: answer ~ policy(answer prompt(question, working context))
 
 `EpisodeConfig.memory` picks what happens at the budget (the baselines keep the same loop): extract and absorb,
-drop the context, keep its most recent part, keep it all, or rewrite running notes.
+drop the context, keep its most recent part, keep it all, or rewrite running notes. `EpisodeConfig.supervision`
+picks what the fast weights learn there (the ablations): the written pairs, the working context itself, or notes
+written of it. `EpisodeConfig.carry_fast_weights` lets a new episode start from the fast weights the last one
+left (continual learning) instead of the base model.
 
 Everything the outer loop needs is recorded in a JSON-serialisable trajectory per rollout: every prompt and
 generated segment as token ids, the fast-weight version that was live for each generated segment (its tensors
@@ -52,11 +55,15 @@ from tmem_rl.extraction import (EXTRACTION_PREFILL, answer_messages, extraction_
                                 reference_supervision, summary_messages)
 from tmem_rl.logprobs import build_rows, completion_logprobs
 from tmem_rl.memory.fast_weights import FastWeights, Snapshot
+from tmem_rl.memory.inner_loop import PromptFn
 from tmem_rl.records import QAPair, Supervision
 
 MEMORY_MODES = ("fast_weights", "none", "window", "full", "summary")
 EXTRACTORS = ("policy", "reference")
 DECODERS = ("generate", "static")
+SUPERVISIONS = ("qa_pairs", "transcript", "summary")
+# The fixed request that text supervision ("transcript", "summary") is trained as the answer to.
+RECALL_REQUEST = "Recall what you have read so far."
 
 
 @dataclass
@@ -78,7 +85,9 @@ class EpisodeConfig:
     """"generate": `model.generate` with a dynamic KV cache. "static": `tmem_rl.decoding.StaticDecoder`, a static
     KV cache and fixed-shape decode steps, replayed as CUDA graphs on a GPU (the same tokens)."""
     max_extraction_tokens: int = 192
+    """Generation budget of each extraction action (the written QA pairs)."""
     max_answer_tokens: int = 32
+    """Generation budget of the answer."""
     max_action_tokens: int = 64
     """Generation budget of each action turn in a tool environment (the turn ends at its action's closing tag)."""
     summary_tokens: int = 256
@@ -94,8 +103,11 @@ class EpisodeConfig:
     grounding: bool = True
     """Drop extracted pairs whose answer does not occur in the text that was read."""
     do_sample: bool = False
+    """Sample every generated segment (the outer loop's rollouts); False: greedy decoding."""
     temperature: float = 1.0
+    """Sampling temperature (also the temperature every recorded log-prob is taken at)."""
     top_p: float = 1.0
+    """Nucleus sampling: keep the smallest set of tokens whose probability reaches top_p (1.0: all)."""
     top_k: int = 0
     """0: no top-k filtering."""
     retry_temperature: float = 0.7
@@ -107,8 +119,21 @@ class EpisodeConfig:
     the template's defaults, except that a template with a thinking switch (Qwen3) gets enable_thinking=False."""
     seed: int = 0
     """Seeds the runner's own sampling generator at the start of every episode (the global RNG is left alone)."""
+    supervision: str = "qa_pairs"
+    """What the inner loop learns at each extraction point (memory "fast_weights"). "qa_pairs": the pairs the
+    policy writes (TMEM). Ablations, with the same inner-loop settings: "transcript": the working context itself;
+    "summary": notes the model writes of it (summary_tokens). Text is cut into pieces that fit
+    inner_loop.max_pair_tokens, each learned as the answer to one fixed recall request."""
+    carry_fast_weights: bool = False
+    """Continual learning: a new episode keeps each rollout slot's fast weights from the episode before instead of
+    starting from the base model (`EpisodeRunner.reset_fast_weights` clears them when asked)."""
 
     def __post_init__(self):
+        if self.supervision not in SUPERVISIONS:
+            raise ValueError(f"EpisodeConfig.supervision={self.supervision!r}: expected one of {SUPERVISIONS}")
+        if self.supervision != "qa_pairs" and self.extractor != "policy":
+            raise ValueError(f"EpisodeConfig.supervision={self.supervision!r} learns text, not pairs: extractor="
+                             f"{self.extractor!r} does not apply")
         if self.memory not in MEMORY_MODES:
             raise ValueError(f"EpisodeConfig.memory={self.memory!r}: expected one of {MEMORY_MODES}")
         for name in ("max_extraction_tokens", "max_answer_tokens", "max_action_tokens", "summary_tokens"):
@@ -345,12 +370,15 @@ class EpisodeRunner:
             episode.states = states
             return episode
         self.reseed()
-        if self.fast is not None:
+        if self.fast is not None and not self.config.carry_fast_weights:
             self.fast.reset(range(n))
         ep = Episode(
             states=states,
             trajectories=[Trajectory(g, t.task_id, t.question, list(t.answers)) for g, t in enumerate(tasks)],
         )
+        for g in range(n):  # carried fast weights are live from the first segment: keep what they were
+            if self._version(g):
+                ep.snapshots[self._snapshot_key(g)] = self.fast.snapshot([g])
         for traj in ep.trajectories:
             traj.timings = {"generate_extraction": 0.0, "inner_update": 0.0, "generate_answer": 0.0}
         ep.context = [[] for _ in range(n)]
@@ -366,7 +394,9 @@ class EpisodeRunner:
         over = [g for g in rollouts if ep.context_tokens[g] > cfg.l_max]
         if not over or cfg.memory == "full":
             return
-        if cfg.memory == "fast_weights":
+        if cfg.memory == "fast_weights" and cfg.supervision != "qa_pairs":
+            self._absorb(env, over, ep, self._text_supervision(over, ep), prompt_fn=answer_messages)
+        elif cfg.memory == "fast_weights":
             self._extract_and_absorb(env, over, ep)
         elif cfg.memory == "summary":
             self._summarize(over, ep)
@@ -478,10 +508,69 @@ class EpisodeRunner:
                                   temperature=temperature, logprobs=lp)
                 trajectories[g].timings["generate_extraction"] += elapsed
             pending = [g for g in pending if not supervision[g].pairs]
+        self._absorb(env, rollouts, ep, supervision)
+
+    def _text_supervision(self, rollouts: list[int], ep: "Episode") -> dict[int, Supervision]:
+        """Supervision ablations: the working context ("transcript") or notes the model writes of it ("summary"),
+        cut into pieces that fit the inner loop's max_pair_tokens, each the answer to RECALL_REQUEST."""
+        if self.config.supervision == "summary":
+            self._summarize(rollouts, ep)  # notes are empty under fast-weight memory: a summary of this context
+            texts = {g: ep.notes[g] for g in rollouts}
+            for g in rollouts:
+                ep.notes[g] = ""  # learned, not shown in later prompts
+        else:
+            texts = {g: "\n".join(ep.context[g]) for g in rollouts}
+        budget = self.fast.config.max_pair_tokens - self._recall_prompt_tokens()
+        return {g: Supervision(pairs=[QAPair(RECALL_REQUEST, piece) for piece in self._pieces(texts[g], budget)])
+                for g in rollouts}
+
+    def _recall_prompt_tokens(self) -> int:
+        """Tokens of the chat-formatted recall request, plus a margin for the answer turn's own markup."""
+        return len(self.prompt_ids(answer_messages(RECALL_REQUEST))) + 8
+
+    def _pieces(self, text: str, budget: int) -> list[str]:
+        """`text` as consecutive pieces of at most `budget` tokens, cut at line ends where a line fits; a longer
+        line is cut at its last space within the budget."""
+        if budget < 8:
+            raise ValueError(f"inner_loop.max_pair_tokens={self.fast.config.max_pair_tokens} leaves {budget} tokens "
+                             "of text after the recall request; raise it")
+        pieces, current, used = [], [], 0
+        for line in text.split("\n"):
+            tokens = self._count_tokens(line)
+            if used + tokens > budget and current:
+                pieces.append("\n".join(current))
+                current, used = [], 0
+            while tokens > budget:
+                head, line = self._cut(line, budget)
+                pieces.append(head)
+                tokens = self._count_tokens(line)
+            if line.strip():
+                current.append(line)
+                used += tokens + 1
+        if current:
+            pieces.append("\n".join(current))
+        return [p for p in pieces if p.strip()]
+
+    def _cut(self, line: str, budget: int) -> tuple[str, str]:
+        """(head, rest) of a line longer than `budget` tokens: cut at characters, never inside one."""
+        offsets = self.tokenizer(line, add_special_tokens=False, return_offsets_mapping=True)["offset_mapping"]
+        for n in range(budget, 0, -1):  # a cut text tokenizes anew, sometimes into more tokens: back off until it fits
+            end = offsets[n - 1][1]  # the characters the first n tokens cover
+            space = line.rfind(" ", 0, end)
+            cut = space if space > 0 else max(end, 1)
+            if self._count_tokens(line[:cut]) <= budget:
+                break
+        return line[:cut], line[cut:].lstrip()
+
+    def _absorb(self, env: Environment, rollouts: list[int], ep: "Episode", supervision: dict[int, Supervision],
+                prompt_fn: PromptFn | None = None) -> None:
+        """Train each rollout's fast weights on its supervision, and record the extraction point. `prompt_fn`
+        renders each pair's question (default: the environment's answer prompt, the shape it will ask in)."""
+        pairs_so_far, trajectories, snapshots = ep.pairs, ep.trajectories, ep.snapshots
         to_absorb = {g: s.pairs for g, s in supervision.items() if s.pairs}
         t0 = time.perf_counter()
         # Pairs are learned in the shape in which the environment will ask its question.
-        pair_prompt = lambda q: answer_messages(env.answer_prompt(q, ""))  # noqa: E731
+        pair_prompt = prompt_fn or (lambda q: answer_messages(env.answer_prompt(q, "")))
         stats = (self.fast.absorb(self.tokenizer, to_absorb, prompt_fn=pair_prompt,
                                   chat_template_kwargs=self.chat_kwargs) if to_absorb else {})
         elapsed = time.perf_counter() - t0
@@ -493,6 +582,7 @@ class EpisodeRunner:
             trajectories[g].extractions.append(
                 {
                     "chunk_index": self._position(ep, g),
+                    "supervision_kind": self.config.supervision,
                     "supervision": supervision[g].to_dict(),
                     "inner_update": stats.get(g),
                     "fast_weight_version": self.fast.versions[g],
@@ -545,6 +635,12 @@ class EpisodeRunner:
         ]
 
     # ---- helpers --------------------------------------------------------------------------------------------
+
+    def reset_fast_weights(self, slots: list[int] | None = None) -> None:
+        """Forget what the fast weights of these slots (all by default) absorbed: with carry_fast_weights, the
+        next episode starts from the base model."""
+        if self.fast is not None:
+            self.fast.reset(slots)
 
     def reseed(self) -> None:
         """Restart the sampling generator from EpisodeConfig.seed (every episode does; so does each batch of an

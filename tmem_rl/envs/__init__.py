@@ -33,8 +33,10 @@ PACKAGE = "tmem_rl"
 # installed tmem_rl lists them like any other package's; this copy is for a source checkout on PYTHONPATH, which has
 # no installed metadata. tests/test_plugins.py checks that the two agree.
 BUILTIN_ENVS = {
+    "context_learning": "tmem_rl.envs.context_learning:ContextLearningEnv",
     "facts": "tmem_rl.envs.facts:FactsEnv",
     "locomo": "tmem_rl.envs.locomo:LocomoEnv",
+    "longmemeval": "tmem_rl.envs.longmemeval:LongMemEvalEnv",
     "search": "tmem_rl.envs.search:SearchEnv",
 }
 
@@ -182,6 +184,18 @@ def lone_surrogate(text: str) -> int | None:
     return None
 
 
+def read_json_list(path: Any, noun: str, benchmark: str, error: type[InputError] = InputError) -> list:
+    """A benchmark file holding a non-empty JSON list of `noun` (e.g. "samples" of "LoCoMo"), with
+    `read_json_file`'s one-line errors."""
+    raw = read_json_file(path, f"a JSON list of {benchmark} {noun}", error)
+    name = printable(path)
+    if not isinstance(raw, list):
+        raise error(f"{name}: expected a JSON list of {noun}, got {type(raw).__name__}")
+    if not raw:
+        raise error(f"{name}: no {noun}; expected a JSON list of {benchmark} {noun}")
+    return raw
+
+
 def read_json_file(path: Any, expected: str, error: type[InputError] = InputError) -> Any:
     """The JSON value in a user's data file. Anything that stops it being read (no such file, bytes that are not
     UTF-8, invalid JSON, a number too long for Python, nesting too deep) is an `error` whose one-line message names
@@ -209,3 +223,55 @@ def read_json_file(path: Any, expected: str, error: type[InputError] = InputErro
     except ValueError as err:  # an integer literal longer than Python converts
         raise error(f"{name}: an integer has more than {sys.get_int_max_str_digits()} digits, more than Python "
                     f"reads; expected {expected}") from err
+
+
+def text_field(where: str, name: str, value: Any, error: type[InputError] = InputError, meaning: str = "") -> str:
+    """`value` if it is a string with a UTF-8 form, else an `error` naming `where` and the field `name` (`meaning`
+    says what the field is, after "must be a string"). A lone surrogate (from a "\\ud800" escape) would pass a type
+    check and only fail later, in the tokenizer or when a record is written."""
+    if not isinstance(value, str):
+        raise error(f"{where}: field '{name}' must be a string{meaning}, got {value!r}")
+    bad = lone_surrogate(value)
+    if bad is not None:
+        raise error(f"{where}: field '{name}' must be Unicode text; it has a lone surrogate ({ascii(value[bad])}) "
+                    f"at character {bad}")
+    return value
+
+
+def gold_text(where: str, name: str, value: Any, error: type[InputError] = InputError) -> str | None:
+    """A gold answer as text (benchmark files have numbers such as 2022 among the strings); None when absent or
+    blank, which loaders skip rather than score against."""
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (str, int, float)):
+        raise error(f"{where}: field '{name}' must be a string or a number, got {value!r}")
+    return text_field(where, name, str(value), error).strip() or None
+
+
+# ---- environment settings --------------------------------------------------------------------------------------
+
+
+def check_count(env: str, name: str, value: Any) -> None:
+    """A setting that is None or an integer >= 0 (a number of tasks to keep)."""
+    if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 0):
+        raise InputError(f"{env} env: {name} must be None or an integer >= 0, got {value!r}")
+
+
+def check_strings(env: str, name: str, value: Any) -> None:
+    """A setting that is None or a list of strings (ids or names to keep)."""
+    if value is not None and (not isinstance(value, list) or not all(isinstance(v, str) for v in value)):
+        raise InputError(f"{env} env: {name} must be None or a list of strings, got {value!r}")
+
+
+def first_per_category(tasks: list[Task], n: int | None) -> list[Task]:
+    """The first `n` tasks of each `metadata["category"]`, in their order: a fixed mixed subset. None keeps all."""
+    if n is None:
+        return list(tasks)
+    seen: dict[Any, int] = {}
+    kept = []
+    for task in tasks:
+        category = task.metadata["category"]
+        seen[category] = seen.get(category, 0) + 1
+        if seen[category] <= n:
+            kept.append(task)
+    return kept

@@ -94,6 +94,8 @@ class Environment(ABC):
     default_l_max: int | None = None
     """The working-context budget this environment is meant to run at: `tmem-rl eval` uses it when no --l-max is
     given (training takes a recipe's episode.l_max)."""
+    summary_columns: tuple[str, ...] = ()
+    """Figures of this environment's `summarize` that `tmem-rl eval` shows as columns of summary.md."""
 
     @abstractmethod
     def __len__(self) -> int:

@@ -17,7 +17,16 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from tmem_rl.envs import lone_surrogate, printable, read_json_file, register_env
+from tmem_rl.envs import (
+    check_count,
+    check_strings,
+    first_per_category,
+    gold_text,
+    printable,
+    read_json_list,
+    register_env,
+    text_field,
+)
 from tmem_rl.envs.base import Environment, Task
 from tmem_rl.errors import InputError
 from tmem_rl.metrics.locomo import CATEGORY_NAMES, aggregate, score_answer
@@ -81,12 +90,8 @@ class LocomoSample:
 
 def load_locomo(path: str | Path, sample_ids: list[str] | None = None) -> list[LocomoSample]:
     """Samples of an official-format ``locomo10.json``, in file order, optionally only those in `sample_ids`."""
-    raw = read_json_file(path, "a JSON list of LoCoMo samples", LocomoFormatError)
+    raw = read_json_list(path, "samples", "LoCoMo", LocomoFormatError)
     name = printable(path)
-    if not isinstance(raw, list):
-        raise LocomoFormatError(f"{name}: expected a JSON list of samples, got {type(raw).__name__}")
-    if not raw:
-        raise LocomoFormatError(f"{name}: no samples; expected a JSON list of LoCoMo samples")
 
     samples = [_sample(name, i, item) for i, item in enumerate(raw)]
     ids = [s.sample_id for s in samples]
@@ -178,24 +183,11 @@ def _turn(where: str, name: str, turn: Any) -> Turn:
 
 
 def _text(where: str, name: str, value: Any, meaning: str = "") -> str:
-    """`value` if it is a string with a UTF-8 form; a lone surrogate (from a "\\ud800" escape) would pass here and
-    only fail later, in the tokenizer or when a record is written."""
-    if not isinstance(value, str):
-        raise LocomoFormatError(f"{where}: field '{name}' must be a string{meaning}, got {value!r}")
-    bad = lone_surrogate(value)
-    if bad is not None:
-        raise LocomoFormatError(f"{where}: field '{name}' must be Unicode text; it has a lone surrogate "
-                                f"({ascii(value[bad])}) at character {bad}")
-    return value
+    return text_field(where, name, value, LocomoFormatError, meaning)
 
 
 def _gold_text(where: str, name: str, value: Any) -> str | None:
-    """A gold value as text (the JSON has ints such as 2022 among the strings); None when absent or blank."""
-    if value is None:
-        return None
-    if isinstance(value, bool) or not isinstance(value, (str, int, float)):
-        raise LocomoFormatError(f"{where}: field '{name}' must be a string or a number, got {value!r}")
-    return _text(where, name, str(value)).strip() or None
+    return gold_text(where, name, value, LocomoFormatError)
 
 
 def _question(where: str, sample_id: str, index: int, qa: Any) -> LocomoQuestion | str:
@@ -260,6 +252,7 @@ class LocomoEnv(Environment):
     """One task per LoCoMo question, in file order; the stream is the question's whole conversation."""
 
     name = "locomo"
+    summary_columns = ("f1_1_4", "f1_1_5")
 
     def __init__(
         self,
@@ -271,29 +264,17 @@ class LocomoEnv(Environment):
     ):
         """`per_category`: keep only the first N questions of each category (file order), a fixed mixed subset;
         `max_questions` then truncates that list."""
-        for name, value in (("max_questions", max_questions), ("per_category", per_category)):
-            if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 0):
-                raise InputError(f"locomo env: {name} must be None or an integer >= 0, got {value!r}")
+        check_count("locomo", "max_questions", max_questions)
+        check_count("locomo", "per_category", per_category)
         if not isinstance(seed, int) or isinstance(seed, bool):
             raise InputError(f"locomo env: seed must be an integer, got {seed!r}")
-        if sample_ids is not None and (not isinstance(sample_ids, list) or
-                                       not all(isinstance(s, str) for s in sample_ids)):
-            raise InputError(f"locomo env: sample_ids must be None or a list of strings, got {sample_ids!r}")
+        check_strings("locomo", "sample_ids", sample_ids)
         self.data = str(data)
         self.seed = seed
         self.samples = load_locomo(data, sample_ids)
         # All questions of a conversation share one rendered stream.
         self._streams = {s.sample_id: tuple(render_stream(s)) for s in self.samples}
-        tasks = [self._task(s, q) for s in self.samples for q in s.questions]
-        if per_category is not None:
-            seen: dict[int, int] = {}
-            kept = []
-            for t in tasks:
-                category = t.metadata["category"]
-                if seen.get(category, 0) < per_category:
-                    seen[category] = seen.get(category, 0) + 1
-                    kept.append(t)
-            tasks = kept
+        tasks = first_per_category([self._task(s, q) for s in self.samples for q in s.questions], per_category)
         self._tasks = tasks if max_questions is None else tasks[:max_questions]
 
     def __len__(self) -> int:

@@ -33,6 +33,7 @@ class TaskSplit(Environment):
         self.split = split
         # The base class defines these, so attribute lookup would never reach __getattr__ for them.
         self.name, self.tools, self.max_turns, self.default_l_max = env.name, env.tools, env.max_turns, env.default_l_max
+        self.summary_columns = env.summary_columns
         want_heldout = split == "heldout"
         self.indices = [i for i in range(len(env))
                         if is_heldout(env.split_key(i), heldout_fraction, seed) == want_heldout]

@@ -9,6 +9,8 @@ Output folder:
                      fields (LoCoMo: f1_1_4, f1_1_5)
     summary.md       the same as a markdown table
     f1_by_category.png
+    continual.json   with --continual: forward transfer, retention and forgetting per method
+                     (tmem_rl.evaluation.continual); its rows are "<method>:<phase>"
 """
 
 from __future__ import annotations
@@ -29,6 +31,8 @@ from tmem_rl.envs import lone_surrogate, make_env, read_json_file
 from tmem_rl.envs.base import Environment, Task
 from tmem_rl.envs.split import SPLITS, split_env
 from tmem_rl.errors import InputError
+from tmem_rl.evaluation.continual import (PHASES, check_continual, continual_summary, evaluate_continual,
+                                          phase_label, sequences, write_continual_reports)
 from tmem_rl.evaluation.methods import METHODS, Answered, MethodSettings, TMEMReference
 from tmem_rl.memory import FastWeightConfig, FastWeights
 from tmem_rl.models import DEFAULT_MODEL, load_policy, load_trained_policy
@@ -53,45 +57,66 @@ class EvalConfig:
     data: str | None = None
     """Path to the benchmark file, for environments that read one (LoCoMo: the official locomo10.json)."""
     env: str = "locomo"
+    """The environment's registered name (`tmem-rl envs list`)."""
     env_kwargs: dict[str, Any] = field(default_factory=dict)
     """Passed to the environment's constructor (facts: num_tasks, num_facts, seed, ...)."""
     split: str = "all"
     """all | train | heldout: which side of the seeded task partition to evaluate (see tmem_rl.envs.split)."""
     heldout_fraction: float = 0.0
+    """Share of tasks held out of training; must match the training recipe's for split train / heldout."""
     split_seed: int = 0
+    """Seeds the train / held-out partition (must match the training recipe's)."""
     checkpoint: str | None = None
     """A trained policy (a `tmem-rl train` checkpoint, a PEFT adapter or an HF folder), evaluated after the base
     model on the same tasks; its rows are labelled "<method>@trained"."""
     evaluate_base: bool = True
     """False: with a checkpoint, evaluate only the checkpoint (the base model's rows exist elsewhere)."""
     methods: list[str] = field(default_factory=lambda: ["tmem"])
+    """Memory methods to run side by side (tmem_rl.evaluation.methods.METHODS)."""
     model: str = DEFAULT_MODEL
+    """The base policy: a known short name, an HF folder or a hub id."""
     max_questions: int | None = None
+    """Evaluate only the first N tasks (None: all)."""
     per_category: int | None = None
     """First N questions of each category: a fixed subset with every category in it."""
     sample_ids: list[str] | None = None
+    """Only these samples (LoCoMo: conversation ids; LongMemEval: question ids)."""
     episode_unit: str = "question"
     """question: one episode per question, the question known while reading (the paper's protocol).
     conversation: one pass per conversation without the question, then all its questions answered from it."""
     greedy: bool = False
+    """Greedy decoding instead of the paper's sampling (temperature / top_p / top_k)."""
     resume: bool = False
+    """Continue an interrupted run in `out` with the same settings; recorded (method, question) rows are kept."""
     # The paper's LoCoMo inference settings.
     l_max: int | None = None
     """Working-context budget in tokens (None: the environment's `default_l_max`, else 4096, the paper's LoCoMo
     budget)."""
     max_extraction_tokens: int = 192
+    """Generation budget of each extraction action."""
     max_answer_tokens: int = 50
+    """Generation budget of each answer."""
     temperature: float = 0.4
+    """Sampling temperature (unless greedy)."""
     top_p: float = 0.9
+    """Nucleus sampling threshold (unless greedy)."""
     top_k: int = 10
+    """Top-k sampling (unless greedy; 0: off)."""
     fast_weights: FastWeightConfig = field(default_factory=FastWeightConfig)
+    """The inner loop's settings (the `inner_loop` section of a recipe)."""
     methods_settings: MethodSettings = field(default_factory=MethodSettings)
+    """Baselines' budgets and the batch size."""
     episode_kwargs: dict[str, Any] = field(default_factory=dict)
     """Further episode settings (max_pairs, extraction_retries, examples, ...), e.g. a training recipe's."""
     chat_template_kwargs: dict[str, Any] | None = None
     """Chat-template settings for every prompt (None: thinking off where the template has the switch)."""
     device: str = field(default_factory=lambda: "cuda" if torch.cuda.is_available() else "cpu")
+    """Where the model runs (cuda when available, else cpu)."""
     seed: int = 0
+    """Seeds sampling (the runner's generator) and the fast weights' random parts."""
+    continual: bool = False
+    """Continual learning: fast weights carried across a sequence of episodes, one sequence per slot, reported as
+    forward transfer, retention and forgetting (tmem_rl.evaluation.continual). Fast-weight methods only."""
 
     def __post_init__(self):
         unknown = [m for m in self.methods if m not in METHODS]
@@ -189,7 +214,7 @@ def append_records(path: Path, records: list[dict[str, Any]]) -> None:
 
 def _saved_settings(config: EvalConfig) -> dict[str, Any]:
     """The settings as config.json holds them (lists where the dataclasses have tuples)."""
-    return json.loads(json.dumps(dataclasses.asdict(config)))
+    return json.loads(json.dumps(dataclasses.asdict(config), default=repr))
 
 
 def _flat(value: Any, prefix: str = "") -> dict[str, Any]:
@@ -233,7 +258,7 @@ def to_record(method: str, unit: str, answered: Answered, env, policy: str = "ba
     task = answered.task
     metrics = env.score(task, answered.prediction)
     meta = task.metadata
-    return {
+    record = {
         "method": row_label(method, policy),
         "policy": policy,
         "episode_unit": unit,
@@ -248,6 +273,9 @@ def to_record(method: str, unit: str, answered: Answered, env, policy: str = "ba
         "seconds": answered.seconds,
         **answered.extra,
     }
+    # The environment's own scores beyond F1 / EM (an abstention check, rubric checks, a judge's verdict); none
+    # may overwrite a field the harness keys on.
+    return {**{key: value for key, value in metrics.items() if key not in record}, **record}
 
 
 def episodes(env, unit: str, pending: list[Task], batch_size: int):
@@ -305,13 +333,18 @@ def run_eval(config: EvalConfig) -> dict[str, Any]:
     if not tasks:
         raise InputError(f"environment {env.name!r}: no tasks to evaluate (see --max-questions, --per-category, "
                          "--sample-ids, --split)")
+    if config.continual:
+        check_continual(config, env, len(tasks))
+    if TMEMReference.name in config.methods and config.episode_kwargs.get("supervision", "qa_pairs") != "qa_pairs":
+        raise InputError(f"method {TMEMReference.name} absorbs reference pairs; it does not apply with supervision="
+                         f"{config.episode_kwargs['supervision']!r}")
     if TMEMReference.name in config.methods and not all(t.reference_pairs for t in tasks):
         raise InputError(f"method {TMEMReference.name} needs reference pairs, and environment {env.name!r} has "
                          "none; drop it from --method")
     # Written once every setting has been checked, atomically: a resume compares against it.
     out.mkdir(parents=True, exist_ok=True)
     staged = out / f"{CONFIG}.tmp"
-    staged.write_text(json.dumps(dataclasses.asdict(config), indent=2))
+    staged.write_text(json.dumps(dataclasses.asdict(config), indent=2, default=repr))  # a judge function: its repr
     os.replace(staged, out / CONFIG)
     done = {(r["method"], r["question_id"]) for r in read_records(results_path)}
 
@@ -324,6 +357,12 @@ def run_eval(config: EvalConfig) -> dict[str, Any]:
     rows = []
     for policy, load in policies:
         labels = {m: row_label(m, policy) for m in config.methods}
+        if config.continual:
+            rows += [row_label(phase_label(m, phase), policy) for m in config.methods for phase in PHASES]
+            model, tokenizer = load()
+            run_continual(config, env, model, tokenizer, tasks, policy, results_path)
+            del model
+            continue
         rows += labels.values()
         todo = {m: [t for t in tasks if (labels[m], t.metadata.get("question_id", t.task_id)) not in done]
                 for m in config.methods}
@@ -332,19 +371,52 @@ def run_eval(config: EvalConfig) -> dict[str, Any]:
         model, tokenizer = load()
         evaluate_policy(config, env, model, tokenizer, todo, policy, results_path)
         del model
-    return write_reports(out, env, rows, len(getattr(env, "skipped", [])))
+    summary = write_reports(out, env, rows, len(getattr(env, "skipped", [])))
+    if config.continual:
+        records = read_records(results_path)
+        write_continual_reports(out, {row_label(m, p): continual_summary(records, row_label(m, p))
+                                      for p, _ in policies for m in config.methods})
+    return summary
 
 
-def evaluate_policy(config: EvalConfig, env, model, tokenizer, todo: dict[str, list[Task]], policy: str,
-                    results_path: Path) -> None:
-    settings = config.methods_settings
-    fast = FastWeights(model, settings.answer_batch_size, config.fast_weights)
-    runner = EpisodeRunner(model, tokenizer, fast, EpisodeConfig(
+def make_runner(config: EvalConfig, model, tokenizer, slots: int) -> EpisodeRunner:
+    """The evaluation's episode runner: the config's episode settings, `slots` fast-weight slots."""
+    fast = FastWeights(model, slots, config.fast_weights)
+    return EpisodeRunner(model, tokenizer, fast, EpisodeConfig(
         l_max=config.l_max, max_extraction_tokens=config.max_extraction_tokens,
         max_answer_tokens=config.max_answer_tokens, do_sample=not config.greedy,
         temperature=config.temperature, top_p=config.top_p, top_k=config.top_k, seed=config.seed,
         chat_template_kwargs=config.chat_template_kwargs, **config.episode_kwargs,
     ))
+
+
+def run_continual(config: EvalConfig, env, model, tokenizer, tasks: list[Task], policy: str,
+                  results_path: Path) -> None:
+    """--continual: each method's phases over sequences of the tasks, one sequence per slot."""
+    slots = min(config.methods_settings.answer_batch_size, len(tasks))
+    batches = sequences(tasks, slots)
+    left_out = len(tasks) - slots * len(batches)
+    if left_out:
+        print(f"continual: {left_out} task(s) past the last whole batch of {slots} left out", file=sys.stderr)
+    runner = make_runner(config, model, tokenizer, slots)
+    for method_name in config.methods:
+        row = row_label(method_name, policy)
+
+        def record(phase: str, position: int, answers: list[Answered]) -> None:
+            records = [{**to_record(phase_label(method_name, phase), config.episode_unit, a, env, policy),
+                        "continual_row": row, "phase": phase, "position": position, "sequence": s}
+                       for s, a in enumerate(answers)]
+            append_records(results_path, records)
+
+        evaluate_continual(method_name, runner, env, config.methods_settings, batches, record)
+    runner.fast.remove()
+
+
+def evaluate_policy(config: EvalConfig, env, model, tokenizer, todo: dict[str, list[Task]], policy: str,
+                    results_path: Path) -> None:
+    settings = config.methods_settings
+    runner = make_runner(config, model, tokenizer, settings.answer_batch_size)
+    fast = runner.fast
     for method_name, pending in todo.items():
         method = METHODS[method_name](runner, env, settings)
         bar = tqdm(total=len(pending), desc=row_label(method_name, policy), unit="q", dynamic_ncols=True)
@@ -364,7 +436,7 @@ def write_reports(out: Path, env: Environment, rows: list[str], skipped: int) ->
         mine = [r for r in records if r["method"] == row]
         summary[row] = {**summarize(mine), **env.summarize(mine), "skipped": skipped}
     (out / "summary.json").write_text(json.dumps(summary, indent=2))
-    (out / "summary.md").write_text(markdown_table(summary) + "\n")
+    (out / "summary.md").write_text(markdown_table(summary, env.summary_columns) + "\n")
     plot_categories(summary, out / "f1_by_category.png")
     return summary
 
@@ -412,9 +484,10 @@ def _categories(summary: dict[str, Any]) -> list[str]:
     return sorted(found, key=lambda c: (not c.isdigit(), int(c) if c.isdigit() else 0, c))
 
 
-def markdown_table(summary: dict[str, Any]) -> str:
+def markdown_table(summary: dict[str, Any], columns: tuple[str, ...] = ()) -> str:
+    """One row per method; `columns`: the environment's own figures to show (`Environment.summary_columns`)."""
     cats = _categories(summary)
-    extra = [k for k in ("f1_1_4", "f1_1_5") if any(k in s for s in summary.values())]
+    extra = [k for k in columns if any(s.get(k) is not None for s in summary.values())]
     acting = [k for k in ("turns", "tool_calls", "malformed_actions", "forced_answer")
               if any(s.get(k) is not None for s in summary.values())]
     head = ["method", "n", *cats, "F1", *extra, "EM", "parse rate", "pairs / extraction", *acting, "s / episode"]

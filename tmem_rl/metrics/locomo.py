@@ -14,6 +14,8 @@ from typing import Any
 
 from nltk.stem import PorterStemmer
 
+from tmem_rl.metrics.qa import mean
+
 CATEGORY_NAMES: dict[int, str] = {
     1: "multi-hop",
     2: "temporal",
@@ -83,10 +85,6 @@ def score_answer(prediction: str, gold: Any, category: int) -> dict[str, float]:
     return {"f1": f1, "em": exact_match(prediction, gold)}
 
 
-def _mean(values: list[float]) -> float | None:
-    return sum(values) / len(values) if values else None
-
-
 def aggregate(records: list[dict]) -> dict[str, Any]:
     """Summary over scored records ({"category", "f1", "em"}, optionally "seconds"), in LoCoMo's reporting shape.
 
@@ -99,14 +97,14 @@ def aggregate(records: list[dict]) -> dict[str, Any]:
                 f"got {r.get('category')!r}"
             )
     by_category = {
-        str(c): _mean([float(r["f1"]) for r in records if r["category"] == c]) for c in sorted(CATEGORY_NAMES)
+        str(c): mean([float(r["f1"]) for r in records if r["category"] == c]) for c in sorted(CATEGORY_NAMES)
     }
     seconds = [float(r["seconds"]) for r in records if r.get("seconds") is not None]
     return {
         "n": len(records),
         "f1_by_category": by_category,
-        "f1_1_4": _mean([float(r["f1"]) for r in records if r["category"] != 5]),
-        "f1_1_5": _mean([float(r["f1"]) for r in records]),
-        "em": _mean([float(r["em"]) for r in records]),
-        "seconds_per_episode": _mean(seconds),
+        "f1_1_4": mean([float(r["f1"]) for r in records if r["category"] != 5]),
+        "f1_1_5": mean([float(r["f1"]) for r in records]),
+        "em": mean([float(r["em"]) for r in records]),
+        "seconds_per_episode": mean(seconds),
     }

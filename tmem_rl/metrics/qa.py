@@ -36,6 +36,11 @@ def exact_match(prediction: str, gold: str) -> float:
     return float(normalize_answer(prediction) == normalize_answer(gold))
 
 
+def mean(values: list[float]) -> float | None:
+    """The mean of `values`; None when there are none (a summary shows an empty group as null, not as 0)."""
+    return sum(values) / len(values) if values else None
+
+
 def best_over_golds(fn: Callable[[str, str], float], prediction: str, golds: Iterable[str]) -> float:
     """The best score of `prediction` against any accepted answer; 0.0 when there are none."""
     return max((fn(prediction, gold) for gold in golds), default=0.0)

@@ -54,17 +54,24 @@ class GRPOConfig:
     output_dir: str = "runs/grpo"
     """Checkpoints, logs and the reward curve go here."""
     max_steps: int = 200
+    """Optimizer steps to run (each: rollouts of questions_per_step questions, one update); the schedule's length."""
     questions_per_step: int = 8
     """Distinct questions per optimizer step, over all processes (must divide evenly among them)."""
     num_generations: int = 8
     """Rollouts per question: the GRPO group."""
     learning_rate: float = 1e-6
+    """Learning rate of the slow-weight optimizer (the fast weights' is inner_loop.lr)."""
     optim: str = "adamw_torch"
     """adamw_torch | sgd (plain SGD: lighter, and exactly linear in the gradient)."""
     lr_scheduler_type: str = "constant"
+    """A transformers scheduler name (constant, constant_with_warmup, linear, cosine, ...) over max_steps."""
     warmup_steps: int = 0
+    """Warm-up steps of the schedule; the constant schedule ignores them (use constant_with_warmup)."""
     weight_decay: float = 0.0
+    """Weight decay of the slow-weight optimizer (AdamW's decoupled decay; SGD's L2 term)."""
     max_grad_norm: float = 1.0
+    """Clip the gradient norm to this before each optimizer step (0: no clipping). Under DeepSpeed the config
+    file's gradient_clipping applies instead."""
     epsilon: float = 0.2
     """Lower clip range of the policy ratio."""
     epsilon_high: float | None = None
@@ -80,8 +87,12 @@ class GRPOConfig:
     """Token budget of each generated segment: answer, extraction, action, summary (the paper's response
     budget); caps the episode's own budgets."""
     temperature: float = 1.0
+    """Sampling temperature of the rollouts (replaces episode.temperature; retried extractions sample at
+    episode.retry_temperature). Log-probs are taken at the temperature each segment was sampled at."""
     top_p: float = 1.0
+    """Nucleus sampling of the rollouts (replaces episode.top_p; 1.0: no filtering)."""
     top_k: int = 0
+    """Top-k sampling of the rollouts (replaces episode.top_k; 0: no filtering)."""
     micro_batch_size: int = 8
     """Generated segments per forward/backward pass."""
     mixed_precision: str | None = None
@@ -92,18 +103,26 @@ class GRPOConfig:
     use_peft: bool = False
     """Train a LoRA adapter on the slow weights instead of all of them."""
     lora_r: int = 16
+    """Rank of the slow-weight LoRA (use_peft only; the fast weights' rank is inner_loop.rank)."""
     lora_alpha: int = 32
+    """Scale of the slow-weight LoRA: its delta is multiplied by lora_alpha / lora_r (use_peft only)."""
     lora_dropout: float = 0.0
+    """Dropout on the slow-weight LoRA's input (use_peft only)."""
     lora_target_modules: list[str] = field(
         default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
     )
+    """Linear modules (by name) that get the slow-weight LoRA (use_peft only)."""
     logging_steps: int = 1
+    """Send the metrics to the report_to trackers every this many steps (metrics.jsonl gets every step)."""
     save_steps: int = 50
     """Write a checkpoint every this many steps (0: none)."""
     save_total_limit: int | None = None
     """Keep only the newest this many checkpoints (None: keep all)."""
     report_to: list[str] = field(default_factory=lambda: ["tensorboard"])
+    """Accelerate trackers for the metrics (tensorboard, wandb, ...; TensorBoard writes under
+    <output_dir>/tmem_rl); []: none."""
     seed: int = 42
+    """Seeds the run (Accelerate's set_seed), the questions each step draws, and each step's rollout sampling."""
 
     def __post_init__(self):
         if self.loss_type not in LOSS_TYPES:
@@ -241,6 +260,9 @@ class GRPOTrainer:
                 fast.follow_model()
         # The trainer's sampling settings on a copy: the caller's EpisodeConfig stays as it was given.
         given = episode_config or EpisodeConfig()
+        if given.carry_fast_weights:  # a group's rollouts would start from different histories, never checkpointed
+            raise InputError("episode.carry_fast_weights is for evaluation (tmem-rl eval --continual); training "
+                             "starts every episode from the base model")
         self.episode_config = given
         episode_config = dataclasses.replace(
             given, do_sample=True, record_logprobs=True, temperature=config.temperature, top_p=config.top_p,

@@ -26,8 +26,11 @@ class PPOConfig(GRPOConfig):
     cliprange_value: float = 0.2
     """Clip range of the value prediction around the rollout-time value."""
     gamma: float = 1.0
+    """Discount per generated token in GAE (1.0: none; the reward arrives on the answer's last token)."""
     lam: float = 0.95
+    """GAE lambda: 1.0 gives Monte-Carlo returns minus the value, 0.0 one-step TD errors."""
     whiten_advantages: bool = True
+    """Normalise the advantages to mean 0, std 1 over this process's generated tokens before the loss."""
 
     def __post_init__(self):
         if self.num_generations < 1:

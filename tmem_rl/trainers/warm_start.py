@@ -29,16 +29,26 @@ class WarmStartConfig:
     output_dir: str = "runs/warm_start"
     """The merged model is written to <output_dir>/model, TRL's logs next to it."""
     num_train_epochs: float = 1.0
+    """Passes over the extraction examples (TRL's SFTConfig.num_train_epochs)."""
     learning_rate: float = 5e-4
+    """SFT learning rate, held constant."""
     per_device_train_batch_size: int = 8
+    """Examples per device per optimizer step, before gradient accumulation."""
     gradient_accumulation_steps: int = 1
+    """Batches whose gradients add up to one optimizer step."""
     use_peft: bool = True
+    """Train a LoRA and merge it into the saved model; False: fine-tune all weights."""
     lora_r: int = 16
+    """Rank of the SFT LoRA (use_peft only)."""
     lora_alpha: int = 32
+    """Scale of the SFT LoRA: its delta is multiplied by lora_alpha / lora_r (use_peft only)."""
     lora_target_modules: tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj",
                                             "down_proj")
+    """Linear modules (by name) that get the SFT LoRA (use_peft only)."""
     max_examples: int | None = None
+    """Stop collecting examples at this many (None: every extraction window that holds a reference pair)."""
     seed: int = 0
+    """TRL's training seed (initialisation of the LoRA, data order)."""
 
 
 def extraction_windows(tokenizer, task: Task, l_max: int) -> list[str]:
