@@ -142,8 +142,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--facts-tasks", type=int, default=16)
     parser.add_argument("--facts-l-max", type=int, nargs="+", default=[64, 128, 256, 512], help="facts budgets (b)")
     parser.add_argument("--facts-at", type=int, default=128, help="the facts budget of (a): the demo's")
-    parser.add_argument("--locomo-l-max", type=int, nargs="+", default=[1024, 2048, 4096, 8192],
-                        help="LoCoMo budgets (b)")
+    parser.add_argument("--locomo-l-max", type=int, nargs="+", default=[1024, 2048, 4096, 6144],
+                        help="LoCoMo budgets (b); the extraction prompt adds ~600 tokens, within SmolLM2's 8192")
     parser.add_argument("--locomo-at", type=int, default=4096, help="the LoCoMo budget of (a): the paper's")
     parser.add_argument("--inner-lr", type=float, default=1e-3,
                         help="inner-loop lr of (a) and (b) (default: the demo's, tuned for the 135M model)")
