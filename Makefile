@@ -4,7 +4,7 @@ PIP     := .venv/bin/pip
 STAMP   := .venv/.installed
 TORCH   := torch==2.13.0
 
-.PHONY: install demo test test-fast bench bench-quick clean
+.PHONY: install demo test test-fast bench bench-quick bench-gpu clean
 
 $(PY):
 	python3 -m venv .venv
@@ -34,6 +34,11 @@ bench: install
 
 bench-quick: install
 	$(PY) benchmarks/run_all.py --quick
+
+# One GPU, about 8 minutes (docs/benchmarks.md). No install step: a GPU machine may have no package index, only
+# python3 with torch and the rest on PYTHONPATH. Sizes: make bench-gpu ARGS="--layers 12 --out gpu_scale.json"
+bench-gpu:
+	$(if $(wildcard $(PY)),$(PY),python3) benchmarks/gpu_scale.py $(ARGS)
 
 clean:
 	rm -rf .venv build *.egg-info

@@ -38,6 +38,8 @@ HEADLINES = {
     "episode_cost": ["episodes.0.seconds_per_episode", "episodes.-1.seconds_per_episode",
                      "decode_step.static_decode_step_ms", "decode_step.static_speedup_vs_generate"],
     "learning_curve": ["f1_before", "f1_after", "f1_delta", "minutes"],
+    "gpu_scale": ["grpo.seconds_per_step", "grpo.peak_memory_gib", "decode_bandwidth.rows.-1.static_fraction_of_peak",
+                  "failed"],
 }
 FALLBACK_HEADLINES = 4
 STDERR_TAIL_LINES = 20

@@ -1,7 +1,7 @@
 """One GRPO process on fixed rollouts; run under torchrun by tests/test_distributed.py.
 
 Each process takes its contiguous share of the saved groups, takes `--steps` GRPO steps on them, and writes its
-final parameters to OUT/rank<r>.pt.
+final parameters to OUT/rank<r>.pt and the learning rate of each step to OUT/lrs<r>.json.
 """
 
 import argparse
@@ -52,6 +52,8 @@ def main() -> None:
     parser.add_argument("--optim", default="sgd")
     parser.add_argument("--deepspeed", default=None, help="DeepSpeed config file (ZeRO-2 / ZeRO-3)")
     parser.add_argument("--algorithm", default="grpo", choices=sorted(ALGORITHMS))
+    parser.add_argument("--lr-scheduler", default="linear")
+    parser.add_argument("--warmup-steps", type=int, default=1)
     args = parser.parse_args()
     torch.set_num_threads(1)
     acc = deepspeed_accelerator(args.deepspeed) if args.deepspeed else Accelerator(cpu=True)
@@ -61,14 +63,17 @@ def main() -> None:
     config_cls, trainer_cls = ALGORITHMS[args.algorithm]
     cfg = config_cls(output_dir=str(Path(args.out) / "run"), num_generations=GROUP, questions_per_step=groups,
                      learning_rate=0.05, optim=args.optim, report_to=[], save_steps=0, micro_batch_size=3, loss_type=args.loss_type,
-                     max_completion_length=16, seed=3)
+                     max_completion_length=16, seed=3, lr_scheduler_type=args.lr_scheduler,
+                     warmup_steps=args.warmup_steps, max_steps=args.steps + 1)
     env = make_env("facts", num_tasks=4)
     trainer = trainer_cls(cfg, model, tok, env, FastWeightConfig(num_layers=2), EpisodeConfig(), accelerator=acc)
     per_rank = groups // acc.num_processes
     mine = batch.trajectories[acc.process_index * per_rank * GROUP : (acc.process_index + 1) * per_rank * GROUP]
+    lrs = []
     for _ in range(args.steps):
-        trainer.train_step(EpisodeBatch(mine, batch.snapshots))
+        lrs.append(trainer.train_step(EpisodeBatch(mine, batch.snapshots))["learning_rate"])
         trainer.step += 1
+    (Path(args.out) / f"lrs{acc.process_index}.json").write_text(json.dumps(lrs))
     if args.deepspeed:
         import deepspeed
 

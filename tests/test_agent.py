@@ -153,6 +153,7 @@ def test_saved_memory_loads_into_a_fresh_agent(tmp_path):
     fresh.load_memory(tmp_path / "memory")
     assert fresh.pairs == agent.pairs and fresh.context == agent.context
     assert fresh.fast.versions == agent.fast.versions
+    assert fresh.fast.absorbed_answers == agent.fast.absorbed_answers == [[p.output for p in agent.pairs]]
     for name, b in agent.fast.B.items():
         torch.testing.assert_close(fresh.fast.B[name], b)
     assert (logits(fresh, fast_weights=True) - no_memory_logits).abs().max() > 1e-3

@@ -103,10 +103,12 @@ def test_sampling_uses_the_runner_generator_and_leaves_the_global_rng_alone(tiny
     torch.manual_seed(123)
     expected_next = torch.rand(3)
     torch.manual_seed(123)
-    runner.generator.manual_seed(5)
+    runner.reseed()
     first = runner.generate([prompt] * 2, [-1, -1], 6, sample=True, temperature=1.0)
     assert torch.equal(torch.rand(3), expected_next), "sampling must not draw from the global RNG"
-    runner.generator.manual_seed(5)
+    assert runner.generate([prompt] * 2, [-1, -1], 6, sample=True, temperature=1.0) != first, "a new call, new noise"
+    runner.reseed()
     assert runner.generate([prompt] * 2, [-1, -1], 6, sample=True, temperature=1.0) == first
-    runner.generator.manual_seed(6)
+    runner.config.seed = 6
+    runner.reseed()
     assert runner.generate([prompt] * 2, [-1, -1], 6, sample=True, temperature=1.0) != first

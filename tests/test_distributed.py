@@ -44,13 +44,13 @@ def fixed_batch(tmp_path_factory):
 LAUNCH = Path(__file__).resolve().parents[1] / "launch"
 
 
-def run_workers(nproc, batch, out, loss_type, deepspeed=None, algorithm="grpo", timeout=600):
+def run_workers(nproc, batch, out, loss_type, deepspeed=None, algorithm="grpo", timeout=600, extra=()):
     out.mkdir(parents=True, exist_ok=True)
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    port = 29500 + nproc + hash((loss_type, deepspeed, algorithm)) % 400
+    port = 29500 + nproc + hash((loss_type, deepspeed, algorithm, *extra)) % 400
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc), "--master_port",
            str(port), str(WORKER), "--batch", str(batch), "--out", str(out), "--loss-type", loss_type,
-           "--algorithm", algorithm]
+           "--algorithm", algorithm, *extra]
     if deepspeed:
         cmd += ["--deepspeed", str(deepspeed)]
     result = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env)
@@ -66,6 +66,7 @@ def test_two_process_gloo_matches_one_process(fixed_batch, tmp_path, loss_type):
 
     initial = tiny_model(num_layers=2, tokenizer_path=FIXTURE_TOKENIZER)[0].state_dict()
     moved = 0
+    assert learning_rates(tmp_path / "two") == learning_rates(tmp_path / "one")
     for key in single:
         assert torch.equal(rank0[key], rank1[key]), f"{key} differs across ranks"
         torch.testing.assert_close(rank0[key], single[key], atol=2e-5, rtol=1e-4)
@@ -73,6 +74,24 @@ def test_two_process_gloo_matches_one_process(fixed_batch, tmp_path, loss_type):
     assert moved > len(single) // 2, "the steps must have changed most parameters for the comparison to mean anything"
     if loss_type == "dapo":
         assert_export_holds(tmp_path / "two" / "run" / "checkpoint-2", rank0, tmp_path / "export")
+
+
+def learning_rates(out, ranks=(0,)):
+    (lrs,) = {tuple(json.loads((out / f"lrs{r}.json").read_text())) for r in ranks}
+    return list(lrs)
+
+
+def test_the_schedule_takes_one_step_per_optimizer_step_at_any_process_count(fixed_batch, tmp_path):
+    """Accelerate steps a prepared schedule once per process unless told otherwise: on 2 processes a decay would
+    reach 0 at half of max_steps and warm-up would end after half its steps. (A linear schedule with warm-up is
+    checked by the tests above: the workers' default.)"""
+    args = ("--lr-scheduler", "cosine", "--warmup-steps", "2", "--steps", "5")
+    run_workers(1, fixed_batch, tmp_path / "one", "dapo", extra=args)
+    run_workers(2, fixed_batch, tmp_path / "two", "dapo", extra=args)
+    one, two = learning_rates(tmp_path / "one"), learning_rates(tmp_path / "two", ranks=(0, 1))
+    assert two == pytest.approx(one, rel=1e-12)
+    assert one[0] == pytest.approx(0.025) and one[1] == pytest.approx(0.05), "two warm-up steps to the peak"
+    assert 0 < one[-1] < one[2] < one[1], "then a decay that has not reached 0 one step before the end"
 
 
 def assert_export_holds(checkpoint, weights, out):
@@ -91,6 +110,7 @@ def assert_export_holds(checkpoint, weights, out):
 def test_deepspeed_zero_two_processes(fixed_batch, tmp_path, stage):
     (single,) = run_workers(1, fixed_batch, tmp_path / "one", "dapo")
     (gathered, *_) = run_workers(2, fixed_batch, tmp_path / "ds", "dapo", LAUNCH / f"deepspeed_zero{stage}.json")
+    assert learning_rates(tmp_path / "ds") == learning_rates(tmp_path / "one")
     for key in single:
         torch.testing.assert_close(gathered[key].float(), single[key], atol=2e-5, rtol=1e-4)
     for rank in (0, 1):

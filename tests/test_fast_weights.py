@@ -4,7 +4,9 @@ import pytest
 import torch
 from peft import LoraConfig, get_peft_model
 
+from tmem_rl.errors import InputError
 from tmem_rl.memory import FastWeightConfig, FastWeights, svd_init
+from tmem_rl.memory.fast_weights import INIT_FILE
 from tmem_rl.memory.inner_loop import IGNORE, NO_ANSWER_TOKEN, format_pair, minibatch_schedule, slot_generator
 from tmem_rl.records import QAPair
 
@@ -59,6 +61,7 @@ def peft_reference(model, fast, tokenizer, slot, pairs, cfg):
     return peft_model
 
 
+@pytest.mark.kernel_paths
 @pytest.mark.parametrize("init", ["svd", "random"])
 def test_batched_fast_weights_match_separate_peft_adapters(tiny, init):
     model, tok = tiny
@@ -76,7 +79,9 @@ def test_batched_fast_weights_match_separate_peft_adapters(tiny, init):
         with torch.no_grad():
             ref_logits = ref(input_ids=ids[s : s + 1], attention_mask=mask[s : s + 1]).logits
         valid = mask[s].bool()
-        torch.testing.assert_close(after[s][valid], ref_logits[0][valid], atol=1e-5, rtol=1e-5)
+        # Two code paths (batched hook vs PEFT): up to 1.6e-5 apart across CPU kernel paths; the update itself
+        # moves these logits by 0.2 to 5.
+        torch.testing.assert_close(after[s][valid], ref_logits[0][valid], atol=1.5e-4, rtol=1e-4)
         for name, module in ref.named_modules():
             if hasattr(module, "lora_B") and "default" in module.lora_B:
                 key = name.removeprefix("base_model.model.")
@@ -247,6 +252,40 @@ def test_train_a_changes_a_per_slot_only(tiny):
     assert torch.equal(fast.A[key][1], a0[key][1])
     fast.reset([0])
     assert torch.equal(fast.A[key][0], a0[key][0])
+
+
+def test_a_saved_with_a_lora_policy_is_the_a_its_trained_merged_model_gets(tiny, tmp_path):
+    model, _ = tiny
+    cfg = FastWeightConfig(train_a=True)
+    # Built as in a LoRA training run: the module names carry PEFT's prefixes, the weights are the initial ones.
+    training = FastWeights(get_peft_model(copy.deepcopy(model), LoraConfig(r=2, target_modules=["up_proj"])), 2, cfg)
+    training.save_init(tmp_path)
+    with torch.no_grad():  # the slow weights train on
+        for p in model.parameters():
+            p.mul_(1.1).add_(0.01)
+    loaded = FastWeights(model, 1, cfg, init_from=tmp_path)
+    assert loaded.init_tensors().keys() == training.init_tensors().keys()
+    for key, a in loaded.init_tensors().items():
+        assert torch.equal(a, training.init_tensors()[key]), key  # stored values, read back
+    assert all(torch.equal(loaded.A[n][0], a) for n, a in zip(loaded.modules, loaded.init_tensors().values()))
+    recomputed = FastWeights(model, 1, cfg).init_tensors()
+    assert all((recomputed[k] - a).abs().max() > 1e-2 for k, a in loaded.init_tensors().items())
+
+
+def test_a_folder_without_saved_a_warns_and_one_that_does_not_fit_is_one_error_line(tiny, tmp_path):
+    model, _ = tiny
+    with pytest.warns(UserWarning, match=f"{INIT_FILE}: not found.*SVD"):
+        fallback = FastWeights(model, 1, FastWeightConfig(), init_from=tmp_path)
+    computed = FastWeights(model, 1, FastWeightConfig())
+    assert all(torch.equal(a, b) for a, b in zip(fallback.init_tensors().values(), computed.init_tensors().values()))
+    FastWeights(model, 1, FastWeightConfig(rank=4, num_layers=2)).save_init(tmp_path)
+    with pytest.raises(InputError) as err:
+        FastWeights(model, 1, FastWeightConfig(rank=6, num_layers=2), init_from=tmp_path)
+    message = str(err.value)
+    assert str(tmp_path / INIT_FILE) in message and "is (4, 128), expected (6, 128)" in message
+    assert "\n" not in message
+    with pytest.raises(InputError, match="'0.mlp.down_proj' is missing"):
+        FastWeights(model, 1, FastWeightConfig(rank=4, num_layers=4), init_from=tmp_path)
 
 
 def test_bad_target_module_and_rank_errors(tiny):

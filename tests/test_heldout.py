@@ -3,6 +3,7 @@ start's examples and the inner loop's collapse guard."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import pytest
@@ -16,12 +17,18 @@ from tmem_rl.evaluation.harness import EvalConfig, read_records, run_eval
 from tmem_rl.evaluation.methods import MethodSettings
 from tmem_rl.extraction import EXTRACTION_PREFILL, extraction_messages, parse_qa_pairs
 from tmem_rl.memory import FastWeightConfig, FastWeights
+from tmem_rl.memory.fast_weights import leaked
 from tmem_rl.models import load_trained_policy, tiny_model
 from tmem_rl.records import QAPair
 from tmem_rl.rollout import EpisodeConfig, EpisodeRunner
-from tmem_rl.trainers.warm_start import IGNORE, extraction_sft_examples, extraction_windows
+from tmem_rl.trainers.warm_start import (IGNORE, WarmStartConfig, extraction_sft_examples, extraction_windows,
+                                        warm_start)
 
 FACTS = dict(num_tasks=40, num_facts=3, num_distractors=4, lines_per_chunk=5)
+# Windows past l_max 860 give a first two examples of 1041 and 1123 tokens, the first past TRL's default max_length
+# (1024) by its target only, the second by its prompt too.
+LONG_FACTS = dict(num_tasks=2, num_facts=3, num_distractors=150, lines_per_chunk=5)
+LONG_EPISODE = EpisodeConfig(l_max=860, max_pairs=3, examples=False)
 
 
 def test_split_partitions_tasks_and_is_stable_as_the_pool_grows():
@@ -105,6 +112,51 @@ def test_warm_start_needs_reference_pairs(tiny):
         extraction_sft_examples(env, tok, model, EpisodeConfig(l_max=56))
 
 
+def test_warm_start_trains_every_long_example_whole(tmp_path, monkeypatch):
+    import trl
+
+    model, tok = tiny_model(num_layers=1)  # its own: training merges a LoRA into it
+    env = make_env("facts", **LONG_FACTS)
+    examples = extraction_sft_examples(env, tok, model, LONG_EPISODE, max_examples=2)
+    assert min(len(e["input_ids"]) for e in examples) > 1024
+    trained = []
+    train = trl.SFTTrainer.train
+
+    def spy(trainer, *args, **kwargs):
+        trained.extend(trainer.train_dataset)
+        return train(trainer, *args, **kwargs)
+
+    monkeypatch.setattr(trl.SFTTrainer, "train", spy)
+    config = WarmStartConfig(output_dir=str(tmp_path), max_examples=2, per_device_train_batch_size=2,
+                             lora_r=2, lora_alpha=4)
+    summary = warm_start(model, tok, env, LONG_EPISODE, config)
+    lengths = sorted(len(e["input_ids"]) for e in examples)
+    assert sorted(len(row["input_ids"]) for row in trained) == lengths, "TRL must train each example whole"
+    whole = sorted((e["input_ids"], e["labels"]) for e in examples)
+    assert sorted((row["input_ids"], row["labels"]) for row in trained) == whole
+    for row in trained:  # the whole JSON list is trained, then the stop token
+        target = [label for label in row["labels"] if label != IGNORE]
+        assert target[-1] == row["input_ids"][-1] == tok.eos_token_id
+        assert json.loads(EXTRACTION_PREFILL + tok.decode(target[:-1]))
+    assert summary == json.loads((tmp_path / "warm_start.json").read_text())
+    assert summary["examples"] == 2 and summary["examples_cut"] == 0 and summary["steps"] == 1
+    assert summary["max_length"] == summary["tokens"]["max"] == max(lengths)
+    assert summary["tokens"]["min"] == min(lengths)
+    assert summary["target_tokens"]["min"] > 0
+
+
+def test_warm_start_examples_past_the_models_positions_are_one_clear_error(tmp_path):
+    model, tok = tiny_model(num_layers=1)
+    model.config.max_position_embeddings = 1000
+    env = make_env("facts", **LONG_FACTS)
+    with pytest.raises(InputError, match=r"l_max 860.* is 1123 tokens, more than the model's 1000 positions "
+                                         r"\(config.max_position_embeddings\); lower episode.l_max by at least 123"
+                       ) as raised:
+        warm_start(model, tok, env, LONG_EPISODE, WarmStartConfig(output_dir=str(tmp_path), max_examples=2))
+    assert "\n" not in str(raised.value)
+    assert not (tmp_path / "warm_start.json").exists()
+
+
 def test_reference_extractor_absorbs_the_ideal_extraction_and_generates_nothing(tiny):
     model, tok = tiny
     env = make_env("facts", **FACTS)
@@ -127,18 +179,34 @@ def test_reference_extractor_absorbs_the_ideal_extraction_and_generates_nothing(
         EpisodeConfig(extractor="oracle")
 
 
-def test_collapse_guard_rolls_back_an_absorb_that_answers_everything_with_it(tiny):
-    model, tok = tiny
-    collapse = [QAPair(q, "Gina") for q in ("Who is it?", "Where?", "When?", "What is it?")]
-    fast = FastWeights(model, 2, FastWeightConfig(num_layers=2, lr=2.0, epochs=30, max_probe_leak=0.5))
+COLLAPSE = [QAPair(q, "Gina") for q in ("Who is it?", "Where?", "When?", "What is it?")]
+COLLAPSING = dict(num_layers=2, lr=1.0, epochs=30)  # at lr 2.0 the answers after the collapse vary by kernel path
+
+
+@pytest.fixture(scope="module")
+def turn_ending():
+    """The tiny model with an embedding for its end-of-turn token, which tiny_model leaves at zero (the padding
+    row): without it no answer ever ends, while a collapse is an answer that ends where the absorbed one does
+    (SmolLM2-135M: "Gina" to all six probes)."""
+    model, tok = tiny_model(num_layers=2)
+    with torch.no_grad():
+        row = model.get_input_embeddings().weight[tok.eos_token_id]  # tied: the LM head's row too
+        row.copy_(torch.randn(row.shape, generator=torch.Generator().manual_seed(0)) * 0.2)
+    return model, tok
+
+
+@pytest.mark.kernel_paths
+def test_collapse_guard_rolls_back_an_absorb_that_answers_everything_with_it(turn_ending):
+    model, tok = turn_ending
+    fast = FastWeights(model, 2, FastWeightConfig(**COLLAPSING, max_probe_leak=0.5))
     before = fast.snapshot()
-    stats = fast.absorb(tok, {0: collapse})
+    stats = fast.absorb(tok, {0: COLLAPSE})
     assert stats[0]["probe_leak"] > 0.5 and stats[0]["rolled_back"]
     assert all("Gina" in a for a in stats[0]["probe_answers"])
     assert all(torch.equal(t, before[k]) for k, t in fast.snapshot().items()), "a rollback restores the slot"
     assert fast.versions == [0, 0]
-    unguarded = FastWeights(model, 2, FastWeightConfig(num_layers=2, lr=2.0, epochs=30))
-    stats = unguarded.absorb(tok, {0: collapse})
+    unguarded = FastWeights(model, 2, FastWeightConfig(**COLLAPSING))
+    stats = unguarded.absorb(tok, {0: COLLAPSE})
     assert "rolled_back" not in stats[0] and unguarded.versions == [1, 0]
     unguarded.remove()
     fast.remove()
@@ -151,6 +219,35 @@ def test_collapse_guard_keeps_an_absorb_that_leaves_other_answers_alone(tiny):
     assert stats[0]["probe_leak"] == 0.0 and not stats[0]["rolled_back"]
     assert fast.versions == [1]
     fast.remove()
+
+
+@pytest.mark.kernel_paths
+def test_collapse_guard_rolls_back_a_collapse_onto_an_earlier_absorbs_answer(turn_ending):
+    model, tok = turn_ending
+    # The first absorb, unguarded, collapses the slot onto its answer; the second, guarded and gentle, absorbs
+    # another answer and leaves the collapse in place.
+    fast = FastWeights(model, 1, FastWeightConfig(**COLLAPSING))
+    assert "rolled_back" not in fast.absorb(tok, {0: COLLAPSE})[0]
+    assert fast.absorbed_answers == [["Gina"] * 4]
+    fast.config = dataclasses.replace(fast.config, lr=0.05, epochs=1, max_probe_leak=0.5)
+    before = fast.snapshot()
+    stats = fast.absorb(tok, {0: [QAPair("What is Maya's pet called?", "Biscuit")]})
+    assert stats[0]["probe_leak"] > 0.5 and stats[0]["rolled_back"], stats[0]["probe_answers"]
+    assert all(torch.equal(t, before[k]) for k, t in fast.snapshot().items())
+    assert fast.versions == [1] and fast.absorbed_answers == [["Gina"] * 4], "rolled back: not absorbed"
+    fast.reset()
+    assert fast.absorbed_answers == [[]]
+    fast.remove()
+
+
+def test_a_probe_answer_leaks_only_as_a_whole_absorbed_answer():
+    assert leaked("Gina.", ["gina"]) and leaked(" The  GINA ", ["Gina"])
+    for answer, absorbed in [("No", "Noah"), ("Noah", "No"), ("Paris is the capital of France.", "Paris"),
+                             ("A bee makes honey", "a"), ("", "")]:
+        assert not leaked(answer, [absorbed]), (answer, absorbed)
+    # Cut off by the probe's token budget, an answer may be the start of a longer absorbed one.
+    assert leaked("Gina Gina Gi", ["Gina Gina Gina Gina"], cut=True)
+    assert not leaked("Gina Gina Gi", ["Gina Gina Gina Gina"]) and not leaked("Paris is", ["Paris"], cut=True)
 
 
 @pytest.fixture(scope="module")

@@ -143,14 +143,15 @@ class TMEMAgent:
     """An extraction policy run as a reading agent with fast-weight memory (one slot of `FastWeights`)."""
 
     def __init__(self, model, tokenizer, fast_config: FastWeightConfig | None = None,
-                 episode_config: EpisodeConfig | None = None):
+                 episode_config: EpisodeConfig | None = None, init_from: str | Path | None = None):
+        """`init_from`: a folder holding the fast weights' A as training saved it (`FastWeights(init_from=...)`)."""
         episode_config = episode_config or EpisodeConfig()
         if episode_config.memory != "fast_weights" or episode_config.extractor != "policy":
             raise ValueError("TMEMAgent: the agent writes and absorbs its own pairs; expected memory='fast_weights' "
                              f"and extractor='policy', got {episode_config.memory!r} and {episode_config.extractor!r}")
         self.model = model
         self.tokenizer = tokenizer
-        self.fast = FastWeights(model, 1, fast_config or FastWeightConfig())
+        self.fast = FastWeights(model, 1, fast_config or FastWeightConfig(), init_from=init_from)
         self.runner = EpisodeRunner(model, tokenizer, self.fast, episode_config)
         self.stream = _TextStream()
         self.reset()
@@ -163,7 +164,9 @@ class TMEMAgent:
 
         A folder holding a PEFT adapter (`adapter_config.json`) is merged into the base its config names. Settings
         come from the folder's `fast_weights.json` when it has one, else the defaults. `fast_weights` / `episode`
-        override them: a dict replaces the named fields, a config object replaces the whole section.
+        override them: a dict replaces the named fields, a config object replaces the whole section. The fast
+        weights' A is the one training used, saved next to the settings, unless an override changes what defines
+        it (rank, layers, init, ...).
         Default device: CUDA when available; default dtype: float32.
         """
         device = device or ("cuda" if torch.cuda.is_available() else "cpu")
@@ -172,15 +175,18 @@ class TMEMAgent:
         is_folder = folder.is_dir()
         # Settings first: a bad file or override fails before the model is loaded.
         fast_config, episode_config = FastWeightConfig(), EpisodeConfig()
-        if is_folder and (folder / SETTINGS_FILE).exists():
+        exported = is_folder and (folder / SETTINGS_FILE).exists()
+        if exported:
             fast_config, episode_config, _ = read_agent_settings(folder)
+        saved_fast = fast_config
         fast_config = _overridden(fast_config, fast_weights, "fast_weights")
         episode_config = _overridden(episode_config, episode, "episode")
+        same_a = all(getattr(saved_fast, f) == getattr(fast_config, f) for f in MEMORY_DEFINING_FIELDS)
         if is_folder and any((folder / sub / "adapter_config.json").exists() for sub in ("", "adapter")):
             model, tokenizer = load_trained_policy(folder, base="", dtype=dtype, device=device)
         else:
             model, tokenizer = load_policy(name_or_path, dtype=dtype, device=device)
-        return cls(model, tokenizer, fast_config, episode_config)
+        return cls(model, tokenizer, fast_config, episode_config, init_from=folder if exported and same_a else None)
 
     # ---- state --------------------------------------------------------------------------------------------------
 
@@ -286,6 +292,7 @@ class TMEMAgent:
         self.reset()
         self.fast.restore({key: tensors[key] for key in self.fast.trainable()}, [0])
         self.fast.versions[0] = int(meta["versions"][0])
+        self.fast.absorbed_answers[0] = [p.output for p in pairs]
         self.episode.pairs[0] = pairs
         self.episode.context[0], self.episode.context_tokens[0] = context, context_tokens
         self._keep_live_snapshot()

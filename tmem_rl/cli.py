@@ -167,8 +167,9 @@ def _run(argv: list[str] | None) -> int:
                         help="merged: slow LoRA merged into the base, loads with AutoModelForCausalLM; adapter: a "
                              "PEFT adapter folder (LoRA runs only)")
     export.add_argument("--verify", action="store_true",
-                        help="reload the export with plain transformers / PEFT and compare logits with the "
-                             "checkpoint's model in fp32 (fails above --verify-tolerance)")
+                        help="reload the export with plain transformers / PEFT and compare logits, and the "
+                             "fast weights' A an agent loads, with the checkpoint's in fp32 (fails above "
+                             "--verify-tolerance)")
     export.add_argument("--verify-tolerance", type=float, default=None,
                         help="largest max abs logit difference --verify accepts (default 1e-4; fp32 arithmetic alone "
                              "moves the "
@@ -228,8 +229,8 @@ def _run(argv: list[str] | None) -> int:
               f"{result['out']}")
         if args.verify:
             verdict = "ok" if result["verified"] else "FAILED"
-            print(f"verify: max abs logit diff {result['max_logit_diff']:.3g} (tolerance {tolerance:g}, "
-                  f"fp32): {verdict}")
+            print(f"verify: max abs logit diff {result['max_logit_diff']:.3g}, fast-weight A diff "
+                  f"{result['max_init_diff']:.3g} (tolerance {tolerance:g}, fp32): {verdict}")
             if not result["verified"]:
                 return 1
     elif args.command == "envs":

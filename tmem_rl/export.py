@@ -6,9 +6,10 @@
 
 Either way the folder also holds the tokenizer (with its chat template), a generation config whose end tokens
 close a chat turn, `fast_weights.json` (the inner-loop and episode settings `TMEMAgent.from_pretrained` runs
-with, chat-template settings included) and a model card. Checkpoints of single-process, DDP and DeepSpeed runs
-(ZeRO-3 shards consolidated with DeepSpeed's own converter) all export the same way. `verify` reloads the export
-with plain transformers / PEFT and compares logits with the checkpoint's model.
+with, chat-template settings included), the fast weights' A as training built it and a model card. Checkpoints of
+single-process, DDP and DeepSpeed runs (ZeRO-3 shards consolidated with DeepSpeed's own converter) all export the
+same way. `verify` reloads the export with plain transformers / PEFT and compares logits with the checkpoint's
+model, and the A an agent loads from the export with the checkpoint's.
 """
 
 from __future__ import annotations
@@ -141,6 +142,16 @@ def max_logit_diff(expected: tuple[torch.Tensor, torch.Tensor], model, tokenizer
     return (got[keep] - logits[keep]).abs().max().item()
 
 
+def max_init_diff(expected: dict[str, torch.Tensor], model, fast_config, folder: Path) -> float:
+    """Max abs difference between `expected` (the checkpoint's fast-weight A) and the A fast weights on `model`
+    load from `folder`, as the agent builds them."""
+    from tmem_rl.memory import FastWeights
+
+    fast = FastWeights(model, 1, fast_config, init_from=folder)
+    fast.remove()
+    return max((a - expected[key]).abs().max().item() for key, a in fast.init_tensors().items())
+
+
 def _model_card(trained: TrainedCheckpoint, fmt: str, eval_summary: dict | None) -> str:
     run = trained.run
     history = json.loads((trained.folder / "trainer_state.json").read_text()).get("history") or [{}]
@@ -200,9 +211,12 @@ def _settings(trained: TrainedCheckpoint):
 def export_checkpoint(checkpoint: str | Path, out: str | Path, fmt: str = "merged", verify: bool = False,
                       base: str | None = None, eval_summary: str | Path | None = None,
                       overwrite: bool = False, tolerance: float = VERIFY_TOLERANCE) -> dict:
-    """Export a checkpoint; returns {"out", "format", "base_model", "step", "max_logit_diff" (with verify)}."""
+    """Export a checkpoint; returns {"out", "format", "base_model", "step", and with verify "max_logit_diff",
+    "max_init_diff" (of the fast weights' A), "verified"}."""
     from tmem_rl.agent import write_agent_settings
     from tmem_rl.chat import stop_token_ids
+    from tmem_rl.memory import FastWeights
+    from tmem_rl.memory.fast_weights import INIT_FILE
 
     if fmt not in FORMATS:
         raise InputError(f"--format {fmt!r}: expected one of {', '.join(FORMATS)}")
@@ -227,6 +241,10 @@ def export_checkpoint(checkpoint: str | Path, out: str | Path, fmt: str = "merge
     fast_config, episode_config = _settings(trained)
     tokenizer = trained.tokenizer
     expected = sample_logits(trained.model, tokenizer) if verify else None
+    # The fast weights' A as training built it (checked against the model; recomputed, with a warning, from a
+    # checkpoint written before it was saved): an agent recomputing it from the trained weights would get another.
+    fast = FastWeights(trained.model, 1, fast_config, init_from=folder)
+    fast.remove()
     out.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{out.name}-", dir=out.parent))
     try:
@@ -246,6 +264,8 @@ def export_checkpoint(checkpoint: str | Path, out: str | Path, fmt: str = "merge
         tokenizer.save_pretrained(str(staging))
         write_agent_settings(staging, fast_config, episode_config, base_model=trained.base_model,
                              step=trained.run.get("step"), export_format=fmt)
+        if (folder / INIT_FILE).is_file():
+            fast.save_init(staging)
         (staging / "README.md").write_text(_model_card(trained, fmt, summary))
         if out.exists():
             shutil.rmtree(out)
@@ -254,8 +274,10 @@ def export_checkpoint(checkpoint: str | Path, out: str | Path, fmt: str = "merge
         shutil.rmtree(staging, ignore_errors=True)
     result = {"out": str(out), "format": fmt, "base_model": trained.base_model, "step": trained.run.get("step")}
     if verify:
-        result["max_logit_diff"] = max_logit_diff(expected, reload_export(out, fmt, trained.base_model), tokenizer)
-        result["verified"] = result["max_logit_diff"] <= tolerance
+        reloaded = reload_export(out, fmt, trained.base_model)
+        result["max_logit_diff"] = max_logit_diff(expected, reloaded, tokenizer)
+        result["max_init_diff"] = max_init_diff(fast.init_tensors(), reloaded, fast_config, out)
+        result["verified"] = max(result["max_logit_diff"], result["max_init_diff"]) <= tolerance
     return result
 
 

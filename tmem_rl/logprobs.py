@@ -76,6 +76,52 @@ class TokenScores(NamedTuple):
     entropy: torch.Tensor | None  # [N, C] entropy of the sampling distribution at each token (no grad), on request
 
 
+class _TokenLogProbs(torch.autograd.Function):
+    """log softmax(logits / T)[token] at every position: the chosen token's scaled logit minus the logsumexp.
+
+    A full log-softmax would keep a float32 [N, C, V] copy (two, with the division by T) for the backward. Here
+    only the logits themselves (in the model's dtype) are kept, and forward and backward each make one row's
+    float32 [C, V] temporary at a time.
+    """
+
+    @staticmethod
+    def forward(ctx, logits, tokens, temperatures):  # [N, C, V], [N, C], [N]
+        logp = torch.empty(tokens.shape, dtype=torch.float32, device=logits.device)
+        lse = torch.empty_like(logp)
+        for i in range(logits.shape[0]):
+            row = logits[i].float() / temperatures[i]  # [C, V]
+            lse[i] = torch.logsumexp(row, -1)
+            logp[i] = row.gather(-1, tokens[i, :, None]).squeeze(-1) - lse[i]
+        ctx.save_for_backward(logits, tokens, temperatures, lse)
+        return logp
+
+    @staticmethod
+    def backward(ctx, grad):  # grad [N, C]
+        logits, tokens, temperatures, lse = ctx.saved_tensors
+        grad_logits = torch.empty_like(logits)
+        for i in range(logits.shape[0]):
+            # d/dx_j (x_k / T - logsumexp(x / T)) = (onehot_k - softmax(x / T))_j / T
+            row = -torch.exp(logits[i].float() / temperatures[i] - lse[i, :, None]) * grad[i, :, None]
+            row.scatter_add_(-1, tokens[i, :, None], grad[i, :, None].float())
+            grad_logits[i] = row / temperatures[i]
+        return grad_logits, None, None
+
+
+def token_logprobs(logits: torch.Tensor, tokens: torch.Tensor, temperatures: torch.Tensor) -> torch.Tensor:
+    """[N, C] log-probs of `tokens` under softmax(logits / T), one temperature per row; differentiable."""
+    return _TokenLogProbs.apply(logits, tokens, temperatures.to(logits.device, torch.float32))
+
+
+@torch.no_grad()
+def token_entropies(logits: torch.Tensor, temperatures: torch.Tensor) -> torch.Tensor:
+    """[N, C] entropy of softmax(logits / T) at every position (a diagnostic: no gradient), row by row."""
+    out = torch.empty(logits.shape[:2], dtype=torch.float32, device=logits.device)
+    for i in range(logits.shape[0]):
+        log_probs = torch.log_softmax(logits[i].float() / temperatures[i], -1)  # [C, V]
+        out[i] = -(log_probs.exp() * log_probs).sum(-1)
+    return out
+
+
 def score_completions(model, fast: FastWeights | None, rows: SegmentRows, value_head=None,
                       entropy: bool = False) -> TokenScores:
     """Per-token log-probs of the completion tokens at each row's sampling temperature, from one forward pass;
@@ -83,6 +129,7 @@ def score_completions(model, fast: FastWeights | None, rows: SegmentRows, value_
     of the distribution each token was sampled from (a diagnostic: no gradient).
 
     `model` may be wrapped (DDP): it is called as a whole, keeping only the logits that predict completion tokens.
+    The memory of the pass is that of its rows' logits in the model's dtype: call it per micro-batch.
     """
     width_c = rows.completion_ids.shape[1]
     position_ids = (rows.attention_mask.cumsum(-1) - 1).clamp(min=0)
@@ -90,14 +137,9 @@ def score_completions(model, fast: FastWeights | None, rows: SegmentRows, value_
     with use:
         out = model(input_ids=rows.input_ids, attention_mask=rows.attention_mask, position_ids=position_ids,
                     logits_to_keep=width_c + 1, use_cache=False, output_hidden_states=value_head is not None)
-    logits = out.logits[:, :-1].float() / rows.temperatures.view(-1, 1, 1)  # position t predicts t+1: [N, C, V]
-    log_probs = torch.log_softmax(logits, dim=-1)
-    logp = log_probs.gather(-1, rows.completion_ids.unsqueeze(-1)).squeeze(-1) * rows.completion_mask
-    entropies = None
-    if entropy:
-        with torch.no_grad():  # row by row: one more [C, V] temporary at a time, not [N, C, V]
-            entropies = torch.stack([-(row.exp() * row).sum(-1) for row in log_probs.detach()])
-            entropies = entropies * rows.completion_mask
+    logits = out.logits[:, :-1]  # position t predicts t+1: [N, C, V]
+    logp = token_logprobs(logits, rows.completion_ids, rows.temperatures) * rows.completion_mask
+    entropies = token_entropies(logits, rows.temperatures) * rows.completion_mask if entropy else None
     values = None
     if value_head is not None:
         hidden = out.hidden_states[-1][:, -(width_c + 1) : -1]  # [N, C, d], same positions as the logits

@@ -62,6 +62,8 @@ MEMORY_MODES = ("fast_weights", "none", "window", "full", "summary")
 EXTRACTORS = ("policy", "reference")
 DECODERS = ("generate", "static")
 SUPERVISIONS = ("qa_pairs", "transcript", "summary")
+# Rows per teacher-forced pass when an episode records log-probs.
+LOGPROB_ROWS = 8
 # The fixed request that text supervision ("transcript", "summary") is trained as the answer to.
 RECALL_REQUEST = "Recall what you have read so far."
 
@@ -267,6 +269,7 @@ class EpisodeRunner:
         self.chat_kwargs = chat_template_kwargs(tokenizer, self.config.chat_template_kwargs)
         self.stop_ids = stop_token_ids(model, tokenizer)
         self.generator = torch.Generator(device=self.device)
+        self.generation_calls = 0
         # It keeps KV caches and graphs between calls; built here so that an unsupported model fails at once.
         self.static_decoder = StaticDecoder(model, fast) if self.config.decoder == "static" else None
 
@@ -643,9 +646,10 @@ class EpisodeRunner:
             self.fast.reset(slots)
 
     def reseed(self) -> None:
-        """Restart the sampling generator from EpisodeConfig.seed (every episode does; so does each batch of an
-        evaluation method that answers without reading)."""
-        self._sampling_generator().manual_seed(self.config.seed)
+        """Restart sampling from EpisodeConfig.seed (every episode does; so does each batch of an evaluation
+        method that answers without reading): the noise of a generation call depends on the seed and on how many
+        calls came before it since."""
+        self.generation_calls = 0
 
     def _sampling_generator(self) -> torch.Generator:
         if self.generator.device != self.device:  # the model moved since the runner was built
@@ -672,10 +676,14 @@ class EpisodeRunner:
             return [None] * len(prompts)
         if self.config.memory != "fast_weights":
             slots = [-1] * len(slots)
-        rows = build_rows(prompts, completions, [temperature] * len(prompts), slots, self.tokenizer.pad_token_id,
-                          self.device)
-        logp = completion_logprobs(self.model, self.fast, rows)
-        return [logp[i, : len(c)].tolist() for i, c in enumerate(completions)]
+        out = []
+        for start in range(0, len(prompts), LOGPROB_ROWS):  # the pass's memory is that of its rows' logits
+            part = slice(start, start + LOGPROB_ROWS)
+            rows = build_rows(prompts[part], completions[part], [temperature] * len(prompts[part]), slots[part],
+                              self.tokenizer.pad_token_id, self.device)
+            logp = completion_logprobs(self.model, self.fast, rows)
+            out += [logp[i, : len(c)].tolist() for i, c in enumerate(completions[part])]
+        return out
 
     def _count_tokens(self, text: str) -> int:
         return len(self.tokenizer(text, add_special_tokens=False)["input_ids"])
@@ -694,9 +702,12 @@ class EpisodeRunner:
         input_ids, attention_mask = left_padded(prompts, pad)
         # Sampling draws from the runner's own generator (Gumbel-max over HF's warped scores, decoded greedily), so
         # an episode is reproducible from EpisodeConfig.seed and the caller's global RNG is never touched.
-        processors = LogitsProcessorList(
-            [*self._warpers(temperature), GumbelNoise(self._sampling_generator())] if sample else []
-        )
+        processors = LogitsProcessorList([])
+        if sample:
+            key = counter_seed(self.config.seed, self.generation_calls)
+            processors.extend([*self._warpers(temperature),
+                               GumbelNoise(self._sampling_generator(), key, input_ids.shape[1])])
+        self.generation_calls += 1
         if self.config.memory != "fast_weights":
             slots = [-1] * len(slots)
         if self.config.decoder == "static":
@@ -733,13 +744,32 @@ class EpisodeRunner:
         return warpers
 
 
-class GumbelNoise(LogitsProcessor):
-    """Adds Gumbel noise from a given generator: the argmax of the result is a sample from softmax(scores)."""
+def counter_seed(*counters: int) -> int:
+    """A 63-bit seed that is a pure function of the counters (splitmix64's mixing, chained)."""
+    mask = (1 << 64) - 1
+    x = 0
+    for counter in counters:
+        x = (x + (counter & mask) + 0x9E3779B97F4A7C15) & mask
+        x = ((x ^ (x >> 30)) * 0xBF58476D1CE4E5B9) & mask
+        x = ((x ^ (x >> 27)) * 0x94D049BB133111EB) & mask
+        x ^= x >> 31
+    return x >> 1
 
-    def __init__(self, generator: torch.Generator):
+
+class GumbelNoise(LogitsProcessor):
+    """Adds Gumbel noise: the argmax of the result is a sample from softmax(scores).
+
+    The noise of each position is drawn afresh from a seed that depends only on `key` (the runner's seed and
+    which generation call of the episode this is) and the position in the completion: so the tokens do not depend
+    on the decoder, on how often it checks for stops, or on how many steps any earlier call ran."""
+
+    def __init__(self, generator: torch.Generator, key: int, prompt_width: int):
         self.generator = generator
+        self.key = key
+        self.prompt_width = prompt_width
 
     def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        self.generator.manual_seed(counter_seed(self.key, input_ids.shape[1] - self.prompt_width))
         # float64: float32 uniforms step by 2^-24 near 1, which would misplace the noise that lets rare tokens win.
         uniform = torch.rand(scores.shape, generator=self.generator, device=scores.device, dtype=torch.float64)
         gumbel = -torch.log(-torch.log(uniform.clamp(min=1e-300)))

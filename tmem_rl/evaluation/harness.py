@@ -379,9 +379,11 @@ def run_eval(config: EvalConfig) -> dict[str, Any]:
     return summary
 
 
-def make_runner(config: EvalConfig, model, tokenizer, slots: int) -> EpisodeRunner:
-    """The evaluation's episode runner: the config's episode settings, `slots` fast-weight slots."""
-    fast = FastWeights(model, slots, config.fast_weights)
+def make_runner(config: EvalConfig, model, tokenizer, slots: int, policy: str = "base") -> EpisodeRunner:
+    """The evaluation's episode runner: the config's episode settings, `slots` fast-weight slots. The trained
+    policy's fast weights take the A its training used, saved with the checkpoint."""
+    init_from = config.checkpoint if policy == TRAINED else None
+    fast = FastWeights(model, slots, config.fast_weights, init_from=init_from)
     return EpisodeRunner(model, tokenizer, fast, EpisodeConfig(
         l_max=config.l_max, max_extraction_tokens=config.max_extraction_tokens,
         max_answer_tokens=config.max_answer_tokens, do_sample=not config.greedy,
@@ -398,7 +400,7 @@ def run_continual(config: EvalConfig, env, model, tokenizer, tasks: list[Task], 
     left_out = len(tasks) - slots * len(batches)
     if left_out:
         print(f"continual: {left_out} task(s) past the last whole batch of {slots} left out", file=sys.stderr)
-    runner = make_runner(config, model, tokenizer, slots)
+    runner = make_runner(config, model, tokenizer, slots, policy)
     for method_name in config.methods:
         row = row_label(method_name, policy)
 
@@ -415,7 +417,7 @@ def run_continual(config: EvalConfig, env, model, tokenizer, tasks: list[Task], 
 def evaluate_policy(config: EvalConfig, env, model, tokenizer, todo: dict[str, list[Task]], policy: str,
                     results_path: Path) -> None:
     settings = config.methods_settings
-    runner = make_runner(config, model, tokenizer, settings.answer_batch_size)
+    runner = make_runner(config, model, tokenizer, settings.answer_batch_size, policy)
     fast = runner.fast
     for method_name, pending in todo.items():
         method = METHODS[method_name](runner, env, settings)

@@ -10,20 +10,22 @@ from __future__ import annotations
 
 import json
 import math
+import warnings
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterator, Sequence
+from typing import Iterable, Iterator, Sequence
 
 import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from tmem_rl.extraction import fold
-from tmem_rl.memory.config import FastWeightConfig
-from tmem_rl.chat import chat_ids, left_padded
+from tmem_rl.chat import chat_ids, left_padded, stop_token_ids
 from tmem_rl.chat import chat_template_kwargs as chat_template_kwargs_of
+from tmem_rl.errors import InputError
+from tmem_rl.memory.config import FastWeightConfig
 from tmem_rl.memory.inner_loop import inner_update, user_turn
-from tmem_rl.memory.layers import find_target_modules, linear_of
+from tmem_rl.memory.layers import find_target_modules, layer_stack_name, linear_of
+from tmem_rl.metrics.qa import normalize_answer
 
 Snapshot = dict[str, torch.Tensor]  # "B.<module>" / "A.<module>" -> [n, ...] for the n snapshotted slots
 
@@ -39,12 +41,15 @@ PROBE_QUESTIONS = (
     "What is the opposite of hot?",
 )
 PROBE_TOKENS = 6
+INIT_FILE = "fast_weights_init.safetensors"  # the A each adapted module starts from, next to a checkpoint's settings
 
 
-def leaked(answer: str, absorbed: Sequence[str]) -> bool:
-    """Does this answer to an unrelated question repeat absorbed content (either text containing the other)?"""
-    answer = fold(answer)
-    return bool(answer) and any(a and (a in answer or answer in a) for a in map(fold, absorbed))
+def leaked(answer: str, absorbed: Iterable[str], cut: bool = False) -> bool:
+    """Does this answer to an unrelated question give an absorbed answer: equal to one once normalised, or, when
+    the probe's token budget `cut` it off before the turn ended, the start of one? Containment alone is no leak:
+    "No" is not "Noah", and "Paris is the capital" does not repeat an absorbed "Paris"."""
+    answer = normalize_answer(answer)
+    return bool(answer) and any(a == answer or (cut and a.startswith(answer)) for a in map(normalize_answer, absorbed))
 
 
 def _full_weight(weight: torch.Tensor) -> torch.Tensor:
@@ -80,11 +85,20 @@ def svd_init(weight: torch.Tensor, rank: int, dtype: torch.dtype = torch.float64
 
 
 class FastWeights:
-    def __init__(self, model: nn.Module, num_slots: int, config: FastWeightConfig | None = None):
+    def __init__(self, model: nn.Module, num_slots: int, config: FastWeightConfig | None = None,
+                 init_from: str | Path | None = None):
+        """`init_from`: a folder where `save_init` wrote the A tensors (a checkpoint, an export). They are used as
+        saved rather than computed from this model's weights, which slow-weight training has moved since; a folder
+        without them (written before they were saved) falls back to computing A, with a warning."""
         self.model = model
         self.config = config or FastWeightConfig()
         self.num_slots = num_slots
         self.modules = find_target_modules(model, self.config)
+        # Saved A is keyed by the name inside the layer stack ("3.mlp.gate_proj"): a LoRA-wrapped training policy
+        # and the merged model it is exported as name their modules differently.
+        stack = layer_stack_name(model)
+        self._init_keys = {name: name.removeprefix(f"{stack}.") for name in self.modules}
+        saved = self._saved_init(init_from) if init_from is not None else None
         r = self.config.rank
         generator = torch.Generator().manual_seed(self.config.seed)
         self.A: dict[str, torch.Tensor] = {}
@@ -95,17 +109,19 @@ class FastWeights:
             d_out, d_in = linear.out_features, linear.in_features
             if r > min(d_in, d_out):
                 raise ValueError(f"rank {r} exceeds min(d_in, d_out) = {min(d_in, d_out)} of {name}")
-            weight = _full_weight(linear.weight)
-            if self.config.init == "svd":
-                a = svd_init(weight, r)
+            if saved is not None:
+                a = saved[self._init_keys[name]]
+            elif self.config.init == "svd":
+                a = svd_init(_full_weight(linear.weight), r)
             else:
                 a = torch.empty(r, d_in)
                 nn.init.kaiming_uniform_(a, a=math.sqrt(5), generator=generator)  # PEFT's lora_A default
-            a = a.to(device=weight.device, dtype=torch.float32).contiguous()
+            device = linear.weight.device
+            a = a.to(device=device, dtype=torch.float32).contiguous()
             self._a_init[name] = a
             # Fast weights are kept in float32 whatever the model's dtype: SGD steps of lr 5e-4 vanish in bf16.
             self.A[name] = a.expand(num_slots, r, d_in).clone() if self.config.train_a else a
-            self.B[name] = torch.zeros(num_slots, d_out, r, device=weight.device)  # [G, d_out, r]
+            self.B[name] = torch.zeros(num_slots, d_out, r, device=device)  # [G, d_out, r]
         self._slots: torch.Tensor | None = None  # [N] slot per batch row while `use` is active
         self._rows: torch.Tensor | None = None  # [N] slots clamped to valid indices
         self._keep: torch.Tensor | None = None  # [N, 1, 1] False on base-model rows (slot -1)
@@ -113,6 +129,9 @@ class FastWeights:
         self._static_depth: dict[int, int] = {}  # N -> static `use` blocks open on that buffer
         self._handles = [m.register_forward_hook(self._make_hook(n)) for n, m in self.modules.items()]
         self.versions = [0] * num_slots  # number of absorbs into each slot since its last reset
+        # Answers absorbed into each slot since its last reset (rolled-back absorbs not included): a probe answer
+        # equal to any of them is a collapse onto memory, whichever absorb put it there.
+        self.absorbed_answers: list[list[str]] = [[] for _ in range(num_slots)]
 
     # ---- applying the delta -------------------------------------------------------------------------------
 
@@ -217,6 +236,7 @@ class FastWeights:
                     self.A[name][slots] = self._a_init[name]
         for s in slots:
             self.versions[s] = 0
+            self.absorbed_answers[s] = []
 
     def snapshot(self, slots: Sequence[int] | None = None) -> Snapshot:
         """A detached copy of these slots' fast weights, e.g. to recompute log-probs under them later."""
@@ -240,7 +260,8 @@ class FastWeights:
         tensors = {f"A.{n}": a.contiguous() for n, a in self.A.items()}
         tensors.update({f"B.{n}": b.contiguous() for n, b in self.B.items()})
         save_file(tensors, str(path / "fast_weights.safetensors"))
-        meta = {"config": self.config.to_dict(), "num_slots": self.num_slots, "versions": self.versions}
+        meta = {"config": self.config.to_dict(), "num_slots": self.num_slots, "versions": self.versions,
+                "absorbed_answers": self.absorbed_answers}
         (path / "fast_weights.json").write_text(json.dumps(meta, indent=2))
 
     @classmethod
@@ -254,7 +275,42 @@ class FastWeights:
                 fast.A[name] = tensors[f"A.{name}"].to(fast.B[name].device)
                 fast.B[name].copy_(tensors[f"B.{name}"])
         fast.versions = list(meta["versions"])
+        fast.absorbed_answers = [list(a) for a in meta.get("absorbed_answers", [[]] * fast.num_slots)]
         return fast
+
+    def _saved_init(self, folder: str | Path) -> dict[str, torch.Tensor] | None:
+        """The A tensors `save_init` wrote to `folder`, checked against this model and rank; None, with a warning,
+        when the folder has none."""
+        path = Path(folder) / INIT_FILE
+        if not path.is_file():
+            if self.config.init == "svd":  # a random A is seeded: the same whatever the weights
+                warnings.warn(f"{path}: not found (saved before A was kept); fast weights take A from the SVD of "
+                              "these weights, which differs from training's once the slow weights were trained",
+                              stacklevel=3)
+            return None
+        tensors = load_file(str(path))
+        expected = {key: (self.config.rank, linear_of(self.modules[name]).in_features)
+                    for name, key in self._init_keys.items()}
+        found = {key: tuple(t.shape) for key, t in tensors.items()}
+        wrong = sorted(key for key in expected.keys() | found.keys() if expected.get(key) != found.get(key))
+        if wrong:
+            key = wrong[0]
+            raise InputError(f"fast-weight init {path}: made for another model or settings: expected {len(expected)} "
+                             f"tensors [rank, d_in] named like {next(iter(expected))!r}; {key!r} is "
+                             f"{found.get(key, 'missing')}, expected {expected.get(key, 'none')}")
+        return tensors
+
+    def init_tensors(self) -> dict[str, torch.Tensor]:
+        """The A each adapted module starts from (with `train_a`: before any absorb), by its name inside the layer
+        stack ("3.mlp.gate_proj"). [r, d_in] each"""
+        return {key: self._a_init[name] for name, key in self._init_keys.items()}
+
+    def save_init(self, folder: str | Path) -> Path:
+        """Write `init_tensors` to folder/INIT_FILE, for `FastWeights(..., init_from=folder)`. Returns its path."""
+        path = Path(folder) / INIT_FILE
+        path.parent.mkdir(parents=True, exist_ok=True)
+        save_file({key: a.cpu().contiguous() for key, a in self.init_tensors().items()}, str(path))
+        return path
 
     # ---- the inner update ------------------------------------------------------------------------------------
 
@@ -268,7 +324,7 @@ class FastWeights:
         Returns per slot {"loss_before", "loss_after", "epoch_losses", "num_pairs", "dropped", "seconds"}; a slot
         whose pairs all had to be dropped is reported but not updated (its version stays). With the collapse guard
         on (`config.max_probe_leak`), each record also has "probe_leak" and "rolled_back"; a rolled-back slot
-        is back where it was before this absorb and its version stays.
+        is back where it was before this absorb and its version and absorbed answers stay.
         """
         self.follow_model()
         prompt_fn = prompt_fn or user_turn
@@ -282,6 +338,7 @@ class FastWeights:
         for slot, record in stats.items():
             if record["num_pairs"] and not record.get("rolled_back"):
                 self.versions[slot] += 1
+                self.absorbed_answers[slot] += [p.output for p in pairs_by_slot[slot]]
         return stats
 
     @torch.no_grad()
@@ -311,7 +368,8 @@ class FastWeights:
     def _guard(self, tokenizer, stats, pairs_by_slot, slots, before: Snapshot, prompt_fn,
                chat_template_kwargs) -> None:
         """Greedy answers to PROBE_QUESTIONS under each updated slot; roll back the slots where more than
-        max_probe_leak of them repeat what the slot absorbed, beyond what the base model already did."""
+        max_probe_leak of them give an answer the slot absorbed in this absorb or an earlier one since its reset,
+        beyond what the base model already did (`leaked`)."""
         updated = [s for s in slots if stats[s]["num_pairs"] and not stats[s].get("rolled_back")]
         if not updated:
             return
@@ -321,17 +379,21 @@ class FastWeights:
         pad = tokenizer.pad_token_id
         input_ids, mask = left_padded(prompts * (len(updated) + 1), pad)
         width = input_ids.shape[1]
+        stop = stop_token_ids(self.model, tokenizer)
         with self.use(row_slots):
             out = self.model.generate(input_ids=input_ids.to(self.device), attention_mask=mask.to(self.device),
                                       max_new_tokens=PROBE_TOKENS, do_sample=False, pad_token_id=pad,
-                                      temperature=None, top_p=None, top_k=None)
-        texts = tokenizer.batch_decode(out[:, width:], skip_special_tokens=True)
+                                      eos_token_id=stop, temperature=None, top_p=None, top_k=None)
+        completions = out[:, width:]
+        texts = tokenizer.batch_decode(completions, skip_special_tokens=True)
+        cut = [not any(t in stop for t in row) for row in completions.tolist()]  # no end token: budget cut it
         n = len(prompts)
-        base = texts[:n]
+        base = list(zip(texts[:n], cut[:n]))
         for k, s in enumerate(updated):
-            absorbed = [p.output for p in pairs_by_slot[s]]
+            absorbed = [*self.absorbed_answers[s], *(p.output for p in pairs_by_slot[s])]
             answers = texts[(k + 1) * n : (k + 2) * n]
-            leak = sum(leaked(a, absorbed) and not leaked(b, absorbed) for a, b in zip(answers, base)) / n
+            probes = zip(answers, cut[(k + 1) * n : (k + 2) * n], base)
+            leak = sum(leaked(a, absorbed, c) and not leaked(b, absorbed, bc) for a, c, (b, bc) in probes) / n
             rolled_back = leak > self.config.max_probe_leak
             stats[s].update(probe_leak=leak, probe_answers=answers, rolled_back=rolled_back)
             if rolled_back:

@@ -38,10 +38,16 @@ def linear_of(module: nn.Module) -> nn.Module:
     return base if isinstance(base, nn.Linear) else module
 
 
+def layer_stack_name(model: nn.Module) -> str:
+    """The qualified name of the decoder layer stack: "model.layers", "base_model.model.model.layers" under PEFT."""
+    layers = decoder_layers(model)
+    return {id(m): name for name, m in model.named_modules()}[id(layers)]
+
+
 def find_target_modules(model: nn.Module, config: FastWeightConfig) -> dict[str, nn.Module]:
     """Qualified name -> linear module, for every target name in every adapted layer."""
     layers = decoder_layers(model)
-    prefix = {id(m): name for name, m in model.named_modules()}[id(layers)]
+    prefix = layer_stack_name(model)
     found: dict[str, nn.Module] = {}
     for index in adapted_layer_indices(model, config):
         # A PEFT LoRA on the slow weights wraps the linear (its `base_layer`); hooking the wrapper puts the fast

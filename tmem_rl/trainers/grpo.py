@@ -24,6 +24,7 @@ from typing import Callable
 
 import torch
 from accelerate import Accelerator
+from accelerate.scheduler import AcceleratedScheduler
 from accelerate.utils import DistributedType, set_seed
 from transformers import get_scheduler
 from trl.models.utils import unwrap_model_for_generation
@@ -54,11 +55,18 @@ class GRPOConfig:
     output_dir: str = "runs/grpo"
     """Checkpoints, logs and the reward curve go here."""
     max_steps: int = 200
-    """Optimizer steps to run (each: rollouts of questions_per_step questions, one update); the schedule's length."""
+    """Steps to run. A step generates rollouts of questions_per_step questions, then takes num_iterations x
+    num_mini_batches optimizer steps on them; the schedule runs over all of those optimizer steps."""
     questions_per_step: int = 8
-    """Distinct questions per optimizer step, over all processes (must divide evenly among them)."""
+    """Distinct questions per step, over all processes (must divide evenly among them)."""
     num_generations: int = 8
     """Rollouts per question: the GRPO group."""
+    num_iterations: int = 1
+    """Passes over each batch of rollouts (mu; TRL's num_iterations). 1: fully on-policy, the recorded old
+    log-probs are the current ones; more: an expensive rollout teaches several times, and the clip engages."""
+    num_mini_batches: int = 1
+    """Optimizer steps per pass: each process's rollouts are split into this many mini-batches, whole rollouts
+    each (verl's ppo_mini_batch_size, as a count)."""
     learning_rate: float = 1e-6
     """Learning rate of the slow-weight optimizer (the fast weights' is inner_loop.lr)."""
     optim: str = "adamw_torch"
@@ -66,7 +74,8 @@ class GRPOConfig:
     lr_scheduler_type: str = "constant"
     """A transformers scheduler name (constant, constant_with_warmup, linear, cosine, ...) over max_steps."""
     warmup_steps: int = 0
-    """Warm-up steps of the schedule; the constant schedule ignores them (use constant_with_warmup)."""
+    """Warm-up steps of the schedule, counted in steps like max_steps; the constant schedule ignores them (use
+    constant_with_warmup)."""
     weight_decay: float = 0.0
     """Weight decay of the slow-weight optimizer (AdamW's decoupled decay; SGD's L2 term)."""
     max_grad_norm: float = 1.0
@@ -135,7 +144,8 @@ class GRPOConfig:
             raise ValueError(f"GRPOConfig.questions_per_step={self.questions_per_step}: expected at least 1")
         if self.mixed_precision not in (None, "no", "bf16", "fp16"):
             raise ValueError(f"GRPOConfig.mixed_precision={self.mixed_precision!r}: expected no, bf16 or fp16")
-        for name in ("max_steps", "num_generations", "micro_batch_size", "max_completion_length", "logging_steps"):
+        for name in ("max_steps", "num_generations", "num_iterations", "num_mini_batches", "micro_batch_size",
+                     "max_completion_length", "logging_steps"):
             if getattr(self, name) < 1:
                 raise ValueError(f"GRPOConfig.{name}={getattr(self, name)}: expected a positive number")
         if self.save_steps < 0:
@@ -151,6 +161,8 @@ class TrainingSegment:
     segment: Segment
     rollout: int  # index of its trajectory in this process's batch
     advantages: list[float] = field(default_factory=list)
+    old_logprobs: list[float] | None = None  # the policy's before this step's first update (num_iterations or
+    # num_mini_batches > 1); None: the loss's own detached log-probs (ratio 1)
 
 
 def group_advantages(rewards: torch.Tensor, group_size: int, scale: bool) -> torch.Tensor:
@@ -204,6 +216,10 @@ class GRPOTrainer:
         if config.questions_per_step % acc.num_processes:
             raise InputError(f"questions_per_step={config.questions_per_step} does not divide among "
                              f"{acc.num_processes} processes")
+        local_rollouts = config.questions_per_step // acc.num_processes * config.num_generations
+        if config.num_mini_batches > local_rollouts:
+            raise InputError(f"num_mini_batches={config.num_mini_batches} but each process has {local_rollouts} "
+                             "rollouts per step: a mini-batch holds whole rollouts")
         if config.questions_per_step > len(env):
             raise InputError(f"questions_per_step={config.questions_per_step} but environment {env.name!r} has "
                              f"{len(env)} tasks: every process must get its share of distinct questions")
@@ -217,7 +233,6 @@ class GRPOTrainer:
         policy = model
         fast_config = fast_config or FastWeightConfig()
         self.fast_config = fast_config
-        local_rollouts = config.questions_per_step // acc.num_processes * config.num_generations
         # Fast weights are built on the model before wrapping, so their SVD sees the initial weights and hooks sit
         # on the modules that every wrapper calls; they follow the model to whatever device `prepare` puts it on.
         self.fast = FastWeights(policy, local_rollouts, fast_config)
@@ -243,9 +258,15 @@ class GRPOTrainer:
             optimizer = torch.optim.SGD(params, lr=config.learning_rate, weight_decay=config.weight_decay)
         else:
             optimizer = torch.optim.AdamW(params, lr=config.learning_rate, weight_decay=config.weight_decay)
-        scheduler = get_scheduler(config.lr_scheduler_type, optimizer, num_warmup_steps=config.warmup_steps,
-                                  num_training_steps=config.max_steps)
+        updates = self.updates_per_step
+        scheduler = get_scheduler(config.lr_scheduler_type, optimizer, num_warmup_steps=config.warmup_steps * updates,
+                                  num_training_steps=config.max_steps * updates)
         self.model, self.optimizer, self.scheduler = acc.prepare(model, optimizer, scheduler)
+        if isinstance(self.scheduler, AcceleratedScheduler):
+            # Accelerate assumes per-process batches that grow with the process count, and steps a prepared
+            # schedule num_processes times per optimizer step. Here every process holds its share of one global
+            # batch: one optimizer step is one schedule step at any scale. (DeepSpeed's engine steps its own.)
+            self.scheduler.split_batches = True
         if self._trainable_only():
             # Only the trained parameters (adapter, value head) go into checkpoints: the frozen base is the
             # recipe's model. DeepSpeed and FSDP save their own engine state and are left as they are.
@@ -265,7 +286,8 @@ class GRPOTrainer:
                              "starts every episode from the base model")
         self.episode_config = given
         episode_config = dataclasses.replace(
-            given, do_sample=True, record_logprobs=True, temperature=config.temperature, top_p=config.top_p,
+            # Old log-probs come from a pass per micro-batch in the update, and only when they are used.
+            given, do_sample=True, record_logprobs=False, temperature=config.temperature, top_p=config.top_p,
             top_k=config.top_k, max_answer_tokens=min(given.max_answer_tokens, config.max_completion_length),
             max_extraction_tokens=min(given.max_extraction_tokens, config.max_completion_length),
             max_action_tokens=min(given.max_action_tokens, config.max_completion_length),
@@ -318,9 +340,15 @@ class GRPOTrainer:
 
     # ---- the update ------------------------------------------------------------------------------------------
 
+    @property
+    def updates_per_step(self) -> int:
+        """Optimizer steps taken on each batch of rollouts."""
+        return self.config.num_iterations * self.config.num_mini_batches
+
     def train_step(self, batch: EpisodeBatch) -> dict[str, float]:
-        """One optimizer step on this process's rollouts (groups of num_generations consecutive trajectories)."""
-        cfg, acc = self.config, self.accelerator
+        """num_iterations passes over this process's rollouts (groups of num_generations consecutive trajectories),
+        each pass num_mini_batches optimizer steps."""
+        cfg = self.config
         started = time.perf_counter()
         trajectories = batch.trajectories
         rewards, reward_parts = self.rewards(trajectories)
@@ -330,27 +358,22 @@ class GRPOTrainer:
             for seg in traj.segments
             if seg.completion_ids
         ]
+        self._score_before_update(segments, batch.snapshots)
         self.assign_advantages(segments, rewards, batch.snapshots)
-        tokens_of = [sum(len(s.segment.completion_ids) for s in segments if s.rollout == i)
-                     for i in range(len(trajectories))]
-        local_tokens = sum(tokens_of)
-        global_tokens = acc.reduce(torch.tensor(float(local_tokens), device=acc.device), reduction="sum").item()
-        weight_of = self._token_weights(tokens_of, local_tokens, global_tokens)
 
         self.model.train()
-        sums = dict.fromkeys(("loss", "clipped", "clipped_low", "clipped_high", "kl", "entropy", "tokens"), 0.0)
-        chunks = self._micro_batches(segments)
-        passes = self._passes_on_every_process(len(chunks))
-        for k in range(passes):
-            # Gradients are reduced once per step: every process's last backward syncs, the others do not.
-            real = k < len(chunks)
-            piece = self._chunk_loss(chunks[k] if real else chunks[0], batch.snapshots, weight_of,
-                                     sums if real else {key: 0.0 for key in sums})
-            self._backward(piece if real else piece * 0.0, sync=k == passes - 1)
-        grad_norm = acc.clip_grad_norm_(self.model.parameters(), cfg.max_grad_norm) if cfg.max_grad_norm else None
-        self.optimizer.step()
-        self.scheduler.step()
-        self.optimizer.zero_grad(set_to_none=True)
+        keys = ("loss", "clipped", "clipped_low", "clipped_high", "kl", "entropy", "tokens")
+        sums = dict.fromkeys(keys, 0.0)
+        grad_norms, per_iteration = [], {}
+        for iteration in range(1, cfg.num_iterations + 1):
+            passed = {**dict.fromkeys(keys, 0.0), "log_ratio_max": 0.0}
+            for rollouts, mini_batch in self._mini_batches(segments, len(trajectories)):
+                grad_norms.append(self._update(rollouts, mini_batch, batch.snapshots, passed))
+            for key in keys:
+                sums[key] += passed[key]
+            if cfg.num_iterations > 1:  # how far each pass has moved off the policy that sampled
+                per_iteration[f"clip_fraction/iteration_{iteration}"] = passed["clipped"] / max(passed["tokens"], 1.0)
+                per_iteration[f"log_ratio_max/iteration_{iteration}"] = passed["log_ratio_max"]
 
         stats = self._rollout_stats(trajectories)
         tokens = max(sums["tokens"], 1.0)
@@ -361,25 +384,67 @@ class GRPOTrainer:
             "frac_reward_zero_std": (groups.std(dim=1, correction=0) < 1e-6).float().mean().item(),
             **reward_parts,
             **stats,
-            "loss": sums["loss"],
+            "loss": sums["loss"] / self.updates_per_step,
             "clip_fraction": sums["clipped"] / tokens,
             "clip_ratio_low": sums["clipped_low"] / tokens,
             "clip_ratio_high": sums["clipped_high"] / tokens,
             "kl": sums["kl"] / tokens,
             "entropy": sums["entropy"] / tokens,
-            "completion_tokens": float(local_tokens),
+            "completion_tokens": float(sum(len(s.segment.completion_ids) for s in segments)),
+            **per_iteration,
         }
         metrics = {k: self._across_processes(k, v) for k, v in local.items()}
-        metrics["grad_norm"] = float(grad_norm) if grad_norm is not None else 0.0
+        metrics["grad_norm"] = sum(grad_norms) / len(grad_norms) if grad_norms else 0.0
         metrics["learning_rate"] = self.scheduler.get_last_lr()[0]
         metrics["update_seconds"] = time.perf_counter() - started
         return metrics
+
+    def _update(self, rollouts: range, segments: list[TrainingSegment], snapshots, sums: dict) -> float:
+        """One optimizer step on `segments`, those of `rollouts`; returns the gradient norm before clipping."""
+        cfg, acc = self.config, self.accelerator
+        # Every rollout counts, one that generated nothing too: each process then averages over as many rollouts,
+        # and DDP's mean over processes is the mean over all of them.
+        tokens_of = dict.fromkeys(rollouts, 0)
+        for s in segments:
+            tokens_of[s.rollout] = tokens_of.get(s.rollout, 0) + len(s.segment.completion_ids)
+        local_tokens = sum(tokens_of.values())
+        global_tokens = acc.reduce(torch.tensor(float(local_tokens), device=acc.device), reduction="sum").item()
+        weight_of = self._token_weights(tokens_of, local_tokens, global_tokens)
+        for chunk, real, last in self._collective_chunks(segments):
+            # Gradients are reduced once per update: every process's last backward syncs, the others do not.
+            piece = self._chunk_loss(chunk, snapshots, weight_of, sums if real else dict.fromkeys(sums, 0.0))
+            self._backward(piece if real else piece * 0.0, sync=last)
+        grad_norm = acc.clip_grad_norm_(self.model.parameters(), cfg.max_grad_norm) if cfg.max_grad_norm else None
+        self.optimizer.step()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return float(grad_norm) if grad_norm is not None else 0.0
+
+    @torch.no_grad()
+    def _score_before_update(self, segments: list[TrainingSegment], snapshots) -> None:
+        """One pass over the batch, per micro-batch, before its first update: the old log-probs when the batch
+        teaches more than once (with one update the loss's own detached log-probs are the old ones), and the
+        critic's values where there is one."""
+        keep_logprobs = self.updates_per_step > 1
+        if not keep_logprobs and self.value_head is None:
+            return
+        self.model.eval()
+        for chunk, real, _ in self._collective_chunks(segments):
+            scores = score_completions(self.model, self.replay, self._rows(chunk, snapshots), self.value_head)
+            if not real:
+                continue
+            for i, s in enumerate(chunk):
+                n = len(s.segment.completion_ids)
+                if keep_logprobs:
+                    s.old_logprobs = scores.logp[i, :n].tolist()
+                if scores.values is not None:
+                    s.old_values = scores.values[i, :n].tolist()
 
     def _across_processes(self, key: str, value: float) -> float:
         """Maxima stay maxima; everything else is averaged over processes."""
         acc = self.accelerator
         tensor = torch.tensor(float(value), device=acc.device)
-        if key.endswith("_max"):
+        if key.endswith("_max") or "_max/" in key:
             return acc.gather(tensor.view(1)).max().item()
         return acc.reduce(tensor, reduction="mean").item()
 
@@ -387,14 +452,26 @@ class GRPOTrainer:
         size = self.config.micro_batch_size
         return [segments[i : i + size] for i in range(0, len(segments), size)]
 
-    def _passes_on_every_process(self, local_passes: int) -> int:
-        """How many forward passes every process must run. Every forward of a wrapped model is collective (DDP
-        syncs buffers, ZeRO-3 gathers parameters): processes with fewer micro-batches run padding passes so that
-        all run as many."""
-        acc = self.accelerator
-        if acc.num_processes == 1:
-            return local_passes
-        return int(acc.gather(torch.tensor([local_passes], device=acc.device)).max().item())
+    def _mini_batches(self, segments: list[TrainingSegment],
+                      rollouts: int) -> list[tuple[range, list[TrainingSegment]]]:
+        """num_mini_batches contiguous runs of whole rollouts, as equal in size as the rollout count allows:
+        (their rollouts, their segments)."""
+        parts = self.config.num_mini_batches
+        bounds = [rollouts * k // parts for k in range(parts + 1)]
+        runs = [range(bounds[k], bounds[k + 1]) for k in range(parts)]
+        return [(run, [s for s in segments if s.rollout in run]) for run in runs]
+
+    def _collective_chunks(self, segments: list[TrainingSegment]):
+        """Micro-batches of `segments` -> (chunk, real, last). Every forward of a wrapped model is collective (DDP
+        syncs buffers, ZeRO-3 gathers parameters): a process with fewer micro-batches repeats its first as padding
+        passes (real False), so that all run as many."""
+        chunks = self._micro_batches(segments)
+        passes = len(chunks)
+        if self.accelerator.num_processes > 1:
+            acc = self.accelerator
+            passes = int(acc.gather(torch.tensor([passes], device=acc.device)).max().item())
+        for k in range(passes):
+            yield (chunks[k] if k < len(chunks) else chunks[0]), k < len(chunks), k == passes - 1
 
     def _rows(self, chunk: list[TrainingSegment], snapshots) -> SegmentRows:
         """The chunk's padded batch, with the replay slots holding the fast weights each segment ran under."""
@@ -421,30 +498,30 @@ class GRPOTrainer:
         with nullcontext() if sync else acc.no_sync(self.model):
             acc.backward(loss)
 
-    def _token_weights(self, tokens_of: list[int], local_tokens: int, global_tokens: float) -> list[float]:
+    def _token_weights(self, tokens_of: dict[int, int], local_tokens: int, global_tokens: float) -> dict[int, float]:
         """Per-rollout weight of each of its tokens, so that summing weight * token loss gives the configured
-        aggregation after DDP averages gradients over processes."""
+        aggregation over the update's rollouts after DDP averages gradients over processes."""
         cfg, world = self.config, self.accelerator.num_processes
         n = len(tokens_of)
         if cfg.loss_type == "grpo":
-            return [1.0 / (t * n) if t else 0.0 for t in tokens_of]
+            return {r: 1.0 / (t * n) if t else 0.0 for r, t in tokens_of.items()}
         if cfg.loss_type == "bnpo":
-            return [1.0 / max(local_tokens, 1)] * n
+            return dict.fromkeys(tokens_of, 1.0 / max(local_tokens, 1))
         if cfg.loss_type == "dapo":
-            return [world / max(global_tokens, 1.0)] * n
-        return [1.0 / (n * cfg.max_completion_length)] * n  # dr_grpo
+            return dict.fromkeys(tokens_of, world / max(global_tokens, 1.0))
+        return dict.fromkeys(tokens_of, 1.0 / (n * cfg.max_completion_length))  # dr_grpo
 
-    def _chunk_loss(self, chunk: list[TrainingSegment], snapshots, weight_of: list[float],
+    def _chunk_loss(self, chunk: list[TrainingSegment], snapshots, weight_of: dict[int, float],
                     sums: dict) -> torch.Tensor:
         cfg = self.config
         rows = self._rows(chunk, snapshots)
         scores = self.forward_chunk(rows)
         logp = scores.logp  # [n, C] at each segment's own sampling temperature
         mask = rows.completion_mask.float()
-        old = torch.zeros_like(logp)
+        old = logp.detach().clone()
         for i, s in enumerate(chunk):
-            n, recorded = len(s.segment.completion_ids), s.segment.logprobs
-            old[i, :n] = torch.tensor(recorded, device=logp.device) if recorded is not None else logp[i, :n].detach()
+            if s.old_logprobs is not None:
+                old[i, : len(s.old_logprobs)] = torch.tensor(s.old_logprobs, device=logp.device)
         advantage = self._per_token([s.advantages for s in chunk], logp)
         weight = torch.tensor([weight_of[s.rollout] for s in chunk], device=logp.device).unsqueeze(1)
         ratio = torch.exp(logp - old)
@@ -460,6 +537,8 @@ class GRPOTrainer:
         piece = (per_token * mask * weight).sum()
         below, above = ratio < 1 - cfg.epsilon, ratio > 1 + eps_high
         sums["loss"] += piece.item()
+        if "log_ratio_max" in sums:
+            sums["log_ratio_max"] = max(sums["log_ratio_max"], ((logp - old).abs() * mask).max().item())
         sums["clipped"] += ((below | above).float() * mask).sum().item()
         # TRL's clip ratios: tokens where the clip is what the loss sees (the ratio left the range in the direction
         # that the advantage pushes it).
@@ -590,8 +669,8 @@ class GRPOTrainer:
 
     def save_checkpoint(self) -> Path:
         """Model (only the trained parameters under LoRA), optimizer, scheduler, RNG states, the step (the data
-        position), what export needs (run.json, the model config and tokenizer under hf/) and, last, a manifest of
-        every file's size and hash. Written to a temporary folder and renamed into place."""
+        position), what export needs (run.json, the fast weights' A, the model config and tokenizer under hf/) and,
+        last, a manifest of every file's size and hash. Written to a temporary folder and renamed into place."""
         acc = self.accelerator
         final = Path(self.config.output_dir) / f"checkpoint-{self.step}"
         staging = final.with_name(final.name + ".tmp")
@@ -603,6 +682,9 @@ class GRPOTrainer:
         if acc.is_main_process:
             (staging / "trainer_state.json").write_text(json.dumps({"step": self.step, "history": self.history}))
             (staging / "run.json").write_text(json.dumps(self.run_record(), indent=2, default=str))
+            # The A the fast weights were built with, from the initial weights: eval, export and the agent would
+            # otherwise recompute it from the trained ones.
+            self.fast.save_init(staging)
             self.policy.config.save_pretrained(staging / "hf")
             self.tokenizer.save_pretrained(staging / "hf")
             if self.config.use_peft:
@@ -622,7 +704,11 @@ class GRPOTrainer:
         return {**self.run_info, "base_model": base, "algorithm": type(self.config).__name__,
                 "distributed_type": str(self.accelerator.distributed_type),
                 "step": self.step, "use_peft": self.config.use_peft, "outer_loop": asdict(self.config),
-                "fast_weights": self.fast_config.to_dict(), "episode": asdict(self.episode_config)}
+                "fast_weights": self.fast_config.to_dict(),
+                # What the runner ran with (budgets capped, the outer loop's sampling), which export and the agent
+                # take; it is reseeded every step, so the seed recorded is the one given.
+                "episode": asdict(dataclasses.replace(self.runner.config, seed=self.episode_config.seed)),
+                "episode_as_given": asdict(self.episode_config)}
 
     def latest_checkpoint(self) -> Path | None:
         """The newest checkpoint that passes its manifest, chosen on the main process for all of them."""

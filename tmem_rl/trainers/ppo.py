@@ -3,7 +3,8 @@
 A rollout's generated tokens (extractions, actions and the answer, in order) form one trajectory of actions; the
 environment text in between is part of the transitions. The outcome reward arrives on the answer's last token.
 A linear value head on the policy's last hidden state estimates the return before each generated token;
-advantages come from GAE over that token sequence and are whitened over the batch.
+advantages come from GAE over the rollout's segments (each extraction, action and the answer one step; or over
+its tokens) and are whitened over the batch.
 """
 
 from __future__ import annotations
@@ -16,6 +17,8 @@ from torch import nn
 from tmem_rl.logprobs import SegmentRows, TokenScores, score_completions
 from tmem_rl.trainers.grpo import GRPOConfig, GRPOTrainer, TrainingSegment
 
+ADVANTAGE_LEVELS = ("segment", "token")
+
 
 @dataclass
 class PPOConfig(GRPOConfig):
@@ -25,8 +28,13 @@ class PPOConfig(GRPOConfig):
     """Weight of the value loss."""
     cliprange_value: float = 0.2
     """Clip range of the value prediction around the rollout-time value."""
+    advantage_level: str = "segment"
+    """Steps of GAE. "segment": each generated segment (extraction, action, answer) is one step and all its tokens
+    share its advantage, so every extraction of a rewarded episode gets the outcome's credit, discounted only by
+    the segments after it. "token": every generated token is a step (lam^distance: a 192-token extraction before
+    an 8-token answer gets ~0 credit at its first token until the critic has learned)."""
     gamma: float = 1.0
-    """Discount per generated token in GAE (1.0: none; the reward arrives on the answer's last token)."""
+    """Discount per GAE step (1.0: none; the reward arrives on the answer's last token)."""
     lam: float = 0.95
     """GAE lambda: 1.0 gives Monte-Carlo returns minus the value, 0.0 one-step TD errors."""
     whiten_advantages: bool = True
@@ -35,6 +43,8 @@ class PPOConfig(GRPOConfig):
     def __post_init__(self):
         if self.num_generations < 1:
             raise ValueError("PPOConfig.num_generations must be >= 1")
+        if self.advantage_level not in ADVANTAGE_LEVELS:
+            raise ValueError(f"PPOConfig.advantage_level={self.advantage_level!r}: expected one of {ADVANTAGE_LEVELS}")
         saved, self.num_generations = self.num_generations, max(self.num_generations, 2)
         super().__post_init__()  # the shared checks; the group-size rule is GRPO's alone
         self.num_generations = saved
@@ -75,28 +85,30 @@ class PPOTrainer(GRPOTrainer):
 
     @torch.no_grad()
     def assign_advantages(self, segments: list[ValuedSegment], rewards: torch.Tensor, snapshots) -> None:
+        """GAE over each rollout's generated segments or tokens, from the rollout-time values (recorded per token
+        by the pass before the update)."""
         cfg = self.config
-        # Rollout-time values for every generated token, under each segment's live fast weights. The value pass
-        # is collective like the loss passes, so every process runs as many of them.
-        chunks = self._micro_batches(segments)
-        for k in range(self._passes_on_every_process(len(chunks))):
-            chunk = chunks[k] if k < len(chunks) else chunks[0]
-            values = score_completions(self.model, self.replay, self._rows(chunk, snapshots), self.value_head).values
-            if k < len(chunks):
-                for i, s in enumerate(chunk):
-                    s.old_values = values[i, : len(s.segment.completion_ids)].tolist()
         by_rollout: dict[int, list[ValuedSegment]] = {}
         for s in segments:
             by_rollout.setdefault(s.rollout, []).append(s)
         for rollout, segs in by_rollout.items():
-            values = [v for s in segs for v in s.old_values]
-            token_rewards = [0.0] * len(values)
-            token_rewards[-1] = rewards[rollout].item()
-            advantages, returns = gae(token_rewards, values, cfg.gamma, cfg.lam)
+            if cfg.advantage_level == "segment":
+                # One step per segment, valued at its first token: an extraction hundreds of tokens before the
+                # answer is discounted by lam per segment in between, not per token.
+                values = [s.old_values[0] for s in segs]
+                steps = [len(s.segment.completion_ids) for s in segs]
+            else:
+                values = [v for s in segs for v in s.old_values]
+                steps = [1] * len(values)
+            step_rewards = [0.0] * len(values)
+            step_rewards[-1] = rewards[rollout].item()
+            advantages, returns = gae(step_rewards, values, cfg.gamma, cfg.lam)
+            per_token = [(a, r) for a, r, n in zip(advantages, returns, steps) for _ in range(n)]
             start = 0
             for s in segs:
                 n = len(s.segment.completion_ids)
-                s.advantages, s.returns = advantages[start : start + n], returns[start : start + n]
+                s.advantages = [a for a, _ in per_token[start : start + n]]
+                s.returns = [r for _, r in per_token[start : start + n]]
                 start += n
         if cfg.whiten_advantages:
             flat = torch.tensor([a for s in segments for a in s.advantages])

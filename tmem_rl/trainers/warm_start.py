@@ -4,8 +4,9 @@ The agent reads each training task as an episode would (a working context that i
 point where it would extract, the target is the reference pairs grounded in that window, the asked fact first,
 written as the JSON list the parser reads. Examples are tokenized exactly as the agent's prompts are (chat
 settings, the "[" prefill, the stop token), so SFT trains the very tokens GRPO later samples; TRL's `SFTTrainer`
-runs the training on the pre-tokenized examples, and a LoRA is merged into a plain model folder that any recipe
-or `tmem-rl eval --model` can load.
+runs the training on the pre-tokenized examples, each kept whole (an example is a window past L_max with its
+target at the end, so a cut would train an unterminated JSON list or drop the example), and a LoRA is merged into a
+plain model folder that any recipe or `tmem-rl eval --model` can load.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from typing import Any
 
 from tmem_rl.chat import chat_ids, chat_template_kwargs, stop_token_ids
 from tmem_rl.envs.base import Environment, Task
+from tmem_rl.errors import InputError
 from tmem_rl.extraction import EXTRACTION_PREFILL, extraction_messages, reference_supervision
 from tmem_rl.records import QAPair
 from tmem_rl.rollout import EpisodeConfig
@@ -94,10 +96,32 @@ def extraction_sft_examples(env: Environment, tokenizer, model, episode: Episode
     return examples
 
 
+def _model_positions(model) -> tuple[str, int] | None:
+    """The longest sequence the model declares it can read, as (config field, value); None when it declares none."""
+    config = model.config.get_text_config()
+    for field in ("max_position_embeddings", "n_positions", "max_sequence_length", "seq_length"):
+        value = getattr(config, field, None)
+        if isinstance(value, int):
+            return field, value
+    return None
+
+
+def _lengths(examples: list[dict[str, Any]]) -> list[tuple[int, int]]:
+    """(prompt + target tokens, target tokens) of each example."""
+    return [(len(e["input_ids"]), sum(label != IGNORE for label in e["labels"])) for e in examples]
+
+
+def _spread(values: list[int]) -> dict[str, float]:
+    return {"min": min(values), "mean": sum(values) / len(values), "max": max(values)}
+
+
 def warm_start(model, tokenizer, env: Environment, episode: EpisodeConfig, config: WarmStartConfig) -> dict:
-    """SFT the extraction action on `env`'s reference pairs; the merged model and tokenizer go to
-    <output_dir>/model. Returns {"model": path, "examples": n, "loss_first": ..., "loss_last": ..., "seconds"}."""
+    """SFT the extraction action on `env`'s reference pairs, every example whole; the merged model and tokenizer go
+    to <output_dir>/model. Returns (and writes to <output_dir>/warm_start.json) {"model": path, "examples": n,
+    "tokens" / "target_tokens": {min, mean, max}, "max_length", "examples_cut": 0, "loss_first", "loss_last",
+    "steps", "seconds"}. Raises InputError when an example is longer than the model's positions."""
     import time
+    from collections import Counter
 
     from datasets import Dataset
     from trl import SFTConfig, SFTTrainer
@@ -106,12 +130,25 @@ def warm_start(model, tokenizer, env: Environment, episode: EpisodeConfig, confi
     if not examples:
         raise ValueError(f"environment {env.name!r}: no extraction window holds a reference pair at l_max "
                          f"{episode.l_max}; nothing to warm-start on")
+    lengths = _lengths(examples)
+    longest = max(total for total, _ in lengths)
+    positions = _model_positions(model)
+    if positions is not None and longest > positions[1]:
+        field, limit = positions
+        shorter = (", or set episode.examples false (the worked example lengthens every prompt)"
+                   if episode.examples else "")
+        raise InputError(f"warm start on {env.name!r}: the longest extraction example (a window past episode l_max "
+                         f"{episode.l_max}, prompt and target) is {longest} tokens, more than the model's {limit} "
+                         f"positions (config.{field}); lower episode.l_max by at least {longest - limit}{shorter}, "
+                         "or use a model with more positions")
     out = Path(config.output_dir)
+    # TRL keeps the first max_length tokens (default 1024) and drops examples left without a target token: the
+    # longest example's length keeps every one whole.
     args = SFTConfig(
         output_dir=str(out), num_train_epochs=config.num_train_epochs, learning_rate=config.learning_rate,
         per_device_train_batch_size=config.per_device_train_batch_size,
         gradient_accumulation_steps=config.gradient_accumulation_steps, logging_steps=1, save_strategy="no",
-        report_to=[], seed=config.seed, bf16=False, fp16=False, lr_scheduler_type="constant",
+        report_to=[], seed=config.seed, bf16=False, fp16=False, lr_scheduler_type="constant", max_length=longest,
     )
     peft_config = None
     if config.use_peft:
@@ -123,6 +160,11 @@ def warm_start(model, tokenizer, env: Environment, episode: EpisodeConfig, confi
     started = time.perf_counter()
     trainer = SFTTrainer(model=model, args=args, train_dataset=Dataset.from_list(examples),
                          processing_class=tokenizer, peft_config=peft_config)
+    # Checked on what TRL will train on, so that a cut or dropped example fails here rather than trains.
+    cut = sum((Counter(lengths) - Counter(_lengths(list(trainer.train_dataset)))).values())
+    if cut:
+        raise RuntimeError(f"warm start: TRL's prepared dataset cut or dropped {cut} of {len(examples)} examples "
+                           f"despite max_length {longest}")
     trainer.train()
     seconds = time.perf_counter() - started
     trained = trainer.model.merge_and_unload() if config.use_peft else trainer.model
@@ -131,7 +173,10 @@ def warm_start(model, tokenizer, env: Environment, episode: EpisodeConfig, confi
     target = out / "model"
     trained.save_pretrained(target)
     tokenizer.save_pretrained(target)
-    summary = {"model": str(target), "examples": len(examples), "loss_first": losses[0] if losses else None,
+    summary = {"model": str(target), "examples": len(examples),
+               "tokens": _spread([total for total, _ in lengths]),
+               "target_tokens": _spread([target_tokens for _, target_tokens in lengths]),
+               "max_length": longest, "examples_cut": cut, "loss_first": losses[0] if losses else None,
                "loss_last": losses[-1] if losses else None, "steps": len(losses), "seconds": seconds}
     (out / "warm_start.json").write_text(json.dumps(summary, indent=2))
     return summary
