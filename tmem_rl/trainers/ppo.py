@@ -103,12 +103,13 @@ class PPOTrainer(GRPOTrainer):
             step_rewards = [0.0] * len(values)
             step_rewards[-1] = rewards[rollout].item()
             advantages, returns = gae(step_rewards, values, cfg.gamma, cfg.lam)
-            per_token = [(a, r) for a, r, n in zip(advantages, returns, steps) for _ in range(n)]
+            # One entry per token: a segment-level step's repeats over its segment's tokens.
+            advantages = [a for a, n in zip(advantages, steps) for _ in range(n)]
+            returns = [r for r, n in zip(returns, steps) for _ in range(n)]
             start = 0
             for s in segs:
                 n = len(s.segment.completion_ids)
-                s.advantages = [a for a, _ in per_token[start : start + n]]
-                s.returns = [r for _, r in per_token[start : start + n]]
+                s.advantages, s.returns = advantages[start : start + n], returns[start : start + n]
                 start += n
         if cfg.whiten_advantages:
             flat = torch.tensor([a for s in segments for a in s.advantages])
