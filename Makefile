@@ -4,7 +4,7 @@ PIP     := .venv/bin/pip
 STAMP   := .venv/.installed
 TORCH   := torch==2.13.0
 
-.PHONY: install demo test test-fast bench bench-quick bench-gpu clean
+.PHONY: install demo test test-fast quickstart bench bench-quick bench-gpu clean
 
 $(PY):
 	python3 -m venv .venv
@@ -27,6 +27,10 @@ test: install
 
 test-fast: install
 	$(PY) -m pytest -q -m "not slow" tests
+
+# docs/quickstart.md as written, in a fresh clone of the committed tree (about 10 minutes on 2 cores).
+quickstart: install
+	$(PY) docs/run_quickstart.py $(ARGS)
 
 # Every script in benchmarks/; results in benchmarks/results.json and results.md (docs/benchmarks.md).
 bench: install

@@ -2,13 +2,22 @@
 # Launch `tmem-rl train` with an Accelerate config.
 #   launch/train.sh RECIPE [ACCELERATE_CONFIG] [key=value ...]
 # ACCELERATE_CONFIG defaults to one process on this machine; e.g. launch/accelerate_cpu_2proc.yaml.
+# PYTHON: the interpreter to use (default: the repository's .venv, else python3 on the PATH).
 set -euo pipefail
 recipe=${1:?usage: launch/train.sh RECIPE [ACCELERATE_CONFIG] [key=value ...]}
 shift
 config=""
 if [[ $# -gt 0 && "$1" == *.yaml ]]; then config=$1; shift; fi
 here="$(cd "$(dirname "$0")/.." && pwd)"
-python="${PYTHON:-$here/.venv/bin/python}"
+# The Python that has tmem_rl: $PYTHON, else the repository's .venv (make install), else the one on the PATH.
+python="${PYTHON:-}"
+if [[ -z "$python" ]]; then
+  if [[ -x "$here/.venv/bin/python" ]]; then python="$here/.venv/bin/python"; else python="$(command -v python3 || true)"; fi
+fi
+if ! "$python" -c "import tmem_rl" 2>/dev/null; then
+  echo "launch/train.sh: error: ${python:-python3} cannot import tmem_rl; run 'make install' in $here or set PYTHON=/path/to/python" >&2
+  exit 2
+fi
 if [[ -n "$config" ]] && grep -q '^distributed_type: *MULTI_CPU' "$config"; then
   # Accelerate's launcher runs multi-CPU jobs only through MPI; torchrun starts the gloo processes itself.
   nproc=$(sed -n 's/^num_processes: *\([0-9]*\).*/\1/p' "$config")

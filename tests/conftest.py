@@ -19,6 +19,8 @@ if not (_threads == "" or _threads.isdigit() and int(_threads) > 0):
 if _onednn not in ("", "0", "1"):
     raise pytest.UsageError(f"tests/conftest.py: TMEM_RL_TEST_ONEDNN={_onednn!r}; expected 0 or 1")
 torch.set_num_threads(int(_threads) if _threads else min(2, os.cpu_count() or 1))
+# The library's entry points choose a thread count of their own (tmem_rl.cpu) unless told: tell them this one.
+os.environ["TMEM_RL_THREADS"] = str(torch.get_num_threads())
 if _onednn:
     torch.backends.mkldnn.enabled = _onednn == "1"
 

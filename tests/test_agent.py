@@ -34,7 +34,7 @@ def scripted(agent: TMEMAgent) -> TMEMAgent:
     real_generate = agent.runner.generate
     agent.prompts = []
 
-    def generate(prompts, slots, max_new_tokens, sample, temperature):
+    def generate(prompts, slots, max_new_tokens, sample, temperature, stopping=None):
         if max_new_tokens != agent.config.max_extraction_tokens:
             return real_generate(prompts, slots, max_new_tokens, sample, temperature)
         agent.prompts += [agent.tokenizer.decode(p) for p in prompts]
@@ -273,6 +273,66 @@ def test_from_pretrained_merges_an_adapter_into_its_base(tmp_path):
         got = agent.model(input_ids=ids).logits
     assert (adapted_logits - base_logits).abs().max() > 1e-3
     torch.testing.assert_close(got, adapted_logits, rtol=1e-4, atol=1e-4)
+
+    # An adapter that names no base (as exports of `tiny` runs once did): one line saying so, and the base can be
+    # given at load time.
+    config_path = tmp_path / "export" / "adapter_config.json"
+    config_path.write_text(json.dumps({**json.loads(config_path.read_text()), "base_model_name_or_path": None}))
+    with pytest.raises(InputError, match=re.escape(str(config_path)) + ": names no base model.*base=NAME_OR_FOLDER"):
+        TMEMAgent.from_pretrained(str(tmp_path / "export"), device="cpu")
+    given = TMEMAgent.from_pretrained(str(tmp_path / "export"), device="cpu", base=str(tmp_path / "base"))
+    with torch.no_grad():
+        torch.testing.assert_close(given.model(input_ids=ids).logits, adapted_logits, rtol=1e-4, atol=1e-4)
+    with pytest.raises(InputError, match="base is for an adapter folder"):
+        TMEMAgent.from_pretrained(str(tmp_path / "base"), device="cpu", base="tiny")
+
+
+def truncate(path: Path) -> None:
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2])
+
+
+def test_truncated_weights_are_one_line_naming_the_file(tmp_path):
+    model, tokenizer = tiny_model()
+    model.save_pretrained(tmp_path / "export")
+    tokenizer.save_pretrained(tmp_path / "export")
+    agent = TMEMAgent(model, tokenizer, FAST)
+    agent.fast.save_init(tmp_path / "export")
+    write_agent_settings(tmp_path / "export", FAST, EpisodeConfig())
+    agent.save_memory(tmp_path / "memory")
+    for path in (tmp_path / "export" / "fast_weights_init.safetensors", tmp_path / "export" / "model.safetensors"):
+        whole = path.read_bytes()
+        truncate(path)
+        with pytest.raises(InputError, match=re.escape(str(path)) + ": not a whole safetensors file.*truncated"):
+            TMEMAgent.from_pretrained(str(tmp_path / "export"), device="cpu")
+        path.write_bytes(whole)
+    memory = tmp_path / "memory" / "fast_weights" / "fast_weights.safetensors"
+    truncate(memory)
+    with pytest.raises(InputError, match=re.escape(str(memory)) + ": not a whole safetensors file"):
+        agent.load_memory(tmp_path / "memory")
+
+
+def test_save_memory_refuses_a_folder_that_holds_something_unless_told(tmp_path):
+    agent = new_agent(tiny_model(), l_max=tokens(TEXT_ONE) - 1)
+    agent.read(TEXT_ONE)
+    agent.save_memory(tmp_path / "memory")
+    agent.read(TEXT_TWO)  # a later state of the memory
+    with pytest.raises(InputError, match=re.escape(str(tmp_path / "memory")) + ": already holds another memory.*"
+                                         "overwrite=True"):
+        agent.save_memory(tmp_path / "memory")
+    (tmp_path / "notes").mkdir()
+    (tmp_path / "notes" / "todo.txt").write_text("mine")
+    with pytest.raises(InputError, match="already holds 1 other file\\(s\\) \\(todo.txt\\)"):
+        agent.save_memory(tmp_path / "notes")
+    with pytest.raises(InputError, match="a file, expected a folder"):
+        agent.save_memory(tmp_path / "notes" / "todo.txt")
+    # Told to, it replaces the memory's own files and leaves the rest.
+    for folder in (tmp_path / "memory", tmp_path / "notes"):
+        agent.save_memory(folder, overwrite=True)
+        fresh = new_agent(tiny_model(), l_max=agent.config.l_max)
+        fresh.load_memory(folder)
+        assert fresh.pairs == agent.pairs == FACTS
+    assert (tmp_path / "notes" / "todo.txt").read_text() == "mine"
 
 
 def test_strings_are_split_into_lines_and_token_windows(tiny):

@@ -20,7 +20,7 @@ from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
 from tmem_rl.cli import main
-from tmem_rl.envs import make_env
+from tmem_rl.envs import Action, ActionKind, ContractError, Environment, Observation, StepResult, Task, make_env
 from tmem_rl.envs.locomo import LocomoEnv, load_locomo
 from tmem_rl.errors import InputError
 from tmem_rl.extraction import parse_qa_pairs
@@ -158,8 +158,11 @@ def test_a_misspelt_facts_setting_names_the_key_and_the_accepted_ones():
     with pytest.raises(InputError) as err:
         make_env("facts", num_fact=3)
     assert "environment 'facts': unknown setting(s) 'num_fact'; accepted: num_tasks, num_facts" in str(err.value)
-    with pytest.raises(InputError, match="unknown environment 'fact'; available: context_learning, facts, locomo"):
+    with pytest.raises(InputError, match=r"unknown environment 'fact' \(did you mean 'facts'\?\); available: "
+                                         "context_learning, facts, locomo"):
         make_env("fact")
+    with pytest.raises(InputError, match=r"unknown environment 'zzz'; available: "):
+        make_env("zzz")
     # A count past what len() or a context can hold fails at once instead of deep inside evaluation.
     with pytest.raises(InputError, match="num_tasks must be at most"):
         make_env("facts", num_tasks=10**30)
@@ -286,6 +289,79 @@ def test_recipes_raise_only_input_errors(content, overrides):
 def test_overrides_of_a_valid_recipe_raise_only_input_errors(overrides):
     err = load_recipe_or_input_error(RECIPE.read_bytes(), overrides)
     assert err is None or "\n" not in str(err)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# An environment's results, checked against the contract wherever they are used
+# ----------------------------------------------------------------------------------------------------------------
+
+
+class Shaped(Environment):
+    """A tool environment whose task, score, step or call_tool returns `bad[name]` instead of a proper value."""
+
+    name = "shaped"
+    tools = {"look": "look something up"}
+
+    def __init__(self, **bad):
+        self.bad = bad
+
+    def __len__(self):
+        return 1
+
+    def task(self, index):
+        fields = dict(task_id="shaped-0", question="q?", chunks=("a chunk",), answers=("a",))
+        return Task(**{**fields, **self.bad.get("task", {})})
+
+    def score(self, task, prediction):
+        return self.bad.get("score", {"reward": 1.0, "f1": 1.0, "em": 1.0})
+
+    def call_tool(self, state, tool, argument):
+        return self.bad.get("call_tool", "found it")
+
+    def step(self, state, action):
+        return self.bad["step"] if "step" in self.bad else super().step(state, action)
+
+
+ANSWER, LOOK = Action(ActionKind.ANSWER, "a"), Action(ActionKind.TOOL, "x", tool="look")
+
+
+@pytest.mark.parametrize("bad, action, expected", [
+    ({"task": {"task_id": 7}}, None, "task 0: field 'task_id' must be a string, got int 7"),
+    ({"task": {"question": None}}, None, "task 0: field 'question' must be a string, got NoneType None"),
+    ({"task": {"chunks": ["ok", 3]}}, None,
+     "task 0: field 'chunks' must be a list or tuple of strings; item 1 is int 3"),
+    ({"task": {"chunks": iter(["ok"])}}, None, "task 0: field 'chunks' must be a list or tuple of strings, got "
+                                               "list_iterator"),
+    ({"task": {"answers": b"a"}}, None, "task 0: field 'answers' must be a list or tuple of strings, got bytes b'a'"),
+    ({"task": {"metadata": [1]}}, None, "task 0: field 'metadata' must be a dict, got list [1]"),
+    ({"task": {"reference_pairs": ({"instruction": "q", "output": "a"},)}}, None,
+     "task 0: field 'reference_pairs' must be a list or tuple of QAPair; item 0 is dict {'instruction': 'q'"),
+    ({"score": {"f1": 1.0}}, ANSWER, "score of task 'shaped-0': expected a dict of metric name -> number with "
+                                     "\"reward\"; got only 'f1'"),
+    ({"score": {"reward": "1"}}, ANSWER, "score of task 'shaped-0': expected a dict of metric name -> number with "
+                                         "\"reward\"; metric 'reward' is str '1'"),
+    ({"score": {0: 1.0}}, ANSWER, "score of task 'shaped-0': expected a dict of metric name -> number with "
+                                  "\"reward\"; the name int 0 is not a str"),
+    ({"call_tool": 214}, LOOK, "call_tool of tool 'look' on task 'shaped-0': expected a str (the agent's "
+                               "observation), got int 214"),
+    ({"step": ("obs", 1.0)}, LOOK, "step of task 'shaped-0': expected a StepResult, got tuple ('obs', 1.0)"),
+    ({"step": StepResult(Observation("tool", None))}, LOOK, "step of task 'shaped-0': field 'observation' must be "
+                                                            "an Observation whose text is a str, got Observation"),
+])
+def test_an_environment_result_of_the_wrong_type_is_one_line_naming_the_field(bad, action, expected):
+    env = Shaped(**bad)
+    state, _ = env.reset(Shaped().task(0))
+    with pytest.raises(ContractError) as err:
+        env.tasks() if action is None else env.step(state, action)
+    assert str(err.value).startswith(f"environment 'shaped': {expected}"), str(err.value)
+    assert_one_line(err.value)
+
+
+def test_proper_results_pass_the_checks_unchanged():
+    env = Shaped()
+    state, _ = env.reset(env.task(0))
+    assert env.step(state, LOOK).observation.text == "found it"
+    assert env.step(state, ANSWER).info == {"reward": 1.0, "f1": 1.0, "em": 1.0}
 
 
 # ----------------------------------------------------------------------------------------------------------------

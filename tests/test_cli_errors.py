@@ -86,7 +86,8 @@ def test_train_refuses_an_existing_run_and_continues_with_resume(recipe, tmp_pat
     line = one_error_line(capsys.readouterr().err)
     assert "holds a run (checkpoint-1, metrics.jsonl)" in line and "--resume" in line and "--overwrite" in line
     assert (tmp_path / "run" / "metrics.jsonl").read_text() == metrics
-    assert main(["train", str(recipe), "--resume", "outer_loop.max_steps=2"]) == 0
+    assert main(["train", str(recipe), "--resume", "outer_loop.max_steps=2",
+                 "--allow-recipe-change", "outer_loop.max_steps"]) == 0
     assert [l for l in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()][0] == metrics.strip()
     assert len((tmp_path / "run" / "metrics.jsonl").read_text().splitlines()) == 2
     assert main(["train", str(recipe), "--overwrite"]) == 0
@@ -99,6 +100,15 @@ def test_eval_method_settings_below_one_fail_before_any_model_loads(tmp_path, ca
                  flag, "0"]) == 2
     assert "expected a positive number" in one_error_line(capsys.readouterr().err)
     assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("flags, expected", [
+    (["--method", "none", "tmme"], "unknown method(s) 'tmme' (did you mean 'tmem'?); available: none, "),
+    (["--env", "factz"], "unknown environment 'factz' (did you mean 'facts'?); available: "),
+])
+def test_eval_suggests_the_closest_name_for_a_misspelt_method_or_environment(tmp_path, capsys, flags, expected):
+    assert main(["eval", "--out", str(tmp_path / "run"), *flags]) == 2
+    assert expected in one_error_line(capsys.readouterr().err)
 
 
 def test_convert_of_the_built_in_tiny_model_says_it_has_no_folder(capsys):

@@ -20,7 +20,7 @@ class ScriptedRunner(EpisodeRunner):
 
     notes = "Maya lives in Lisbon and has a dog called Biscuit."
 
-    def generate(self, prompts, slots, max_new_tokens, sample, temperature, stop_strings=None):
+    def generate(self, prompts, slots, max_new_tokens, sample, temperature, stop_strings=None, stopping=None):
         if max_new_tokens == self.config.max_extraction_tokens:
             text = ' {"instruction": "Who spoke?", "output": "Maya"}]'
         elif max_new_tokens == self.config.summary_tokens:

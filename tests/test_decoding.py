@@ -1,7 +1,10 @@
 """The static-cache decoding path gives the tokens `model.generate` gives, row by row, fast-weight slot by slot."""
 
+from contextlib import contextmanager
+
 import pytest
 import torch
+from transformers import LogitsProcessorList, StoppingCriteriaList
 
 from tmem_rl.chat import left_padded
 from tmem_rl.decoding import StaticDecoder, bucket_rows
@@ -9,7 +12,7 @@ from tmem_rl.envs import make_env
 from tmem_rl.memory import FastWeightConfig, FastWeights
 from tmem_rl.models import tiny_model
 from tmem_rl.records import QAPair
-from tmem_rl.rollout import EpisodeConfig, EpisodeRunner
+from tmem_rl.rollout import EpisodeConfig, EpisodeRunner, GumbelNoise, PairStopping, counter_seed
 
 
 @pytest.fixture(scope="module")
@@ -194,3 +197,112 @@ def test_sampled_tokens_do_not_depend_on_when_the_decoder_notices_stops(tiny):
         lengths |= {len(s.completion_ids) for s in a.segments if s.completion_ids[-1] == tok.eos_token_id}
     assert len(episodes["generate"].trajectories[0].segments) >= 3, "several segments per rollout"
     assert len(lengths) >= 3 and any(n % 8 for n in lengths), f"rows must stop early at varied steps: {lengths}"
+
+
+# ---- stopping an extraction once its pairs are written ---------------------------------------------------------
+
+
+@contextmanager
+def forced(model, scripts: list[list[int]], then: int | None = None):
+    """While active, every generation's n-th new token in row i is scripts[i][n], and after the script `then`
+    (None: the model's own choice). A forward with more than one input token is a prefill and starts a generation;
+    each later forward gives the next token. Both decoders run the model once per token."""
+    state = {"n": 0}
+
+    def hook(module, args, kwargs, output):
+        if kwargs["input_ids"].shape[1] > 1:
+            state["n"] = 0
+        n, state["n"] = state["n"], state["n"] + 1
+        for row, script in enumerate(scripts):
+            token = script[n] if n < len(script) else then
+            if token is not None:
+                output.logits[row, -1] = -1e4
+                output.logits[row, -1, token] = 1e4  # far beyond any sampling noise
+        return output
+
+    handle = model.register_forward_hook(hook, with_kwargs=True)
+    try:
+        yield
+    finally:
+        handle.remove()
+
+
+P1 = '{"instruction": "Who founded Acme?", "output": "Jo Park"}'
+P2 = '{"instruction": "When?", "output": "1999"}'
+P3 = '{"instruction": "Where?", "output": "Oslo"}'
+# Continuations of a prefilled "[", one per stop reason with max_pairs=2.
+STOPPING_TEXTS = {
+    "max_pairs": f" {P1}, {P2}, {P3}]",
+    "repeat": f" {P1},\n {P1}, {P2}]",
+    "closed": f" {P1}] That is all I found in the text.",
+    "eos": f" {P2}",  # the script's end token follows
+}
+
+
+def tokens_through(tok, ids: list[int], text: str) -> int:
+    """How many of `ids` it takes to have written `text` (a prefix of their decoded text)."""
+    return next(n for n in range(len(ids) + 1) if len(tok.decode(ids[:n])) >= len(text))
+
+
+def expected_stops(tok, scripts: dict[str, list[int]]) -> dict[str, tuple[int, int]]:
+    """(tokens generated when each scripted row stops, tokens it keeps): a repeat keeps through the last new pair,
+    an end token is kept."""
+    generated = {"max_pairs": tokens_through(tok, scripts["max_pairs"], f" {P1}, {P2}"),
+                 "repeat": tokens_through(tok, scripts["repeat"], f" {P1},\n {P1}"),
+                 "closed": tokens_through(tok, scripts["closed"], f" {P1}]"),
+                 "eos": len(scripts["eos"])}
+    kept = dict(generated, repeat=tokens_through(tok, scripts["repeat"], f" {P1}"))
+    return {name: (generated[name], kept[name]) for name in generated}
+
+
+@pytest.mark.parametrize("sample", [False, True])
+def test_rows_stop_where_their_pairs_are_done_alike_through_either_decoder(tiny, sample):
+    """Rows of one batch stop at different steps, across the static decoder's stop checks; each keeps exactly the
+    tokens it had without the criterion up to its stop, and the two decoders stop and pad alike."""
+    model, tok = tiny
+    eos, pad = tok.eos_token_id, tok.pad_token_id
+    scripts = {reason: tok(text, add_special_tokens=False)["input_ids"] for reason, text in STOPPING_TEXTS.items()}
+    scripts["eos"] = scripts["eos"] + [eos]
+    scripts["free"] = tok(f" {P1}, ", add_special_tokens=False)["input_ids"]  # then the model's own tokens
+    names = list(scripts)
+    prompts = [tok(t, add_special_tokens=False)["input_ids"] for t in ["a b c", "x", "the quick brown fox", "y z",
+                                                                       "one two"]]
+    ids, mask = left_padded(prompts, pad)
+    budget = max(len(s) for s in scripts.values()) + 6
+
+    def processors():
+        if not sample:
+            return LogitsProcessorList()
+        return LogitsProcessorList([GumbelNoise(torch.Generator(), counter_seed(7), ids.shape[1])])
+
+    def run(decoder: str, stopping: PairStopping | None) -> torch.Tensor:
+        with forced(model, [scripts[name] for name in names]):
+            if decoder == "static":
+                return StaticDecoder(model).decode(ids, mask, budget, [eos], pad, processors=processors(),
+                                                   stopping=stopping, stop_check_every=8)
+            criteria = StoppingCriteriaList([stopping]) if stopping else None
+            return model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=budget, do_sample=False,
+                                  pad_token_id=pad, eos_token_id=[eos], temperature=None, top_p=None, top_k=None,
+                                  logits_processor=processors(), stopping_criteria=criteria)[:, ids.shape[1]:]
+
+    free = run("generate", None).tolist()
+    expected = expected_stops(tok, scripts)
+    stops = [generated for generated, _ in expected.values()]
+    assert len(set(stops)) == len(stops) and any(n % 8 for n in stops), "rows must stop apart, between checks"
+    outputs = {}
+    for decoder in ("generate", "static"):
+        stopping = PairStopping(tok, len(names), max_pairs=2, prefilled=True, stop_ids=[eos])
+        outputs[decoder] = run(decoder, stopping)
+        kept = stopping.cut(outputs[decoder].tolist())
+        reasons = dict(zip(names, stopping.reasons))
+        assert {name: reasons[name] for name in expected} == {name: name for name in expected}
+        for row, name in enumerate(names):
+            assert kept[row] == free[row][: len(kept[row])], f"{name}: the tokens it had without stopping"
+            if name in expected:
+                generated, keeps = expected[name]
+                assert len(kept[row]) == keeps
+                assert outputs[decoder][row, generated:].eq(pad).all(), f"{name}: padded after its stop"
+        assert len(kept[names.index("free")]) > len(scripts["free"]), "the free row goes on past its script"
+    # The static decoder notices that every row is done only at its next check: it may run on, padding.
+    width = outputs["generate"].shape[1]
+    assert torch.equal(outputs["static"][:, :width], outputs["generate"]) and outputs["static"][:, width:].eq(pad).all()

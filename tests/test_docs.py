@@ -48,3 +48,51 @@ def test_relative_links_in_the_docs_resolve():
             if path and not re.match(r"[a-z]+:", path) and not (page.parent / path).exists():
                 broken.append(f"{page.relative_to(ROOT)}: {target}")
     assert not broken, "links to files that do not exist:\n  " + "\n  ".join(broken)
+
+
+def _quickstart_runner():
+    spec = importlib.util.spec_from_file_location("run_quickstart", ROOT / "docs" / "run_quickstart.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _doc_commands() -> list[tuple[str, str]]:
+    """(page, command) for every `tmem-rl ...` line in the bash blocks of README.md and docs/."""
+    module = _quickstart_runner()
+    found = []
+    for page in [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]:
+        text = re.sub(r"<!-- not run:[^>]*-->", "", page.read_text(encoding="utf-8"))  # alternatives count here
+        found += [(page.name, source) for kind, source in module.quickstart_steps(text)
+                  if kind == "bash" and source.startswith("tmem-rl ")]
+    return found
+
+
+def test_every_documented_command_parses():
+    """A flag renamed or removed in the CLI fails here, not in a new user's terminal."""
+    import shlex
+
+    from tmem_rl.cli import build_parser
+
+    commands = _doc_commands()
+    assert any("export" in c for _, c in commands) and any(" train " in f" {c} " for _, c in commands)
+    parser = build_parser()
+    wrong = []
+    for page, command in commands:
+        try:
+            args, extra = parser.parse_known_args(shlex.split(command)[1:])
+        except SystemExit:
+            wrong.append(f"{page}: {command}")
+            continue
+        if [a for a in extra if not (args.command == "train" and "=" in a)]:
+            wrong.append(f"{page}: {command} (unrecognized {extra})")
+    assert not wrong, "documented commands the CLI rejects:\n  " + "\n  ".join(wrong)
+
+
+def test_quickstart_runs_train_eval_export_and_the_agent_in_order():
+    steps = _quickstart_runner().quickstart_steps((ROOT / "docs" / "quickstart.md").read_text(encoding="utf-8"))
+    order = [next(i for i, (_, s) in enumerate(steps) if marker in s)
+             for marker in ("tmem-rl train recipes/quickstart_cpu.yaml", "tmem-rl eval", "tmem-rl export",
+                            "TMEMAgent.from_pretrained")]
+    assert order == sorted(order)
+    assert not any("outer_loop.max_steps=2" in s for _, s in steps)  # the alternatives block is not run

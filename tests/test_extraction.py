@@ -7,6 +7,7 @@ import time
 
 from tmem_rl.records import QAPair
 from tmem_rl.extraction import (
+    PairReader,
     grounded,
     EXTRACTION_PREFILL,
     answer_messages,
@@ -319,6 +320,88 @@ def test_record_serialises():
         "dropped": [{"item": 5, "reason": "not an object"}],
         "error": None,
     }
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Knowing when an extraction is done (PairReader)
+# ----------------------------------------------------------------------------------------------------------------
+
+P1 = '{"instruction": "Who founded Acme?", "output": "Jo Park"}'
+P2 = '{"instruction": "When?", "output": "1999"}'
+P3 = '{"instruction": "Where?", "output": "Oslo"}'
+
+
+def read(text: str, max_pairs: int = 8, prefilled: bool = True, pieces: int = 1) -> tuple[str | None, int, int]:
+    """Feed `text` in about `pieces` pieces -> (reason, pairs read, characters read when it stopped)."""
+    reader = PairReader(max_pairs, prefilled)
+    size = max(1, len(text) // pieces)
+    for start in range(0, len(text), size):
+        if reader.feed(text[start : start + size]) is not None:
+            return reader.reason, reader.pairs, start + size
+    return reader.reason, reader.pairs, len(text)
+
+
+def stop_char(text: str, max_pairs: int = 8, prefilled: bool = True) -> tuple[str | None, int]:
+    """(reason, index of the character at which the reader stopped), fed one character at a time."""
+    reason, _, end = read(text, max_pairs, prefilled, pieces=len(text))
+    return reason, end - 1
+
+
+def test_the_reader_stops_at_max_pairs_at_a_repeat_and_at_the_closing_bracket():
+    text = f" {P1}, {P2}, {P3}]"
+    assert stop_char(text, max_pairs=2) == ("max_pairs", text.index(P2) + len(P2) - 1)
+    assert stop_char(text) == ("closed", len(text) - 1)
+    repeated = f" {P1},\n {P2}, {P1.replace('Who founded', 'who  FOUNDED')}, {P3}"  # case and spaces folded
+    assert stop_char(repeated) == ("repeat", repeated.index(P3) - 3)
+    assert read(f" {P1}, {P2}, {P3}") == (None, 3, len(f" {P1}, {P2}, {P3}"))  # cut off by the budget: no reason
+
+
+def test_the_reader_gives_the_same_answer_however_the_text_is_split():
+    for text in (f" {P1}, {P2}, {P3}]", f" {P1}, {P1}", "Sure:\n```json\n[" + P1 + ", " + P2 + "]\n```"):
+        whole = read(text, max_pairs=3)[:2]
+        assert whole[0] is not None
+        assert {read(text, max_pairs=3, pieces=n)[:2] for n in (2, 3, 7, len(text))} == {whole}
+
+
+def test_text_cut_where_the_reader_stops_parses_to_the_pairs_it_counted():
+    for text, max_pairs in ((f" {P1}, {P2}, {P3}]", 2), (f" {P1}, {P2}, {P1}, {P3}]", 8), (f" {P1}]", 8)):
+        reader = PairReader(max_pairs, prefilled=True)
+        kept = ""
+        for char in text:
+            kept += char
+            if reader.feed(char) is not None:
+                break
+        if reader.reason == "repeat":  # what a stop keeps: through the last new pair
+            kept = kept[: kept.rindex(P2) + len(P2)]
+        record = parse_qa_pairs(kept, prefilled=True)
+        # The parser needs no closing bracket: a list cut after a complete pair loses nothing and drops nothing.
+        assert len(record.pairs) == reader.pairs and record.dropped == [] and record.error is None
+
+
+def test_objects_that_are_not_pairs_are_not_counted_and_only_a_list_of_objects_holds_the_pairs():
+    text = f' {{"fact": "Acme"}}, {{"instruction": "Q", "output": "Q"}}, {P1}]'
+    assert read(text) == ("closed", 1, len(text))
+    # Prose before the list: a bracketed aside holds no object, so the parser reads past it, as does the reader.
+    assert read(f"Section [2] pairs: [{P1}, {P2}]", prefilled=False)[:2] == ("closed", 2)
+    assert read("[1, 2] and nothing more", prefilled=False) == (None, 0, 23)
+
+
+def test_the_reader_never_stops_where_it_cannot_follow_the_parser():
+    # Pairs in a wrapper object, an object the decoder cannot read (the parser reads nothing after it), a reasoning
+    # block (stripped before parsing).
+    assert read(f'{{"pairs": [{P1}, {P1}, {P2}]}}', max_pairs=1, prefilled=False)[0] is None
+    unreadable = f" {P1}, {{instruction: 'x'}}, {P2}, {P3}, {P1}]"
+    assert read(unreadable, max_pairs=2) == (None, 1, len(unreadable))
+    thinking = f"<think>I could write [{P1}] but</think>\n[{P1}, {P2}]"
+    assert read(thinking, prefilled=False, pieces=len(thinking)) == ("closed", 2, len(thinking))
+    assert read(f"<think>[{P1}]", max_pairs=1, prefilled=False)[0] is None  # still thinking
+
+
+def test_quotes_and_brackets_inside_strings_and_prose_are_text():
+    text = f' {{"instruction": "What does \\"[x]\\" mean, {{really}}?", "output": "a list ]"}}, {P1}]'
+    assert pairs(parse_qa_pairs(text, prefilled=True))[0] == ('What does "[x]" mean, {really}?', "a list ]")
+    assert read(text)[:2] == ("closed", 2)
+    assert read(f'He said "[" then [{P1}]', prefilled=False)[:2] == ("closed", 1)
 
 
 # ----------------------------------------------------------------------------------------------------------------

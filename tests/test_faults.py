@@ -1,5 +1,5 @@
-"""Fault tolerance of training: a process killed mid-step, bad checkpoints, an existing run, inner updates that
-blow up, and reproducibility from the seed."""
+"""Fault tolerance of training: a process killed mid-step, resumes of LoRA and full fine-tuning runs at 1 and 2
+processes, bad checkpoints, an existing run, inner updates that blow up, and reproducibility from the seed."""
 
 import dataclasses
 import json
@@ -30,9 +30,11 @@ def logged(out: Path) -> list[dict]:
     return [{k: v for k, v in json.loads(line).items() if k not in TIMINGS} for line in lines]
 
 
-def run_worker(out: Path, *flags: str) -> subprocess.CompletedProcess:
+def run_worker(out: Path, *flags: str, nproc: int = 1, port: int = 29640) -> subprocess.CompletedProcess:
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    return subprocess.run([sys.executable, str(WORKER), "--out", str(out), *flags], capture_output=True, text=True,
+    launch = [sys.executable] if nproc == 1 else [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node",
+                                                  str(nproc), "--master_port", str(port)]
+    return subprocess.run([*launch, str(WORKER), "--out", str(out), *flags], capture_output=True, text=True,
                           timeout=900, env=env)
 
 
@@ -55,6 +57,70 @@ def test_sigkill_in_the_middle_of_a_step_then_resume_equals_the_uninterrupted_ru
     final_b = torch.load(tmp_path / "killed" / "final.pt")
     for name, value in final_a.items():
         torch.testing.assert_close(final_b[name], value, atol=1e-6, rtol=0)
+
+
+def assert_moved(checkpoint: Path, lora: bool) -> dict:
+    """The checkpoint's weights, checked to have moved off the initial model: otherwise a resume that loaded none
+    of them would pass for one that did."""
+    from safetensors.torch import load_file
+
+    saved = load_file(str(checkpoint / "model.safetensors"))
+    assert not [k for k in saved if k.startswith("module.")], "names must not depend on the DDP wrapper"
+    if lora:
+        assert any(v.abs().sum() > 0 for k, v in saved.items() if "lora_B" in k), "the adapter starts at B = 0"
+    else:
+        initial = tiny_model(num_layers=2, tokenizer_path=FIXTURE_TOKENIZER)[0].state_dict()
+        assert sum(not torch.allclose(v, initial[k]) for k, v in saved.items()) > len(saved) // 2
+    return saved
+
+
+def test_a_lora_run_resumes_equal_to_the_uninterrupted_run(tmp_path):
+    from fault_train_worker import build
+
+    straight = build(str(tmp_path), max_steps=3, save_steps=2, kill_at=None, use_peft=True)
+    straight.train()
+    expected = without_timings(straight.history)
+    weights = {k: v.clone() for k, v in straight.policy.state_dict().items()}
+    assert_moved(tmp_path / "checkpoint-2", lora=True)
+    # Step 3 again, from checkpoint-2 alone.
+    resumed = build(str(tmp_path), max_steps=3, save_steps=2, kill_at=None, use_peft=True)
+    resumed.train(resume=True)
+    assert [m["step"] for m in logged(tmp_path)] == [1, 2, 3]
+    for a, b in zip(expected, without_timings(resumed.history), strict=True):
+        assert b == pytest.approx(a, abs=1e-6), f"step {a['step']}"
+    for name, value in resumed.policy.state_dict().items():
+        torch.testing.assert_close(value, weights[name], atol=1e-6, rtol=0)
+
+
+@pytest.mark.parametrize("weights", ["lora", "full"])
+def test_a_two_process_run_resumes_equal_to_the_uninterrupted_run(tmp_path, weights):
+    """2 processes (DDP, gloo): checkpoints name the weights as the model does, not as its DDP wrapper, so the run
+    resumes, and a single process loads its checkpoint too."""
+    from fault_train_worker import build
+
+    lora = weights == "lora"
+    flags = ["--questions-per-step", "2", "--max-steps", "3", "--save-steps", "2", *(["--peft"] if lora else [])]
+    port = 29641 + lora
+    straight = run_worker(tmp_path, *flags, nproc=2, port=port)
+    assert straight.returncode == 0, straight.stderr[-3000:]
+    expected, final = logged(tmp_path), torch.load(tmp_path / "final.pt")
+    saved = assert_moved(tmp_path / "checkpoint-2", lora)
+    # Step 3 again, from checkpoint-2 alone.
+    (tmp_path / "final.pt").unlink()
+    resumed = run_worker(tmp_path, *flags, "--resume", nproc=2, port=port)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    got = logged(tmp_path)
+    assert [m["step"] for m in got] == [1, 2, 3]
+    for a, b in zip(expected, got):
+        assert b == pytest.approx(a, abs=1e-6), f"step {a['step']}"
+    for name, value in torch.load(tmp_path / "final.pt").items():
+        torch.testing.assert_close(value, final[name], atol=1e-6, rtol=0)
+
+    one = build(str(tmp_path), max_steps=3, save_steps=2, kill_at=None, use_peft=lora, questions_per_step=2)
+    one.load_checkpoint(tmp_path / "checkpoint-2")
+    state = one.policy.state_dict()
+    for name, value in saved.items():
+        assert torch.equal(state[name], value), f"{name} did not load in one process"
 
 
 def make_trainer(out, env, num_layers=2, **overrides):
@@ -111,7 +177,7 @@ def test_a_bad_latest_checkpoint_is_named_and_the_previous_one_used(tmp_path, en
 
 def test_a_checkpoint_of_another_model_is_a_clear_error(tmp_path, env):
     make_trainer(tmp_path, env).train()
-    other = make_trainer(tmp_path, env, num_layers=3, max_steps=4)
+    other = make_trainer(tmp_path, env, num_layers=3)  # the same settings: only the weights tell
     with pytest.raises(InputError, match=r"checkpoint .*checkpoint-2 does not fit this run"):
         other.train(resume=True)
 
@@ -135,7 +201,8 @@ def test_resume_cuts_the_metrics_log_back_to_the_checkpoint(tmp_path, env):
     assert [m["step"] for m in logged(tmp_path)] == [1, 2, 3]
     with open(tmp_path / "metrics.jsonl", "a") as f:
         f.write('{"step": 4, "reward_me')  # a torn line from a kill during the write
-    make_trainer(tmp_path, env, max_steps=4, save_steps=2).train(resume=True)
+    make_trainer(tmp_path, env, max_steps=4, save_steps=2).train(resume=True,
+                                                                 allow_recipe_change=["outer_loop.max_steps"])
     assert [m["step"] for m in logged(tmp_path)] == [1, 2, 3, 4]
 
 
@@ -227,7 +294,8 @@ def test_bad_newer_checkpoints_are_set_aside_and_never_pruned_over_new_ones(tmp_
     make_trainer(tmp_path, env, max_steps=2).train()
     flip_byte(tmp_path / "checkpoint-2" / "optimizer.bin")
     with pytest.warns(UserWarning, match="checkpoint-2 is unusable"):
-        make_trainer(tmp_path, env, max_steps=3, save_total_limit=1).train(resume=True)
+        make_trainer(tmp_path, env, max_steps=3, save_total_limit=1).train(
+            resume=True, allow_recipe_change=["outer_loop.max_steps"])
     names = sorted(p.name for p in tmp_path.iterdir() if p.name.startswith("checkpoint-"))
     assert names == ["checkpoint-2.bad", "checkpoint-3"]
 
@@ -235,8 +303,12 @@ def test_bad_newer_checkpoints_are_set_aside_and_never_pruned_over_new_ones(tmp_
 def test_a_lora_checkpoint_of_other_target_modules_is_a_clear_error(tmp_path, env):
     make_trainer(tmp_path, env, max_steps=1, use_peft=True, lora_target_modules=["q_proj"]).train()
     other = make_trainer(tmp_path, env, max_steps=2, use_peft=True, lora_target_modules=["o_proj"])
-    with pytest.raises(InputError, match="checkpoint-1 does not fit this run: its trained parameters differ"):
+    changes = r"outer_loop.lora_target_modules \(\['q_proj'\] -> \['o_proj'\]\), outer_loop.max_steps \(1 -> 2\)"
+    with pytest.raises(InputError, match=f"checkpoint-1 was trained with another recipe: {changes}"):
         other.train(resume=True)
+    # Allowed as a recipe change, the adapter's parameter names still have to fit.
+    with pytest.raises(InputError, match="checkpoint-1 does not fit this run: its trained parameters differ"):
+        other.train(resume=True, allow_recipe_change=["outer_loop"])
     same = make_trainer(tmp_path, env, max_steps=2, use_peft=True, lora_target_modules=["q_proj"])
-    same.train(resume=True)
+    same.train(resume=True, allow_recipe_change=["outer_loop.max_steps"])
     assert [m["step"] for m in logged(tmp_path)] == [1, 2]

@@ -9,7 +9,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from tmem_rl.records import ParseRecord, QAPair
-from tmem_rl.extraction import parse_qa_pairs
+from tmem_rl.extraction import PairReader, parse_qa_pairs
 
 # Deadlines off: a few thousand brackets take milliseconds here but may take far longer on a loaded CI machine.
 PROPERTY_SETTINGS = settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
@@ -153,6 +153,7 @@ def model_outputs(draw) -> dict:
         "prefilled": prefilled,
         "complete": complete,
         "all_pairs": [pair for pair, _ in listed],
+        "closed": not was_cut,
     }
 
 
@@ -170,6 +171,68 @@ def test_with_a_source_exactly_the_grounded_complete_pairs_are_kept(output, data
     source = " ".join(pair.output for pair in chosen) + data.draw(PROSE)
     record = parse_and_check(output["text"], output["prefilled"], source)
     assert record.pairs == [pair for pair in output["complete"] if fold(pair.output) in fold(source)]
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The reader that stops an extraction once its pairs are written agrees with the parser
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def read_in_pieces(text: str, cuts: list[int], max_pairs: int = 100, prefilled: bool = False) -> tuple:
+    """Feed `text` cut at `cuts` -> (reason, pairs read, index of the character it stopped at or None)."""
+    reader = PairReader(max_pairs, prefilled)
+    bounds = sorted({0, len(text), *(c % (len(text) + 1) for c in cuts)})
+    for start, end in zip(bounds, bounds[1:]):
+        if reader.feed(text[start:end]) is not None:
+            # The piece it stopped in, read again one character at a time, says where.
+            return reader.reason, reader.pairs, start + stop_index(text[:end], start, max_pairs, prefilled)
+    return reader.reason, reader.pairs, None
+
+
+def stop_index(text: str, start: int, max_pairs: int, prefilled: bool) -> int:
+    reader = PairReader(max_pairs, prefilled)
+    reader.feed(text[:start])
+    return next(i for i, char in enumerate(text[start:]) if reader.feed(char) is not None)
+
+
+@PROPERTY_SETTINGS
+@given(text=st.one_of(st.text(), json_fragments(), model_outputs().map(lambda o: o["text"])),
+       cuts=st.lists(st.integers(0, 10_000), max_size=12), prefilled=st.booleans(), max_pairs=st.integers(1, 4))
+def test_the_reader_never_raises_and_reads_alike_however_the_text_is_split(text, cuts, prefilled, max_pairs):
+    whole = read_in_pieces(text, [], max_pairs, prefilled)
+    assert read_in_pieces(text, cuts, max_pairs, prefilled) == whole
+    assert whole[0] in (None, "max_pairs", "repeat", "closed")
+
+
+@PROPERTY_SETTINGS
+@given(output=model_outputs(), max_pairs=st.integers(1, 7))
+def test_the_reader_stops_where_the_parser_has_read_the_pairs_it_counted(output, max_pairs):
+    text, complete = output["text"], output["complete"]
+    reason, counted, stop = read_in_pieces(text, [], max_pairs, output["prefilled"])
+    assert counted == min(len(complete), max_pairs)
+    if len(complete) >= max_pairs:
+        assert reason == "max_pairs"
+    else:
+        assert reason == ("closed" if output["closed"] else None)
+    kept = text if stop is None else text[: stop + 1]
+    assert parse_qa_pairs(kept, output["prefilled"]).pairs == complete[:max_pairs]
+
+
+@PROPERTY_SETTINGS
+@given(listed=pair_lists(), data=st.data())
+def test_a_repeat_stops_the_reader_and_the_text_before_it_parses_to_the_new_pairs(listed, data):
+    encoded = [json.dumps(item) for _, item in listed]
+    at = data.draw(st.integers(1, len(encoded)))
+    pair, _ = listed[data.draw(st.integers(0, at - 1))]
+    # The same pair under other key names, case and spacing: the parser's duplicate.
+    again = {data.draw(INSTRUCTION_KEYS): pair.instruction.upper(), data.draw(OUTPUT_KEYS): f" {pair.output} "}
+    encoded.insert(at, json.dumps(again))
+    text = "[" + ", ".join(encoded) + "]"
+    reason, counted, stop = read_in_pieces(text, data.draw(st.lists(st.integers(0, len(text)))))
+    assert (reason, counted) == ("repeat", at)
+    assert stop == len("[" + ", ".join(encoded[: at + 1])) - 1
+    before = parse_qa_pairs("[" + ", ".join(encoded[:at]))  # no closing bracket: the parser does not need one
+    assert before.pairs == [p for p, _ in listed[:at]] and before.dropped == [] and before.error is None
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -172,6 +172,123 @@ def test_a_plugin_that_fails_to_import_is_listed_with_its_error(monkeypatch, cap
     assert listed["broken"][0][2].startswith("error: ModuleNotFoundError")
 
 
+# A plugin that gets the contract wrong in one way or another, chosen by its `bad` setting.
+COLORS = """\
+from tmem_rl.envs.base import Environment, Task
+
+
+class ColorsEnv(Environment):
+    name = "colors"
+
+    def __init__(self, bad: str = ""):
+        self.bad = bad
+
+    def __len__(self):
+        return 2
+
+    def task(self, index):
+        fields = dict(task_id=f"colors-{index}", question="Which colour is the fish?", chunks=("One fish is red.",),
+                      answers=("red",))
+        if self.bad in ("chunks", "answers"):
+            fields[self.bad] = {"chunks": "One fish is red.", "answers": "red"}[self.bad]
+        return fields if self.bad == "dict" else Task(**fields)
+
+    def score(self, task, prediction):
+        reward = float("red" in prediction)
+        return reward if self.bad == "score" else {"reward": reward, "f1": reward, "em": reward}
+"""
+
+
+@pytest.fixture
+def plugin_module(monkeypatch, tmp_path):
+    """write(name, code): an importable module `name` for fake entry points to name; forgotten afterwards."""
+    folder = tmp_path / "site"
+    folder.mkdir()
+    monkeypatch.syspath_prepend(str(folder))
+    written = []
+
+    def write(name: str, code: str) -> None:
+        (folder / f"{name}.py").write_text(code)
+        importlib.invalidate_caches()
+        written.append(name)
+
+    yield write
+    for name in written:
+        sys.modules.pop(name, None)
+    for name in ("colors", "broken"):
+        envs._REGISTRY.pop(name, None)
+
+
+def error_line(err: str) -> str:
+    """The one error message in a command's stderr (an evaluation's progress bar may precede it on its line)."""
+    assert "Traceback" not in err and err.count("tmem-rl: error: ") == 1, err[-2000:]
+    return err.split("tmem-rl: error: ")[1].split("\n")[0]
+
+
+def test_a_plugin_whose_import_fails_is_one_line_naming_the_entry_point(monkeypatch, plugin_module, tmp_path,
+                                                                        capsys):
+    plugin_module("tmem_broken_plugin", "import tmem_no_such_dependency\n")
+    fake_entry_points(monkeypatch, ("broken", "tmem_broken_plugin:BrokenEnv", "tmem-broken", "0.0.1"))
+    expected = ("environment 'broken': cannot load entry point broken = tmem_broken_plugin:BrokenEnv (package "
+                "tmem-broken 0.0.1): ModuleNotFoundError: No module named 'tmem_no_such_dependency'; run tmem-rl "
+                "--debug for the traceback")
+    from tmem_rl.cli import main
+
+    assert main(["eval", "--env", "broken", "--out", str(tmp_path / "eval")]) == 2
+    assert error_line(capsys.readouterr().err) == expected
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text(f"env: {{name: broken}}\nouter_loop: {{output_dir: {tmp_path / 'run'}}}\n")
+    assert main(["train", str(recipe)]) == 2
+    assert error_line(capsys.readouterr().err) == expected
+    # --debug, before the command or after it: the same line, after the traceback down to the plugin's import.
+    for argv in (["--debug", "eval", "--env", "broken", "--out", str(tmp_path / "eval")],
+                 ["train", str(recipe), "--debug"]):
+        assert main(argv) == 2
+        err = capsys.readouterr().err
+        assert "Traceback" in err and 'tmem_broken_plugin.py", line 1' in err
+        assert err.rstrip().splitlines()[-1] == f"tmem-rl: error: {expected}"
+    assert main(["envs", "list"]) == 0, "the listing still shows every row"
+    assert table(capsys.readouterr().out)["broken"][0][2].startswith("error: ModuleNotFoundError")
+
+
+@pytest.mark.parametrize("bad, expected", [
+    ("chunks", "environment 'colors': task 0: field 'chunks' must be a list or tuple of strings, got str 'One fish "
+               "is red.' (a bare string would be read one character at a time)"),
+    ("answers", "environment 'colors': task 0: field 'answers' must be a list or tuple of strings, got str 'red' (a "
+                "bare string would be read one character at a time)"),
+    ("dict", "environment 'colors': task 0: expected a tmem_rl.envs.base.Task, got dict {'task_id': 'colors-0', "
+             "'question': 'Which colour is the ..."),
+])
+def test_a_plugin_task_of_the_wrong_shape_stops_eval_and_train_in_one_line(monkeypatch, plugin_module, tmp_path,
+                                                                          capsys, bad, expected):
+    plugin_module("tmem_colors_plugin", COLORS)
+    fake_entry_points(monkeypatch, ("colors", "tmem_colors_plugin:ColorsEnv", "tmem-colors", "0.1"))
+    from tmem_rl.cli import main
+
+    # Checked where the environment is made: before any model loads (none is named that could).
+    assert main(["eval", "--env", "colors", "--env-kwargs", json.dumps({"bad": bad}), "--model", "/no/model",
+                 "--out", str(tmp_path / "eval")]) == 2
+    assert error_line(capsys.readouterr().err) == expected
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text(f"model: {{name: /no/model}}\nenv: {{name: colors, kwargs: {{bad: {bad}}}}}\n"
+                      f"outer_loop: {{output_dir: {tmp_path / 'run'}}}\n")
+    assert main(["train", str(recipe)]) == 2
+    assert error_line(capsys.readouterr().err) == expected
+
+
+def test_a_plugin_score_that_is_no_dict_of_metrics_stops_eval_in_one_line(monkeypatch, plugin_module, tmp_path,
+                                                                         capsys, one_thread):
+    plugin_module("tmem_colors_plugin", COLORS)
+    fake_entry_points(monkeypatch, ("colors", "tmem_colors_plugin:ColorsEnv", "tmem-colors", "0.1"))
+    from tmem_rl.cli import main
+
+    assert main(["eval", "--env", "colors", "--env-kwargs", '{"bad": "score"}', "--model", "tiny", "--method", "none",
+                 "--max-questions", "1", "--greedy", "--device", "cpu", "--out", str(tmp_path / "eval")]) == 2
+    assert error_line(capsys.readouterr().err) == (
+        "environment 'colors': score of task 'colors-0': expected a dict of metric name -> number with \"reward\", "
+        "got float 0.0")
+
+
 # ---- the installed plugin ----------------------------------------------------------------------------------------
 
 

@@ -36,7 +36,15 @@ def write(tmp_path, text):
 
 def test_unknown_key_names_the_key_and_file(tmp_path):
     path = write(tmp_path, "outer_loop:\n  learning_rat: 1e-5\n")
-    with pytest.raises(RecipeError, match=rf"{path}: unknown key 'outer_loop.learning_rat'"):
+    with pytest.raises(RecipeError, match=rf"{path}: unknown key 'outer_loop.learning_rat' \(did you mean "
+                                          r"'outer_loop.learning_rate'\?\); known keys: "):
+        load_recipe(path)
+    path = write(tmp_path, "modle: {name: tiny}\n")
+    with pytest.raises(RecipeError, match=r"unknown key 'modle' \(did you mean 'model'\?\); known keys: "
+                                          "algorithm, model, "):
+        load_recipe(path)
+    path = write(tmp_path, "inner_loop: {zzz: 1}\n")  # nothing close: no guess
+    with pytest.raises(RecipeError, match=r"unknown key 'inner_loop.zzz'; known keys: "):
         load_recipe(path)
 
 
@@ -95,7 +103,7 @@ def test_train_entry_point_runs_checkpoints_and_resumes(tmp_path):
     assert (out / "reward_curve.png").stat().st_size > 1000
     assert list(out.rglob("events.out.tfevents*")), "the recipe reports to TensorBoard"
     longer = [o if not o.startswith("outer_loop.max_steps") else "outer_loop.max_steps=3" for o in overrides]
-    assert main(["train", recipe, *longer, "--resume"]) == 0
+    assert main(["train", recipe, *longer, "--resume", "--allow-recipe-change", "outer_loop.max_steps"]) == 0
     steps = [json.loads(line)["step"] for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert steps == [1, 2, 3]
 

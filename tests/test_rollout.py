@@ -1,11 +1,14 @@
 import json
+import math
 
 import pytest
 import torch
+from test_decoding import P1, P2, STOPPING_TEXTS, expected_stops, forced
 
 from tmem_rl.envs import make_env
 from tmem_rl.memory import FastWeightConfig, FastWeights
-from tmem_rl.rollout import EpisodeConfig, EpisodeRunner
+from tmem_rl.models import tiny_model
+from tmem_rl.rollout import EpisodeBatch, EpisodeConfig, EpisodeRunner
 
 
 class ScriptedRunner(EpisodeRunner):
@@ -14,7 +17,7 @@ class ScriptedRunner(EpisodeRunner):
     extraction_text = ' {"instruction": "What did Maya say?", "output": "hello there"}]'
     answer_text = "hello there"
 
-    def generate(self, prompts, slots, max_new_tokens, sample, temperature):
+    def generate(self, prompts, slots, max_new_tokens, sample, temperature, stop_strings=None, stopping=None):
         text = self.extraction_text if max_new_tokens == self.config.max_extraction_tokens else self.answer_text
         ids = self.tokenizer(text, add_special_tokens=False)["input_ids"] + [self.tokenizer.eos_token_id]
         return [list(ids) for _ in prompts]
@@ -120,3 +123,63 @@ def test_same_seed_same_trajectory(tiny, env):
     # The two rollouts of one task sample different continuations.
     a, b = runs[0].trajectories
     assert [s.completion_ids for s in a.segments] != [s.completion_ids for s in b.segments]
+
+
+# ---- extractions that stop once their pairs are written --------------------------------------------------------
+
+
+class ForcedRunner(EpisodeRunner):
+    """The real runner and decoders, with each rollout's extraction text forced token by token (answers: "x")."""
+
+    def __init__(self, *args, extractions: list[list[int]], **kwargs):
+        super().__init__(*args, **kwargs)
+        self.extractions = extractions
+
+    def generate(self, prompts, slots, max_new_tokens, sample, temperature, stop_strings=None, stopping=None):
+        answer = self.tokenizer("x", add_special_tokens=False)["input_ids"] + [self.tokenizer.eos_token_id]
+        scripts = [self.extractions[g] if stopping is not None else answer for g in slots]
+        with forced(self.model, scripts, then=self.tokenizer.eos_token_id):
+            return super().generate(prompts, slots, max_new_tokens, sample, temperature, stop_strings, stopping)
+
+
+@pytest.mark.parametrize("decoder, stop", [("generate", True), ("static", True), ("generate", False)])
+def test_extraction_segments_keep_what_their_stop_allows_with_its_reason_and_log_probs(decoder, stop, tmp_path):
+    model, tok = tiny_model(num_layers=2)
+    eos = tok.eos_token_id
+    texts = dict(STOPPING_TEXTS, length=f" {P1}, " + '{"instruction": "' + "and so on " * 20)
+    scripts = {name: tok(text, add_special_tokens=False)["input_ids"] for name, text in texts.items()}
+    scripts["eos"].append(eos)
+    names = list(scripts)
+    budget = max(len(s) for name, s in scripts.items() if name != "length") + 2
+    assert len(scripts["length"]) > budget
+    env = make_env("facts", num_tasks=1, num_facts=2, num_distractors=2, lines_per_chunk=4)
+    fast = FastWeights(model, len(names), FastWeightConfig(num_layers=1, epochs=1))
+    config = EpisodeConfig(l_max=30, max_pairs=2, max_extraction_tokens=budget, max_answer_tokens=4, grounding=False,
+                           record_logprobs=True, decoder=decoder, stop_extractions=stop)
+    runner = ForcedRunner(model, tok, fast, config, extractions=[scripts[name] for name in names])
+    batch = runner.run(env, [env.task(0)] * len(names))
+    fast.remove()
+
+    if stop:
+        kept = {name: scripts[name][:n] for name, (_, n) in expected_stops(tok, scripts).items()}
+        reasons = {name: name for name in names}
+    else:  # each script runs to its end token, or to the budget
+        kept = {name: (script + [eos])[: budget] if name != "eos" else script for name, script in scripts.items()}
+        reasons = {name: "length" if name == "length" else "eos" for name in names}
+    kept["length"] = scripts["length"][:budget]
+    # The pairs of the text kept: a repeat is no longer there to be dropped as a duplicate.
+    q1, q2, q3 = "Who founded Acme?", "When?", "Where?"
+    pairs = {"max_pairs": [q1, q2] if stop else [q1, q2, q3], "repeat": [q1] if stop else [q1, q2], "closed": [q1],
+             "eos": [q2], "length": [q1]}
+    for name, trajectory in zip(names, batch.trajectories):
+        segments = [s for s in trajectory.segments if s.kind == "extraction"]
+        assert segments and all(s.attempt == 0 for s in segments), "every extraction yields a pair: no retries"
+        for segment, extraction in zip(segments, trajectory.extractions):
+            assert (segment.stop_reason, segment.completion_ids) == (reasons[name], kept[name]), name
+            assert len(segment.logprobs) == len(kept[name]) and all(math.isfinite(lp) for lp in segment.logprobs)
+            assert [p["instruction"] for p in extraction["supervision"]["pairs"]] == pairs[name], name
+            dropped = extraction["supervision"]["attempts"][0]["dropped"]
+            assert ("duplicate" in [d["reason"] for d in dropped]) == (name == "repeat" and not stop)
+    batch.save(tmp_path)
+    loaded = EpisodeBatch.load(tmp_path).trajectories[0].segments
+    assert [s.stop_reason for s in loaded] == [s.stop_reason for s in batch.trajectories[0].segments]

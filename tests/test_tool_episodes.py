@@ -88,7 +88,7 @@ class ScriptedToolRunner(EpisodeRunner):
         self.script = {g: list(actions) for g, actions in script.items()}
         self.calls = []
 
-    def generate(self, prompts, slots, max_new_tokens, sample, temperature, stop_strings=None):
+    def generate(self, prompts, slots, max_new_tokens, sample, temperature, stop_strings=None, stopping=None):
         if max_new_tokens == self.config.max_action_tokens:
             texts = [self.script[g].pop(0) for g in slots]
             self.calls.append(("action", list(slots)))

@@ -22,12 +22,13 @@ import torch
 from safetensors.torch import load_file
 
 from tmem_rl.config_types import type_name, value_fits
+from tmem_rl.cpu import configure_cpu_threads
 from tmem_rl.envs import read_json_file
 from tmem_rl.envs.base import Environment, Task
 from tmem_rl.errors import InputError
 from tmem_rl.memory.config import FastWeightConfig
 from tmem_rl.memory.fast_weights import FastWeights
-from tmem_rl.models import DEFAULT_MODEL, load_policy, load_trained_policy
+from tmem_rl.models import DEFAULT_MODEL, check_safetensors, load_policy, load_trained_policy
 from tmem_rl.records import QAPair
 from tmem_rl.rollout import EpisodeConfig, EpisodeRunner
 
@@ -36,7 +37,7 @@ SETTINGS_FORMAT = "tmem_rl.agent/1"
 AGENT_EPISODE_FIELDS = (
     "l_max", "max_pairs", "max_extraction_tokens", "max_answer_tokens", "extraction_retries", "prefill", "examples",
     "grounding", "retry_temperature", "decoder", "chat_template_kwargs", "do_sample", "temperature", "top_p", "top_k",
-    "seed", "supervision", "summary_tokens",
+    "seed", "supervision", "summary_tokens", "stop_extractions",
 )
 """The EpisodeConfig fields that shape how the agent reads and answers; the rest belong to training."""
 
@@ -159,32 +160,41 @@ class TMEMAgent:
     @classmethod
     def from_pretrained(cls, name_or_path: str = DEFAULT_MODEL, device: str | torch.device | None = None,
                         dtype: torch.dtype | None = None, *, fast_weights: FastWeightConfig | dict | None = None,
-                        episode: EpisodeConfig | dict | None = None) -> "TMEMAgent":
+                        episode: EpisodeConfig | dict | None = None, base: str | None = None) -> "TMEMAgent":
         """An agent from an exported folder, an HF folder or hub id, or a known short name.
 
-        A folder holding a PEFT adapter (`adapter_config.json`) is merged into the base its config names. Settings
-        come from the folder's `fast_weights.json` when it has one, else the defaults. `fast_weights` / `episode`
-        override them: a dict replaces the named fields, a config object replaces the whole section. The fast
-        weights' A is the one training used, saved next to the settings, unless an override changes what defines
-        it (rank, layers, init, ...).
+        A folder holding a PEFT adapter (`adapter_config.json`) is merged into `base` when given (a known name, HF
+        folder or hub id: a local copy of the base, say), else into the base its `fast_weights.json` names (the
+        exact weights training ran on), else the one its `adapter_config.json` names. Settings come from the
+        folder's `fast_weights.json` when it has one, else the defaults. `fast_weights` / `episode` override them:
+        a dict replaces the named fields, a config object replaces the whole section. The fast weights' A is the
+        one training used, saved next to the settings, unless an override changes what defines it (rank, layers,
+        init, ...).
         Default device: CUDA when available; default dtype: float32.
         """
+        configure_cpu_threads()
         device = device or ("cuda" if torch.cuda.is_available() else "cpu")
         dtype = dtype or torch.float32
         folder = Path(name_or_path).expanduser()
         is_folder = folder.is_dir()
         # Settings first: a bad file or override fails before the model is loaded.
-        fast_config, episode_config = FastWeightConfig(), EpisodeConfig()
+        fast_config, episode_config, info = FastWeightConfig(), EpisodeConfig(), {}
         exported = is_folder and (folder / SETTINGS_FILE).exists()
         if exported:
-            fast_config, episode_config, _ = read_agent_settings(folder)
+            fast_config, episode_config, info = read_agent_settings(folder)
         saved_fast = fast_config
         fast_config = _overridden(fast_config, fast_weights, "fast_weights")
         episode_config = _overridden(episode_config, episode, "episode")
         same_a = all(getattr(saved_fast, f) == getattr(fast_config, f) for f in MEMORY_DEFINING_FIELDS)
+        if is_folder:  # a truncated copy fails here, naming the file, not deep inside a loader
+            check_safetensors(folder)
         if is_folder and any((folder / sub / "adapter_config.json").exists() for sub in ("", "adapter")):
-            model, tokenizer = load_trained_policy(folder, base="", dtype=dtype, device=device)
+            named = info.get("base_model") if isinstance(info.get("base_model"), str) else ""
+            model, tokenizer = load_trained_policy(folder, base=base or named, dtype=dtype, device=device)
         else:
+            if base:
+                raise InputError(f"TMEMAgent.from_pretrained({name_or_path!r}, base={base!r}): base is for an "
+                                 "adapter folder, and this is not one")
             model, tokenizer = load_policy(name_or_path, dtype=dtype, device=device)
         return cls(model, tokenizer, fast_config, episode_config, init_from=folder if exported and same_a else None)
 
@@ -254,10 +264,19 @@ class TMEMAgent:
 
     # ---- memory on disk -----------------------------------------------------------------------------------------
 
-    def save_memory(self, path: str | Path) -> Path:
+    def save_memory(self, path: str | Path, overwrite: bool = False) -> Path:
         """Save what this conversation left: fast weights (safetensors, `FastWeights.save`), absorbed pairs and the
-        working context (JSON), in one folder. Returns the folder."""
+        working context (JSON), in one folder. Returns the folder.
+
+        A folder that already holds anything (another memory, other files) is refused unless `overwrite`: then the
+        memory's own files are replaced and any other file is left as it is."""
         path = Path(path)
+        if path.exists() and not path.is_dir():
+            raise InputError(f"memory {path}: a file, expected a folder")
+        held = sorted(p.name for p in path.iterdir()) if path.is_dir() else []
+        if held and not overwrite:
+            what = "another memory" if MEMORY_FILE in held else f"{len(held)} other file(s) ({', '.join(held[:3])})"
+            raise InputError(f"memory {path}: already holds {what}; choose another folder or pass overwrite=True")
         self.fast.save(path / FAST_WEIGHTS_DIR)
         memory = {
             "format": MEMORY_FORMAT,
@@ -282,6 +301,7 @@ class TMEMAgent:
         tensors_path = path / FAST_WEIGHTS_DIR / "fast_weights.safetensors"
         if not tensors_path.exists():
             raise InputError(f"memory {tensors_path}: no such file")
+        check_safetensors(tensors_path.parent)
         tensors = load_file(str(tensors_path))
         self._check_shapes(tensors_path, tensors)
         try:

@@ -6,6 +6,7 @@ import argparse
 import dataclasses
 import json
 import sys
+import traceback
 from pathlib import Path
 
 
@@ -84,18 +85,30 @@ def _print_envs() -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Entry point: a user's mistake (InputError) is printed as one line and exits 2, like argparse's own errors."""
+    """Entry point: a user's mistake (InputError) is printed as one line and exits 2, like argparse's own errors;
+    with --debug, after its traceback (and that of its cause, e.g. a plugin's failed import)."""
     from tmem_rl.errors import InputError
 
+    # Read apart from the full parse, which may itself end in an InputError that --debug should show; taken from
+    # anywhere in the line, as a user adds it at the end of a command that failed.
+    early = argparse.ArgumentParser(add_help=False, allow_abbrev=False)
+    early.add_argument("--debug", action="store_true")
+    flags, argv = early.parse_known_args(argv)
     try:
         return _run(argv)
     except InputError as err:
+        if flags.debug:
+            traceback.print_exc()
         print(f"tmem-rl: error: {err}", file=sys.stderr)
         return 2
 
 
-def _run(argv: list[str] | None) -> int:
+def build_parser() -> argparse.ArgumentParser:
+    """Every subcommand and flag of `tmem-rl`."""
     parser = argparse.ArgumentParser(prog="tmem-rl", description="RL for LLM agents with fast-weight memory")
+    parser.add_argument("--debug", action="store_true",
+                        help="with an error's one-line message, print its full traceback (for a plugin that fails "
+                             "to import: the import's)")
     sub = parser.add_subparsers(dest="command", required=True)
 
     from tmem_rl.demo import DemoConfig
@@ -159,38 +172,53 @@ def _run(argv: list[str] | None) -> int:
                        help="continue the run in outer_loop.output_dir from its newest good checkpoint")
     again.add_argument("--overwrite", action="store_true",
                        help="delete the run already in outer_loop.output_dir (checkpoints, metrics) and start over")
+    train.add_argument("--allow-recipe-change", nargs="+", default=[], metavar="KEY",
+                       help="with --resume: dotted recipe keys that may differ from the checkpoint's recipe, e.g. "
+                            "outer_loop.max_steps (others are refused; save_steps, save_total_limit, logging_steps, "
+                            "report_to and output_dir may always change)")
     export = sub.add_parser("export", help="a training checkpoint -> a merged HF model or a PEFT adapter folder, "
                                            "with tokenizer, generation config, fast_weights.json and a model card")
     export.add_argument("checkpoint", help="a checkpoint-<step> folder written by tmem-rl train")
     export.add_argument("--out", required=True, help="the folder to write (must not exist or be empty)")
     export.add_argument("--format", choices=["merged", "adapter"], default="merged",
                         help="merged: slow LoRA merged into the base, loads with AutoModelForCausalLM; adapter: a "
-                             "PEFT adapter folder (LoRA runs only)")
+                             "PEFT adapter folder (LoRA runs on a base with a hub id or known name only)")
     export.add_argument("--verify", action="store_true",
                         help="reload the export with plain transformers / PEFT and compare logits, and the "
                              "fast weights' A an agent loads, with the checkpoint's in fp32 (fails above "
                              "--verify-tolerance)")
     export.add_argument("--verify-tolerance", type=float, default=None,
-                        help="largest max abs logit difference --verify accepts (default 1e-4; fp32 arithmetic alone "
-                             "moves the "
-                             "default model's logits by ~0.9e-4)")
-    export.add_argument("--base", default=None, help="the base model, when the checkpoint does not record it")
+                        help="largest max abs logit difference --verify accepts (default: 8 x the checkpoint's "
+                             "own fp32 rounding noise, its logits in fp32 against fp64, at least 8 x eps(fp32) x "
+                             "max |logit|; ~1e-3 on the default model)")
+    export.add_argument("--base", default=None,
+                        help="the base model to load a LoRA checkpoint onto and name in the export (default: the "
+                             "one the run recorded)")
     export.add_argument("--eval", default=None, help="a summary.json of tmem-rl eval to put in the model card")
-    export.add_argument("--overwrite", action="store_true", help="replace --out if it holds files")
+    export.add_argument("--overwrite", action="store_true",
+                        help="write into a non-empty --out: replaces the files an export writes (and an earlier "
+                             "export's), keeps any other")
     envs = sub.add_parser("envs", help="the available environments: tmem-rl envs list")
     envs.add_argument("action", nargs="?", choices=["list"], default="list",
                       help="list: one line per environment: name, package, module:Class, stream or tool")
     convert = sub.add_parser("convert", help="convert a known packaged model into the HF cache folder; print it")
     convert.add_argument("name", nargs="?", default=None, help="a known model name (default: the default model)")
+    return parser
 
+
+def _run(argv: list[str] | None) -> int:
+    parser = build_parser()
     args, extra = parser.parse_known_args(argv)
     if args.command == "train":  # overrides may also come after a flag: train r.yaml --resume a.b=1
         args.overrides += [a for a in extra if "=" in a and not a.startswith("-")]
         extra = [a for a in extra if a not in args.overrides]
     if extra:
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    from tmem_rl.cpu import configure_cpu_threads
+
+    configure_cpu_threads()
     if args.command == "demo":
-        from tmem_rl.demo import format_table, run_demo
+        from tmem_rl.demo import DemoConfig, format_table, run_demo
 
         config = DemoConfig(**{f.name: getattr(args, f.name) for f in dataclasses.fields(DemoConfig)})
         summary = run_demo(config)
@@ -213,24 +241,32 @@ def _run(argv: list[str] | None) -> int:
         print((Path(config.out) / "summary.md").read_text().rstrip())
         print(f"\nrecords, summary.json, summary.md and f1_by_category.png written to {config.out}/")
     elif args.command == "train":
+        from tmem_rl.errors import InputError
         from tmem_rl.recipes import load_recipe, run_recipe
 
-        history = run_recipe(load_recipe(args.recipe, args.overrides), resume=args.resume, overwrite=args.overwrite)
+        # nargs="+" also takes the overrides that follow it; a key never holds "=".
+        allowed = [k for k in args.allow_recipe_change if "=" not in k]
+        overrides = args.overrides + [k for k in args.allow_recipe_change if "=" in k]
+        if allowed and not args.resume:
+            raise InputError("--allow-recipe-change applies only with --resume: it names recipe keys a resumed run "
+                             "may change")
+        history = run_recipe(load_recipe(args.recipe, overrides), resume=args.resume, overwrite=args.overwrite,
+                             allow_recipe_change=allowed)
         if history:
             print(json.dumps({k: float(f"{v:.4g}") for k, v in history[-1].items()}, indent=2))
     elif args.command == "export":
-        from tmem_rl.export import VERIFY_TOLERANCE, export_checkpoint
+        from tmem_rl.export import export_checkpoint
 
-        tolerance = VERIFY_TOLERANCE if args.verify_tolerance is None else args.verify_tolerance
         result = export_checkpoint(args.checkpoint, args.out, args.format, verify=args.verify, base=args.base,
                                    eval_summary=args.eval, overwrite=args.overwrite,
-                                   tolerance=tolerance)
+                                   tolerance=args.verify_tolerance)
         print(f"exported {args.checkpoint} ({result['format']}, base {result['base_model'] or 'none'}) to "
               f"{result['out']}")
         if args.verify:
             verdict = "ok" if result["verified"] else "FAILED"
             print(f"verify: max abs logit diff {result['max_logit_diff']:.3g}, fast-weight A diff "
-                  f"{result['max_init_diff']:.3g} (tolerance {tolerance:g}, fp32): {verdict}")
+                  f"{result['max_init_diff']:.3g} (tolerance {result['tolerance']:.3g}; the checkpoint's fp32 "
+                  f"rounding noise {result['noise']:.3g}): {verdict}")
             if not result["verified"]:
                 return 1
     elif args.command == "envs":

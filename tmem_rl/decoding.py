@@ -13,7 +13,8 @@ A graph is recaptured only when some tensor it reads was replaced (the model mov
 afresh); that is checked from the tensors' addresses on every call.
 
 Sampling runs outside the graph on the step's logits (HF warpers and the runner's Gumbel noise, no host sync), and
-stop tokens are checked on the host only every `stop_check_every` steps, so steps are queued back to back.
+stop tokens and stopping criteria are checked on the host only every `stop_check_every` steps, so steps are queued
+back to back.
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ from contextlib import nullcontext
 from dataclasses import dataclass
 
 import torch
-from transformers import LogitsProcessorList, StaticCache
+from transformers import LogitsProcessorList, StaticCache, StoppingCriteria
 
 # With graphs, cache lengths are rounded up to a multiple of this, so prompts of similar length share one cache
 # and one graph.
@@ -101,10 +102,12 @@ class StaticDecoder:
     @torch.no_grad()
     def decode(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, max_new_tokens: int,
                stop_ids: list[int], pad_id: int, slots: list[int] | None = None,
-               processors: LogitsProcessorList | None = None, stop_check_every: int = 8) -> torch.Tensor:
+               processors: LogitsProcessorList | None = None, stopping: StoppingCriteria | None = None,
+               stop_check_every: int = 8) -> torch.Tensor:
         """Tokens generated after `input_ids` ([rows, new]): argmax of the processed scores (processors may add
-        sampling noise), rows padded with `pad_id` after their first stop token. The same tokens as
-        `model.generate(..., do_sample=False, logits_processor=processors)[:, width:]` under `fast.use(slots)`."""
+        sampling noise), rows padded with `pad_id` after their first stop token or the token at which `stopping`
+        stopped them. The same tokens as `model.generate(..., do_sample=False, logits_processor=processors,
+        stopping_criteria=[stopping])[:, width:]` under `fast.use(slots)`."""
         rows, width = input_ids.shape
         device = self.device
         graphs = self.capturing()
@@ -136,7 +139,7 @@ class StaticDecoder:
             finished = torch.zeros(rows, dtype=torch.bool, device=device)
             generated = torch.full((rows, max_new_tokens), pad_id, dtype=torch.long, device=device)
             sequence = input_ids[:rows]
-            steps = 0
+            steps = checked = 0
             while steps < max_new_tokens:
                 scores = logits.float()
                 if processors:
@@ -145,7 +148,11 @@ class StaticDecoder:
                 generated[:, steps] = token
                 finished |= torch.isin(token, stops)
                 steps += 1
-                if steps == max_new_tokens or (steps % stop_check_every == 0 and bool(finished.all())):
+                check = steps == max_new_tokens or steps % stop_check_every == 0
+                if check and stopping is not None:
+                    finished |= self._stopped(stopping, input_ids[:rows], generated, checked, steps, pad_id)
+                    checked = steps
+                if steps == max_new_tokens or (check and bool(finished.all())):
                     break
                 if processors:  # only they read the tokens so far
                     sequence = torch.cat([sequence, token[:, None]], dim=1)
@@ -158,6 +165,21 @@ class StaticDecoder:
             self.calls.append({"rows": rows, "prefill_seconds": prefilled - started,
                                "decode_seconds": done - prefilled, "decode_steps": max(steps - 1, 0)})
         return generated[:, :steps]
+
+    @staticmethod
+    def _stopped(stopping: StoppingCriteria, prompt: torch.Tensor, generated: torch.Tensor, checked: int,
+                 steps: int, pad_id: int) -> torch.Tensor:
+        """Rows that `stopping` stops, shown the tokens of steps checked..steps one step at a time, as `generate`
+        shows them; a stopped row's later tokens become padding. -> [rows] bool on the tokens' device."""
+        sequence = torch.cat([prompt, generated[:, :steps]], dim=1).cpu()  # the one host sync of this check
+        width = prompt.shape[1]
+        stopped = torch.zeros(len(generated), dtype=torch.bool)
+        for step in range(checked + 1, steps + 1):
+            now = stopping(sequence[:, : width + step], None).cpu()
+            for row in (now & ~stopped).nonzero().flatten().tolist():
+                generated[row, step:steps] = pad_id
+            stopped |= now
+        return stopped.to(generated.device)
 
     def _clock(self) -> float:
         if self.timed and self.device.type == "cuda":

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import torch
 
+from tmem_rl.cpu import configure_cpu_threads
 from tmem_rl.envs import make_env
 from tmem_rl.memory import FastWeightConfig, FastWeights
 from tmem_rl.models import DEFAULT_MODEL, load_policy
@@ -58,6 +59,7 @@ def summarize(batch: EpisodeBatch, seconds: float) -> dict:
 
 
 def run_demo(config: DemoConfig) -> dict:
+    configure_cpu_threads()
     torch.manual_seed(config.seed)
     model, tokenizer = load_policy(config.model)
     env = make_env(

@@ -6,6 +6,9 @@ traceback and exits with status 2; library users catch it like any ValueError.
 
 from __future__ import annotations
 
+import difflib
+from typing import Iterable
+
 
 class InputError(ValueError):
     """Bad input from the user; the message names where it is and what was expected."""
@@ -13,3 +16,10 @@ class InputError(ValueError):
     def __str__(self) -> str:
         # The message quotes user input (keys, paths, values), which may hold line breaks: keep it one line.
         return super().__str__().replace("\r", "\\r").replace("\n", "\\n")
+
+
+def did_you_mean(word: object, choices: Iterable[str], prefix: str = "") -> str:
+    """The hint that follows an unknown name in an error message: " (did you mean 'x'?)" when `word` is close to
+    one of `choices` (shown after `prefix`, e.g. the section of a key), else "". A near miss is most often a typo."""
+    close = difflib.get_close_matches(str(word), list(choices), n=1)
+    return f" (did you mean '{prefix}{close[0]}'?)" if close else ""

@@ -300,6 +300,125 @@ def fold(text: str) -> str:
 
 
 # ----------------------------------------------------------------------------------------------------------------
+# Knowing when an extraction is done, while it is generated
+# ----------------------------------------------------------------------------------------------------------------
+
+# Why an extraction's generation ended: an end token, `max_pairs` pairs written, a pair repeated, the list closed,
+# or the token budget.
+STOP_REASONS = ("eos", "max_pairs", "repeat", "closed", "length")
+_THINK_OPEN, _THINK_CLOSE = "<think>", "</think>"
+
+
+class PairReader:
+    """Reads an extraction's text piece by piece as it is generated and says when it is done: `feed` returns
+    "max_pairs" once `max_pairs` pairs are written, "repeat" once a pair repeats an earlier one, "closed" once the
+    list of pairs closes, and None until then. `pairs` counts the pairs read (repeats not counted).
+
+    It reads as `parse_qa_pairs` does, so that text cut where it stops parses to the pairs it counted: a leading
+    <think> block is skipped, a "[" (the prefilled one too) opens the list of pairs when an object follows it, each
+    object in the list is decoded and made a pair by the parser's own code, and a repeat is the parser's duplicate.
+    Each character is scanned once, so a completion costs time linear in its length. Where it cannot follow the
+    text (pairs in a wrapper object, an object that does not decode, after which the parser reads nothing more) it
+    never stops: generation then ends as it did without it.
+    """
+
+    def __init__(self, max_pairs: int, prefilled: bool = False):
+        self.max_pairs = max_pairs
+        self.pairs = 0
+        self.reason: str | None = None
+        self._seen: set[tuple[str, str]] = set()
+        self._head: str | None = ""  # text before the JSON that may still be a <think> block; None once past it
+        self._thinking = False
+        self._opening = prefilled  # a "[" was read: it opens the list if an object follows
+        self._lost = False  # the parser reads nothing more of this text: never stop
+        self._depth = 0  # brackets open, counted outside strings
+        self._list: int | None = None  # the depth inside the list of pairs, once it opened
+        self._item: list[str] | None = None  # the characters of the object being read
+        self._in_string = self._escaped = False
+
+    def feed(self, text: str) -> str | None:
+        if self._head is not None:
+            text = self._after_thinking(text)
+        try:
+            for char in text:
+                if self.reason is not None or self._lost:
+                    break
+                self._read(char)
+        except Exception:  # as the parser's own last resort: one unreadable text must not end a run
+            self._lost = True
+        return self.reason
+
+    def _after_thinking(self, text: str) -> str:
+        """What of `text` follows a leading <think> block (`strip_thinking` removes it before parsing); "" while the
+        block is open or may still begin."""
+        self._head += text
+        if not self._thinking:
+            lead = self._head.lstrip()
+            if _THINK_OPEN.startswith(lead):
+                return ""
+            if not lead.startswith(_THINK_OPEN):
+                text, self._head = self._head, None
+                return text
+            self._thinking, self._head = True, lead[len(_THINK_OPEN):]
+        end = self._head.find(_THINK_CLOSE)
+        if end < 0:
+            self._head = self._head[-len(_THINK_CLOSE):]  # enough to find a closing tag split across pieces
+            return ""
+        text, self._head = self._head[end + len(_THINK_CLOSE):], None
+        return text
+
+    def _read(self, char: str) -> None:
+        if self._opening:
+            if char.isspace():
+                return
+            self._opening = False
+            if char == "{":  # the parser salvages "[{" item by item (_OBJECT_AHEAD); other "[" it reads past
+                self._depth = self._list = 1
+        if self._item is not None:
+            self._item.append(char)
+        if self._in_string:
+            if self._escaped:
+                self._escaped = False
+            elif char == "\\":
+                self._escaped = True
+            elif char == '"':
+                self._in_string = False
+        elif char == '"':
+            self._in_string = self._depth > 0  # quotes in prose around the JSON delimit nothing
+        elif char == "[" and self._depth == 0:
+            self._opening = True
+        elif char in "[{":
+            if char == "{" and self._depth == self._list:
+                self._item = [char]
+            self._depth += 1
+        elif char in "]}" and self._depth > 0:  # a closer in prose closes nothing
+            self._depth -= 1
+            if self._item is not None and self._depth == self._list:
+                self._read_item("".join(self._item))
+                self._item = None
+            elif self._depth == 0 and self._list is not None:
+                self.reason = "closed"  # the parser takes this list and reads nothing after it
+
+    def _read_item(self, text: str) -> None:
+        try:
+            value = _DECODER.decode(_remove_trailing_commas(text))
+        except _DECODE_FAILURES:
+            self._lost = True  # the parser's salvage stops at an object it cannot decode
+            return
+        pair, _ = _to_pair(value)
+        if pair is None:
+            return
+        key = (fold(pair.instruction), fold(pair.output))
+        if key in self._seen:
+            self.reason = "repeat"
+            return
+        self._seen.add(key)
+        self.pairs += 1
+        if self.pairs >= self.max_pairs:
+            self.reason = "max_pairs"
+
+
+# ----------------------------------------------------------------------------------------------------------------
 # Prompts
 # ----------------------------------------------------------------------------------------------------------------
 

@@ -114,7 +114,10 @@ def _build(cls, data: Any, where: str, path: str):
     for key, value in data.items():
         dotted = f"{where}.{key}" if where else key
         if key not in fields:
-            raise RecipeError(f"{path}: unknown key {dotted!r}; known keys: {', '.join(fields)}")
+            from tmem_rl.errors import did_you_mean
+
+            close = did_you_mean(key, fields, f"{where}." if where else "")
+            raise RecipeError(f"{path}: unknown key {dotted!r}{close}; known keys: {', '.join(fields)}")
         hint = hints[key]
         if dataclasses.is_dataclass(hint):
             kwargs[key] = _build(hint, value, dotted, path)
@@ -241,8 +244,15 @@ def resolve_reward_funcs(reward_funcs: dict[str, str]) -> dict[str, Callable[...
     return funcs
 
 
-def run_recipe(recipe: TrainRecipe, resume: bool = False, overwrite: bool = False) -> list[dict]:
+def run_recipe(recipe: TrainRecipe, resume: bool = False, overwrite: bool = False,
+               allow_recipe_change: list[str] | tuple[str, ...] = ()) -> list[dict]:
+    """Train with `recipe`; `resume` continues the run in its output_dir, which must have been trained with the same
+    recipe but for bookkeeping keys and the dotted keys in `allow_recipe_change` (see GRPOTrainer.train)."""
     import torch
+
+    from tmem_rl.cpu import configure_cpu_threads
+
+    configure_cpu_threads()
     from accelerate import PartialState
 
     from tmem_rl.models import load_policy
@@ -257,7 +267,7 @@ def run_recipe(recipe: TrainRecipe, resume: bool = False, overwrite: bool = Fals
     trainer = trainer_cls(recipe.outer_loop, model, tokenizer, env, recipe.inner_loop, recipe.episode,
                           reward_funcs=reward_funcs,
                           run_info={"base_model": recipe.model.name, "recipe": dataclasses.asdict(recipe)})
-    return trainer.train(resume=resume, overwrite=overwrite)
+    return trainer.train(resume=resume, overwrite=overwrite, allow_recipe_change=allow_recipe_change)
 
 
 def eval_config(recipe: TrainRecipe, out: str, **overrides):

@@ -44,15 +44,15 @@ from typing import Any
 
 import torch
 from safetensors.torch import load_file, save_file
-from transformers import LogitsProcessor, LogitsProcessorList
+from transformers import LogitsProcessor, LogitsProcessorList, StoppingCriteria, StoppingCriteriaList
 from transformers.generation.logits_process import TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper
 
 from tmem_rl.actions import ACTION_PREFILL, ANSWER, FORCED_ANSWER, TOOL, closing_tags, format_call, parse_action
 from tmem_rl.chat import chat_ids, chat_template_kwargs, left_padded, stop_token_ids, strip_thinking
 from tmem_rl.decoding import StaticDecoder
 from tmem_rl.envs.base import Action, ActionKind, Environment, EpisodeState, Task
-from tmem_rl.extraction import (EXTRACTION_PREFILL, answer_messages, extraction_messages, parse_qa_pairs,
-                                reference_supervision, summary_messages)
+from tmem_rl.extraction import (EXTRACTION_PREFILL, PairReader, answer_messages, extraction_messages,
+                                parse_qa_pairs, reference_supervision, summary_messages)
 from tmem_rl.logprobs import build_rows, completion_logprobs
 from tmem_rl.memory.fast_weights import FastWeights, Snapshot
 from tmem_rl.memory.inner_loop import PromptFn
@@ -88,6 +88,9 @@ class EpisodeConfig:
     KV cache and fixed-shape decode steps, replayed as CUDA graphs on a GPU (the same tokens)."""
     max_extraction_tokens: int = 192
     """Generation budget of each extraction action (the written QA pairs)."""
+    stop_extractions: bool = True
+    """End each extraction once max_pairs pairs are written, a pair repeats an earlier one or the list closes
+    (`Segment.stop_reason` says which); False: only at an end token or max_extraction_tokens."""
     max_answer_tokens: int = 32
     """Generation budget of the answer."""
     max_action_tokens: int = 64
@@ -165,6 +168,7 @@ class Segment:
     snapshot: str | None  # key into EpisodeBatch.snapshots; None = base model
     temperature: float  # the temperature the tokens were sampled at: every log-prob of them is taken at it
     logprobs: list[float] | None = None  # per completion token, when EpisodeConfig.record_logprobs
+    stop_reason: str | None = None  # extractions: why generation ended, one of extraction.STOP_REASONS
 
 
 @dataclass
@@ -494,11 +498,14 @@ class EpisodeRunner:
             ]
             t0 = time.perf_counter()
             temperature = cfg.temperature if attempt == 0 else cfg.retry_temperature
+            stopping = PairStopping(self.tokenizer, len(pending), cfg.max_pairs, cfg.prefill, self.stop_ids,
+                                    stop=cfg.stop_extractions)
             completions = self.generate(prompts, pending, cfg.max_extraction_tokens, cfg.do_sample or attempt > 0,
-                                         temperature)
+                                         temperature, stopping=stopping)
+            completions = stopping.cut(completions)  # the log-probs are those of the tokens kept
             elapsed = time.perf_counter() - t0
             logprobs = self._logprobs(prompts, completions, pending, temperature)
-            for g, prompt, completion, lp in zip(pending, prompts, completions, logprobs):
+            for g, prompt, completion, lp, reason in zip(pending, prompts, completions, logprobs, stopping.reasons):
                 text = self.tokenizer.decode(completion, skip_special_tokens=True)
                 source = "\n".join(context[g]) if cfg.grounding else None
                 record = parse_qa_pairs(strip_thinking(text), prefilled=cfg.prefill, source=source)
@@ -508,7 +515,7 @@ class EpisodeRunner:
                 supervision[g].pairs = record.pairs
                 self._add_segment(trajectories[g], snapshots, kind="extraction", chunk_index=self._position(ep, g),
                                   attempt=attempt, prompt_ids=prompt, completion_ids=completion, text=text,
-                                  temperature=temperature, logprobs=lp)
+                                  temperature=temperature, logprobs=lp, stop_reason=reason)
                 trajectories[g].timings["generate_extraction"] += elapsed
             pending = [g for g in pending if not supervision[g].pairs]
         self._absorb(env, rollouts, ep, supervision)
@@ -693,11 +700,13 @@ class EpisodeRunner:
 
     @torch.no_grad()
     def generate(self, prompts: list[list[int]], slots: list[int], max_new_tokens: int, sample: bool,
-                 temperature: float, stop_strings: list[str] | None = None) -> list[list[int]]:
+                 temperature: float, stop_strings: list[str] | None = None,
+                 stopping: StoppingCriteria | None = None) -> list[list[int]]:
         """Batched, KV-cached generation; row i runs under fast-weight slot slots[i] (-1: the base model).
 
-        `stop_strings`: a row may stop once its text holds one (the "generate" decoder), to save time; the tokens
-        up to the stop are the same either way, and callers cut each row there themselves (padding follows it)."""
+        `stop_strings`: a row may stop once its text holds one (the "generate" decoder), and `stopping` (either
+        decoder) once it says so, to save time; the tokens up to the stop are the same either way, and callers cut
+        each row there themselves (padding follows it)."""
         pad = self.tokenizer.pad_token_id
         input_ids, attention_mask = left_padded(prompts, pad)
         # Sampling draws from the runner's own generator (Gumbel-max over HF's warped scores, decoded greedily), so
@@ -714,7 +723,7 @@ class EpisodeRunner:
             if self.static_decoder is None:
                 self.static_decoder = StaticDecoder(self.model, self.fast)
             new_tokens = self.static_decoder.decode(input_ids, attention_mask, max_new_tokens, self.stop_ids, pad,
-                                                    slots, processors)
+                                                    slots, processors, stopping)
         else:
             live = self.fast.use(slots) if self.fast is not None and max(slots) >= 0 else nullcontext()
             with live:
@@ -727,6 +736,7 @@ class EpisodeRunner:
                     do_sample=False, temperature=None, top_p=None, top_k=None,
                     logits_processor=processors,
                     **({"stop_strings": stop_strings, "tokenizer": self.tokenizer} if stop_strings else {}),
+                    **({"stopping_criteria": StoppingCriteriaList([stopping])} if stopping else {}),
                 )[:, input_ids.shape[1]:]
         completions = []
         for row in new_tokens.tolist():
@@ -754,6 +764,76 @@ def counter_seed(*counters: int) -> int:
         x = ((x ^ (x >> 27)) * 0x94D049BB133111EB) & mask
         x ^= x >> 31
     return x >> 1
+
+
+class PairStopping(StoppingCriteria):
+    """Stops each row of a batch of extractions once it is done (`PairReader`), as generation stops a row at an
+    end token; `cut` then keeps each row's tokens up to its stop and sets its reason in `reasons`.
+
+    Either decoder calls it once per new token with the rows so far, and it reads their last column. Each row's text
+    is decoded a few tokens at a time: only the new tokens, after a couple before them for context, a character
+    split across tokens waiting for the rest. `stop=False`: it only records why rows ended ("eos" or "length")."""
+
+    def __init__(self, tokenizer, rows: int, max_pairs: int, prefilled: bool, stop_ids: list[int],
+                 stop: bool = True):
+        self.tokenizer = tokenizer
+        self.stop_ids = set(stop_ids)
+        self.stop = stop
+        self.readers = [PairReader(max_pairs, prefilled) for _ in range(rows)]
+        self.ids: list[list[int]] = [[] for _ in range(rows)]
+        self.decoded = [(0, 0)] * rows  # (start, end): ids[start:end] was decoded last, the context of what follows
+        self.reasons: list[str | None] = [None] * rows
+        self.kept: list[int | None] = [None] * rows  # tokens each stopped row keeps
+        self.settled = [0] * rows  # tokens through the one that completed the row's last new pair
+
+    def __call__(self, input_ids: torch.Tensor, scores, **kwargs) -> torch.Tensor:
+        for row, token in enumerate(input_ids[:, -1].tolist()):
+            self._read(row, token)
+        return torch.tensor([reason is not None for reason in self.reasons], device=input_ids.device)
+
+    def cut(self, completions: list[list[int]]) -> list[list[int]]:
+        """Each row up to where it stopped; a row whose budget ran out is kept whole, with reason "length". Tokens
+        the criterion was never shown (a policy that did not generate through it) are read first."""
+        kept = []
+        for row, completion in enumerate(completions):
+            for token in completion[len(self.ids[row]):]:
+                self._read(row, token)
+            if self.reasons[row] is None:
+                self.reasons[row], self.kept[row] = "length", len(completion)
+            kept.append(completion[: self.kept[row]])
+        return kept
+
+    def _read(self, row: int, token: int) -> None:
+        if self.reasons[row] is not None:  # padding after the stop
+            return
+        ids = self.ids[row]
+        ids.append(token)
+        if token in self.stop_ids:
+            self.reasons[row], self.kept[row] = "eos", len(ids)  # the end token is kept: it carries log-prob
+            return
+        if not self.stop:
+            return
+        reader = self.readers[row]
+        pairs = reader.pairs
+        reason = reader.feed(self._new_text(row))
+        if reader.pairs > pairs:
+            self.settled[row] = len(ids)
+        if reason is not None:
+            self.reasons[row] = reason
+            # A repeat is cut back to the end of the last new pair, so that the kept text ends where its pairs do
+            # (the parser would only drop the repeat as a duplicate).
+            self.kept[row] = self.settled[row] if reason == "repeat" else len(ids)
+
+    def _new_text(self, row: int) -> str:
+        ids = self.ids[row]
+        start, end = self.decoded[row]
+        before = self.tokenizer.decode(ids[start:end], skip_special_tokens=True)
+        text = self.tokenizer.decode(ids[start:], skip_special_tokens=True)
+        # A trailing U+FFFD is a character whose bytes are still to come (a UTF-8 character has at most 4).
+        if len(text) <= len(before) or (text.endswith("\ufffd") and len(ids) - end < 4):
+            return ""
+        self.decoded[row] = (end, len(ids))
+        return text[len(before):]
 
 
 class GumbelNoise(LogitsProcessor):

@@ -15,6 +15,7 @@ from typing import Any, Callable
 from tmem_rl.envs.base import (  # noqa: F401  (re-exported contract)
     Action,
     ActionKind,
+    ContractError,
     Environment,
     EpisodeState,
     Observation,
@@ -22,6 +23,7 @@ from tmem_rl.envs.base import (  # noqa: F401  (re-exported contract)
     Task,
 )
 from tmem_rl.errors import InputError  # noqa: F401  (re-exported: environments raise it for bad settings)
+from tmem_rl.errors import did_you_mean
 from tmem_rl.records import ParseRecord, QAPair, Supervision  # noqa: F401  (what extraction actions produce)
 
 _REGISTRY: dict[str, Callable[..., Environment]] = {}
@@ -110,7 +112,7 @@ def env_sources() -> list[EnvSource]:
             loaded = source.load()
             kind, error = ("tool" if getattr(loaded, "tools", None) else "stream"), ""
         except Exception as err:  # whatever a third-party import raises, the listing goes on
-            kind, error = "", " ".join(f"{type(err).__name__}: {err}".split())
+            kind, error = "", _one_line(err)
         others = tuple(s.origin for s in found
                        if s.name == source.name and not _same_package(s.package, source.package))
         records.append(replace(source, kind=kind, error=error, conflicts=others))
@@ -123,13 +125,19 @@ def env_sources() -> list[EnvSource]:
     return sorted(records, key=lambda s: (s.name, s.package))
 
 
+def _one_line(err: BaseException) -> str:
+    return " ".join(f"{type(err).__name__}: {err}".split())
+
+
 def available_envs() -> list[str]:
     return sorted({s.name for s in _registrations()} | set(_REGISTRY))
 
 
 def make_env(name: str, **kwargs) -> Environment:
-    """The environment registered under `name`, built from `kwargs`; an unknown name or setting, or a name that two
-    packages register, is an InputError that says so."""
+    """The environment registered under `name`, built from `kwargs`, its first task checked. An unknown name or
+    setting, a name that two packages register, an entry point that fails to import or makes no `Environment`, or
+    a task of the wrong shape, is an InputError that says so in one line (a failed import keeps its traceback as
+    the cause: `tmem-rl --debug` shows it)."""
     sources = [s for s in _registrations() if s.name == name]
     if len({_normalized(s.package) for s in sources}) > 1:
         both = "; ".join(f"{s.origin} ({s.target})" for s in sources)
@@ -137,11 +145,28 @@ def make_env(name: str, **kwargs) -> Environment:
                          "or rename the entry point in its pyproject.toml")
     if name not in _REGISTRY:
         if not sources:
-            raise InputError(f"unknown environment {name!r}; available: {', '.join(available_envs())}")
-        _REGISTRY[name] = sources[0].load()
+            raise InputError(f"unknown environment {name!r}{did_you_mean(name, available_envs())}; "
+                             f"available: {', '.join(available_envs())}")
+        source = sources[0]
+        try:
+            _REGISTRY[name] = source.load()
+        except Exception as err:  # a plugin's import may raise anything; the user needs which one and why
+            raise InputError(f"environment {name!r}: cannot load entry point {name} = {source.target} (package "
+                             f"{source.origin}): {_one_line(err)}; run tmem-rl --debug for the traceback") from err
     factory = _REGISTRY[name]
+    target = sources[0].target if sources else f"{factory.__module__}:{factory.__qualname__}"  # register_env's
+    if not callable(factory):
+        raise ContractError(f"environment {name!r}: {target} is a {type(factory).__name__}; expected a subclass of "
+                            "tmem_rl.envs.base.Environment")
     _check_settings(name, factory, kwargs)
-    return factory(**kwargs)
+    env = factory(**kwargs)
+    # The class's own results are checked by Environment (see __init_subclass__), so only a subclass will do.
+    if not isinstance(env, Environment):
+        raise ContractError(f"environment {name!r}: {target} made a {type(env).__name__}; expected a subclass of "
+                            "tmem_rl.envs.base.Environment")
+    if len(env):
+        env.task(0)  # checked: tasks of the wrong shape stop a run here, before a model loads, not at its first step
+    return env
 
 
 def _check_settings(name: str, factory: Callable[..., Environment], kwargs: dict[str, Any]) -> None:

@@ -14,12 +14,21 @@ never needs to know which environment it is driving. docs/environments.md walks 
 from __future__ import annotations
 
 import enum
+import functools
+import numbers
 from abc import ABC, abstractmethod
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import Any, Mapping
 
+from tmem_rl.errors import InputError
 from tmem_rl.records import QAPair
+
+
+class ContractError(InputError):
+    """An environment gave a task or result of the wrong type. The message names the environment, the task, the
+    field and what the contract expects; the command line prints it as one line and exits 2."""
 
 
 class ActionKind(str, enum.Enum):
@@ -83,8 +92,113 @@ class EpisodeState:
         return self.cursor >= len(self.task.chunks)
 
 
+# ---- the contract, checked ----------------------------------------------------------------------------------------
+
+
+def _shown(value: Any) -> str:
+    """A value as an error message quotes it: its type, then its repr cut short (a chunk can be long)."""
+    text = repr(value)
+    return f"{type(value).__name__} {text if len(text) <= 60 else text[:57] + '...'}"
+
+
+def _check_items(where: str, name: str, value: Any, item: type, noun: str) -> None:
+    if isinstance(value, (str, bytes)) or not isinstance(value, Sequence):
+        # A bare string is a sequence too, of single characters: refused, as it is never what was meant.
+        bare = " (a bare string would be read one character at a time)" if isinstance(value, str) else ""
+        raise ContractError(f"{where}: field '{name}' must be a list or tuple of {noun}, got {_shown(value)}{bare}")
+    bad = next((i for i, v in enumerate(value) if not isinstance(v, item)), None)
+    if bad is not None:
+        raise ContractError(f"{where}: field '{name}' must be a list or tuple of {noun}; item {bad} is "
+                            f"{_shown(value[bad])}")
+
+
+def check_task(where: str, task: Any) -> Task:
+    """`task` if it is a `Task` whose fields have the types above, else a ContractError naming `where` (the
+    environment and task index) and the field."""
+    if not isinstance(task, Task):
+        raise ContractError(f"{where}: expected a tmem_rl.envs.base.Task, got {_shown(task)}")
+    for name in ("task_id", "question"):
+        if not isinstance(getattr(task, name), str):
+            raise ContractError(f"{where}: field '{name}' must be a string, got {_shown(getattr(task, name))}")
+    _check_items(where, "chunks", task.chunks, str, "strings")
+    _check_items(where, "answers", task.answers, str, "strings")
+    _check_items(where, "reference_pairs", task.reference_pairs, QAPair, "QAPair")
+    if not isinstance(task.metadata, dict):
+        raise ContractError(f"{where}: field 'metadata' must be a dict, got {_shown(task.metadata)}")
+    return task
+
+
+def check_metrics(where: str, metrics: Any) -> dict[str, float]:
+    """`metrics` if it is a dict of metric name -> number holding "reward", else a ContractError naming `where`."""
+    expected = 'a dict of metric name -> number with "reward"'
+    if not isinstance(metrics, dict):
+        raise ContractError(f"{where}: expected {expected}, got {_shown(metrics)}")
+    for key, value in metrics.items():
+        if not isinstance(key, str):
+            raise ContractError(f"{where}: expected {expected}; the name {_shown(key)} is not a str")
+        if not isinstance(value, numbers.Real):
+            raise ContractError(f"{where}: expected {expected}; metric {key!r} is {_shown(value)}")
+    if "reward" not in metrics:
+        raise ContractError(f"{where}: expected {expected}; got only {', '.join(map(repr, metrics)) or 'no metrics'}")
+    return metrics
+
+
+def _label(env: Environment) -> str:
+    name = env.name if env.name != Environment.name else type(env).__qualname__  # a plugin may leave `name` unset
+    return f"environment {name!r}"
+
+
+def _checked_task(method):
+    @functools.wraps(method)
+    def task(self, index):
+        return check_task(f"{_label(self)}: task {index}", method(self, index))
+    return task
+
+
+def _checked_score(method):
+    @functools.wraps(method)
+    def score(self, task, prediction):
+        return check_metrics(f"{_label(self)}: score of task {getattr(task, 'task_id', task)!r}",
+                             method(self, task, prediction))
+    return score
+
+
+def _checked_step(method):
+    @functools.wraps(method)
+    def step(self, state, action):
+        result = method(self, state, action)
+        where = f"{_label(self)}: step of task {state.task.task_id!r}"
+        if not isinstance(result, StepResult):
+            raise ContractError(f"{where}: expected a StepResult, got {_shown(result)}")
+        if not (isinstance(result.observation, Observation) and isinstance(result.observation.text, str)):
+            raise ContractError(f"{where}: field 'observation' must be an Observation whose text is a str, got "
+                                f"{_shown(result.observation)}")
+        if not isinstance(result.reward, numbers.Real):
+            raise ContractError(f"{where}: field 'reward' must be a number, got {_shown(result.reward)}")
+        return result
+    return step
+
+
+def _checked_call_tool(method):
+    @functools.wraps(method)
+    def call_tool(self, state, tool, argument):
+        text = method(self, state, tool, argument)
+        if not isinstance(text, str):
+            raise ContractError(f"{_label(self)}: call_tool of tool {tool!r} on task {state.task.task_id!r}: "
+                                f"expected a str (the agent's observation), got {_shown(text)}")
+        return text
+    return call_tool
+
+
+_CHECKED = {"task": _checked_task, "score": _checked_score, "step": _checked_step, "call_tool": _checked_call_tool}
+
+
 class Environment(ABC):
-    """Base class: subclasses provide tasks and a scorer; reading/answering mechanics are shared."""
+    """Base class: subclasses provide tasks and a scorer; reading/answering mechanics are shared.
+
+    What a subclass's `task`, `score`, `step` and `call_tool` return is checked against the contract (see
+    `__init_subclass__`): a wrong type is a `ContractError` naming the environment, the task and the field.
+    """
 
     name: str = "base"
     tools: Mapping[str, str] = MappingProxyType({})  # read-only: a shared default must not be written into
@@ -96,6 +210,20 @@ class Environment(ABC):
     given (training takes a recipe's episode.l_max)."""
     summary_columns: tuple[str, ...] = ()
     """Figures of this environment's `summarize` that `tmem-rl eval` shows as columns of summary.md."""
+
+    def __init_subclass__(cls, **kwargs):
+        # Each implementation is wrapped where its class defines it, so that every caller (the trainer, the episode
+        # runner, `tmem-rl eval`, the agent) gets checked results without checking them itself, and a plugin's
+        # mistake is one line naming it instead of a traceback from deep in a rollout, or a silent misreading
+        # (chunks="text" would be read one character at a time).
+        super().__init_subclass__(**kwargs)
+        for name, checked in _CHECKED.items():
+            method = cls.__dict__.get(name)
+            if callable(method) and not isinstance(method, (staticmethod, classmethod)) \
+                    and not getattr(method, "checks_contract", False):  # not one wrapped already (task = A.task)
+                wrapped = checked(method)
+                wrapped.checks_contract = True
+                setattr(cls, name, wrapped)
 
     @abstractmethod
     def __len__(self) -> int:

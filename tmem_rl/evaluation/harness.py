@@ -27,15 +27,16 @@ from typing import Any
 import torch
 from tqdm import tqdm
 
+from tmem_rl.cpu import configure_cpu_threads
 from tmem_rl.envs import lone_surrogate, make_env, read_json_file
 from tmem_rl.envs.base import Environment, Task
 from tmem_rl.envs.split import SPLITS, split_env
 from tmem_rl.errors import InputError
 from tmem_rl.evaluation.continual import (PHASES, check_continual, continual_summary, evaluate_continual,
                                           phase_label, sequences, write_continual_reports)
-from tmem_rl.evaluation.methods import METHODS, Answered, MethodSettings, TMEMReference
+from tmem_rl.evaluation.methods import METHODS, Answered, MethodSettings, TMEMReference, check_methods
 from tmem_rl.memory import FastWeightConfig, FastWeights
-from tmem_rl.models import DEFAULT_MODEL, load_policy, load_trained_policy
+from tmem_rl.models import DEFAULT_MODEL, check_checkpoint_fits, load_policy, load_trained_policy
 from tmem_rl.rollout import EpisodeConfig, EpisodeRunner
 
 EPISODE_UNITS = ("question", "conversation")
@@ -119,9 +120,7 @@ class EvalConfig:
     forward transfer, retention and forgetting (tmem_rl.evaluation.continual). Fast-weight methods only."""
 
     def __post_init__(self):
-        unknown = [m for m in self.methods if m not in METHODS]
-        if unknown:
-            raise InputError(f"unknown method(s) {unknown}; available: {', '.join(METHODS)}")
+        check_methods(self.methods)
         if self.episode_unit not in EPISODE_UNITS:
             raise InputError(f"episode_unit={self.episode_unit!r}: expected one of {EPISODE_UNITS}")
         if self.split not in SPLITS:
@@ -315,6 +314,7 @@ def check_applicable(config: EvalConfig, env: Environment) -> None:
 
 
 def run_eval(config: EvalConfig) -> dict[str, Any]:
+    configure_cpu_threads()
     out = Path(config.out)
     results_path = out / RESULTS
     has_results = results_path.exists() and results_path.stat().st_size > 0
@@ -348,12 +348,21 @@ def run_eval(config: EvalConfig) -> dict[str, Any]:
     os.replace(staged, out / CONFIG)
     done = {(r["method"], r["question_id"]) for r in read_records(results_path)}
 
-    policies = [("base", lambda: load_policy(config.model, device=config.device))]
+    def load_base():
+        model, tokenizer = load_policy(config.model, device=config.device)
+        if config.checkpoint:  # a checkpoint of another model fails now, not after the base's evaluation
+            check_checkpoint_fits(config.checkpoint, config.model, model.config)
+        return model, tokenizer
+
+    def load_trained():
+        check_checkpoint_fits(config.checkpoint, config.model)  # configs and file headers only
+        return load_trained_policy(config.checkpoint, config.model, device=config.device)
+
+    policies = [("base", load_base)]
     if config.checkpoint and not config.evaluate_base:
         policies = []
     if config.checkpoint:
-        policies.append((TRAINED, lambda: load_trained_policy(config.checkpoint, config.model,
-                                                              device=config.device)))
+        policies.append((TRAINED, load_trained))
     rows = []
     for policy, load in policies:
         labels = {m: row_label(m, policy) for m in config.methods}
@@ -421,13 +430,14 @@ def evaluate_policy(config: EvalConfig, env, model, tokenizer, todo: dict[str, l
     fast = runner.fast
     for method_name, pending in todo.items():
         method = METHODS[method_name](runner, env, settings)
-        bar = tqdm(total=len(pending), desc=row_label(method_name, policy), unit="q", dynamic_ncols=True)
-        for readings, questions in episodes(env, config.episode_unit, pending, settings.answer_batch_size):
-            answered = method.run(readings, questions)
-            records = [to_record(method_name, config.episode_unit, a, env, policy) for group in answered for a in group]
-            append_records(results_path, records)
-            bar.update(len(records))
-        bar.close()
+        # Closed on an error too, so that the error's line does not land on the bar's.
+        with tqdm(total=len(pending), desc=row_label(method_name, policy), unit="q", dynamic_ncols=True) as bar:
+            for readings, questions in episodes(env, config.episode_unit, pending, settings.answer_batch_size):
+                answered = method.run(readings, questions)
+                records = [to_record(method_name, config.episode_unit, a, env, policy)
+                           for group in answered for a in group]
+                append_records(results_path, records)
+                bar.update(len(records))
     fast.remove()
 
 

@@ -32,7 +32,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from tmem_rl.envs.base import Environment, Task
-from tmem_rl.errors import InputError
+from tmem_rl.errors import InputError, did_you_mean
 from tmem_rl.extraction import summary_messages
 from tmem_rl.retrieval import bm25_top_k
 from tmem_rl.rollout import EpisodeRunner
@@ -262,3 +262,11 @@ class TMEMReference(TMEM):
 METHODS: dict[str, type[MemoryMethod]] = {
     cls.name: cls for cls in (NoMemory, FullContext, Summary, Retrieval, TMEM, TMEMExplicit, TMEMReference)
 }
+
+
+def check_methods(names: list[str]) -> None:
+    """Method names as `tmem-rl eval --method` takes them: an unknown one is an InputError with the closest name."""
+    unknown = [name for name in names if name not in METHODS]
+    if unknown:
+        shown = ", ".join(f"{name!r}{did_you_mean(name, METHODS)}" for name in unknown)
+        raise InputError(f"unknown method(s) {shown}; available: {', '.join(METHODS)}")

@@ -1,5 +1,5 @@
-"""Checkpoint folders of `tmem-rl train`: a manifest written last, finding the newest good one, pruning, and the
-metrics log cut back to a checkpoint's step on resume.
+"""Checkpoint folders of `tmem-rl train`: a manifest written last, finding the newest good one, pruning, the
+metrics log cut back to a checkpoint's step on resume, and the recipe a resume must match.
 
 A checkpoint is `<output_dir>/checkpoint-<step>/`. Its `manifest.json` lists every other file with its size and
 SHA-256 and is written after all of them, so a folder without it, or whose files no longer match it (a partial
@@ -15,11 +15,18 @@ import re
 import shutil
 import warnings
 from pathlib import Path
+from typing import Iterable
 
 from tmem_rl.errors import InputError
 
 MANIFEST = "manifest.json"
 METRICS = "metrics.jsonl"
+RECIPE = "recipe.yaml"
+"""The run's recipe in its output folder, written at every start: the text to rerun, with its hash."""
+FREE_KEYS = ("outer_loop.output_dir", "outer_loop.save_steps", "outer_loop.save_total_limit",
+             "outer_loop.logging_steps", "outer_loop.report_to")
+"""Recipe keys a resume may change unasked: where and how often the run writes checkpoints and logs (output_dir: a
+run folder moved or copied), never what it computes."""
 TRACKER_RUN = "tmem_rl"
 """The trackers' run name: TensorBoard writes under <output_dir>/<TRACKER_RUN>."""
 _NAME = re.compile(r"checkpoint-(\d+)")
@@ -158,3 +165,48 @@ def remove_run(output_dir: str | Path) -> None:
     for name in (METRICS, "reward_curve.png"):
         (out / name).unlink(missing_ok=True)
     shutil.rmtree(out / TRACKER_RUN, ignore_errors=True)
+
+
+def recipe_hash(record: dict) -> str:
+    """SHA-256 of a recipe record's canonical JSON: equal settings, equal hash, whatever their order."""
+    return hashlib.sha256(json.dumps(record, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def write_recipe(output_dir: str | Path, record: dict) -> Path:
+    """<output_dir>/recipe.yaml: the recipe as run (overrides applied, defaults filled in), after a comment line
+    with its hash (the recipe_sha256 of the run's checkpoints)."""
+    import yaml
+
+    path = Path(output_dir) / RECIPE
+    staging = path.with_name(RECIPE + ".tmp")
+    staging.write_text(f"# This run's recipe: overrides applied, defaults filled in. sha256: {recipe_hash(record)}\n"
+                       + yaml.safe_dump(record, sort_keys=False))
+    os.replace(staging, path)
+    return path
+
+
+def _leaves(record: dict, prefix: str = "") -> dict:
+    """{dotted key: value} of every setting; a mapping's keys are settings too (env.kwargs.num_facts)."""
+    out = {}
+    for key, value in record.items():
+        if isinstance(value, dict):
+            out.update(_leaves(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = value
+    return out
+
+
+def recipe_changes(saved: dict, current: dict, allowed: Iterable[str] = ()) -> list[tuple[str, str, str]]:
+    """(dotted key, saved value, current value) of each setting that differs, bar FREE_KEYS and the keys in
+    `allowed` (a section's name allows everything in it). Only the sections both records have are compared."""
+    allowed = (*FREE_KEYS, *allowed)
+    common = saved.keys() & current.keys()
+    old = _leaves({k: saved[k] for k in common})
+    new = _leaves({k: current[k] for k in common})
+    unset = object()
+    changes = []
+    for key in sorted(old.keys() | new.keys()):
+        a, b = old.get(key, unset), new.get(key, unset)
+        if a != b and not any(key == k or key.startswith(k + ".") for k in allowed):
+            changes.append((key, "unset" if a is unset else repr(a)[:60], "unset" if b is unset else repr(b)[:60]))
+    return changes

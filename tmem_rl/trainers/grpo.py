@@ -20,7 +20,7 @@ import warnings
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterable
 
 import torch
 from accelerate import Accelerator
@@ -43,8 +43,8 @@ from tmem_rl.logprobs import (
 from tmem_rl.memory import FastWeightConfig, FastWeights
 from tmem_rl.rollout import EpisodeBatch, EpisodeConfig, EpisodeRunner, Segment, Trajectory
 from tmem_rl.trainers.checkpoints import (METRICS, TRACKER_RUN, checkpoint_folders, existing_run, latest_good_checkpoint,
-                                          prune_checkpoints, remove_run, set_aside_newer, truncate_metrics,
-                                          write_manifest)
+                                          prune_checkpoints, recipe_changes, recipe_hash, remove_run, set_aside_newer,
+                                          truncate_metrics, write_manifest, write_recipe)
 
 LOSS_TYPES = ("grpo", "bnpo", "dapo", "dr_grpo")
 RewardFunc = Callable[..., list[float]]
@@ -267,10 +267,11 @@ class GRPOTrainer:
             # schedule num_processes times per optimizer step. Here every process holds its share of one global
             # batch: one optimizer step is one schedule step at any scale. (DeepSpeed's engine steps its own.)
             self.scheduler.split_batches = True
-        if self._trainable_only():
-            # Only the trained parameters (adapter, value head) go into checkpoints: the frozen base is the
-            # recipe's model. DeepSpeed and FSDP save their own engine state and are left as they are.
-            acc.register_save_state_pre_hook(_keep_trainable_weights)
+        if acc.distributed_type not in (DistributedType.DEEPSPEED, DistributedType.FSDP):
+            # Checkpoints name the weights as the model itself does, not as its wrapper (DDP's `module.`): a run
+            # then resumes, and exports, at any process count. DeepSpeed and FSDP save their own engine state.
+            acc.register_save_state_pre_hook(self._weights_to_save)
+            acc.register_load_state_pre_hook(self._load_weights)
         self.policy = acc.unwrap_model(self.model)
         if self.reference is not None:
             self.reference.to(acc.device)
@@ -612,13 +613,16 @@ class GRPOTrainer:
 
     # ---- the loop ------------------------------------------------------------------------------------------
 
-    def train(self, resume: bool = False, overwrite: bool = False) -> list[dict]:
+    def train(self, resume: bool = False, overwrite: bool = False,
+              allow_recipe_change: Iterable[str] = ()) -> list[dict]:
         """Run to `max_steps`. An output folder that holds a run is refused unless `resume` (continue from its
-        newest good checkpoint; the metrics log is cut back to that step) or `overwrite` (delete it first)."""
+        newest good checkpoint; the metrics log is cut back to that step) or `overwrite` (delete it first). A resume
+        refuses a checkpoint trained with other settings unless their dotted recipe keys are in
+        `allow_recipe_change` (e.g. "outer_loop.max_steps"); bookkeeping keys (checkpoints.FREE_KEYS) may change."""
         cfg, acc = self.config, self.accelerator
         metrics_path = Path(cfg.output_dir) / METRICS
         if resume:
-            self.load_checkpoint()
+            self.load_checkpoint(allow_recipe_change=allow_recipe_change)
             if acc.is_main_process:
                 truncate_metrics(metrics_path, self.step)
                 set_aside_newer(cfg.output_dir, self.step)  # the bad ones passed over: kept, never resumed or pruned
@@ -629,6 +633,8 @@ class GRPOTrainer:
                                  "continue it or --overwrite to replace it, or choose another output_dir")
             if earlier and acc.is_main_process:
                 remove_run(cfg.output_dir)
+        if acc.is_main_process:
+            write_recipe(cfg.output_dir, self.recipe_record())
         acc.wait_for_everyone()
         if cfg.report_to:
             # purge_step hides events a killed run logged after the checkpoint it resumes from.
@@ -704,6 +710,7 @@ class GRPOTrainer:
         return {**self.run_info, "base_model": base, "algorithm": type(self.config).__name__,
                 "distributed_type": str(self.accelerator.distributed_type),
                 "step": self.step, "use_peft": self.config.use_peft, "outer_loop": asdict(self.config),
+                "recipe_sha256": recipe_hash(self.recipe_record()),
                 "fast_weights": self.fast_config.to_dict(),
                 # What the runner ran with (budgets capped, the outer loop's sampling), which export and the agent
                 # take; it is reseeded every step, so the seed recorded is the one given.
@@ -719,28 +726,58 @@ class GRPOTrainer:
             broadcast_object_list(found)
         return Path(found[0]) if found[0] else None
 
-    def load_checkpoint(self, path: Path | None = None) -> None:
+    def load_checkpoint(self, path: Path | None = None, allow_recipe_change: Iterable[str] = ()) -> None:
         """Load `path`, else the newest good checkpoint; checkpoints that are all unusable are an error rather than
-        a silent restart."""
+        a silent restart, and so is one trained with another recipe (dotted keys other than FREE_KEYS and
+        `allow_recipe_change`)."""
         path = path or self.latest_checkpoint()
         if path is None:
             found = [p.name for p in checkpoint_folders(self.config.output_dir)]
             if found:
                 raise InputError(f"{self.config.output_dir}: no usable checkpoint to resume from ({', '.join(found)} "
                                  "failed their manifest, see the warnings); pass --overwrite to start over")
+            if self.accelerator.is_main_process:
+                warnings.warn(f"--resume: {self.config.output_dir} holds no checkpoint to resume from; starting a "
+                              "fresh run", stacklevel=3)
             return
+        self._check_recipe(path, allow_recipe_change)
         if self._trainable_only():
             self._check_trainable_keys(path)
         try:
             state = json.loads((path / "trainer_state.json").read_text())
             step, history = int(state["step"]), list(state["history"])
-            # Under LoRA only the trained parameters were saved; the frozen base comes from the recipe's model.
-            self.accelerator.load_state(str(path), **({"strict": False} if self._trainable_only() else {}))
+            self.accelerator.load_state(str(path))
         except Exception as err:  # a checkpoint of another model or recipe: name it, not the library's internals
             detail = str(err).strip().splitlines()[0][:300] if str(err).strip() else ""
             raise InputError(f"checkpoint {path} does not fit this run ({type(err).__name__}: {detail})") from err
         self.step = step
         self.history = history
+
+    def recipe_record(self) -> dict:
+        """What a resume must match, under the recipe's section names: the recipe when run_info carries one, else
+        the trainer's own settings. JSON types, as run.json holds them."""
+        record = self.run_info.get("recipe") or {"outer_loop": asdict(self.config),
+                                                 "inner_loop": self.fast_config.to_dict(),
+                                                 "episode": asdict(self.episode_config)}
+        return json.loads(json.dumps(record, default=str))
+
+    def _check_recipe(self, path: Path, allowed: Iterable[str]) -> None:
+        """A resume continues the run the checkpoint belongs to: a changed setting (a lora_r whose shapes would
+        not load, an environment whose questions differ, a max_steps that stretches the schedule) must be named."""
+        try:
+            run = json.loads((path / "run.json").read_text())
+            saved = run.get("recipe") or {"outer_loop": run["outer_loop"], "inner_loop": run["fast_weights"],
+                                          "episode": run["episode_as_given"]}  # a run without a recipe
+        except (OSError, ValueError, KeyError, AttributeError) as err:
+            raise InputError(f"checkpoint {path}: run.json does not hold the settings it was trained with "
+                             f"({type(err).__name__}: {err})") from err
+        changes = recipe_changes(saved, self.recipe_record(), allowed)
+        if changes:
+            shown = ", ".join(f"{key} ({old} -> {new})" for key, old, new in changes[:8])
+            more = f" and {len(changes) - 8} more" if len(changes) > 8 else ""
+            raise InputError(f"checkpoint {path} was trained with another recipe: {shown}{more}; pass "
+                             f"--allow-recipe-change {' '.join(key for key, _, _ in changes)} to resume with these "
+                             "changes, or --overwrite to start over")
 
     def _trainable_only(self) -> bool:
         """Checkpoints hold only the trained parameters (LoRA runs outside DeepSpeed / FSDP)."""
@@ -757,17 +794,32 @@ class GRPOTrainer:
             raise InputError(f"checkpoint {path}: no model.safetensors (the trained parameters)")
         with safe_open(str(weights), framework="pt") as f:
             saved = set(f.keys())
-        expected = {name for name, p in self.model.named_parameters() if p.requires_grad}
+        expected = {name for name, p in self.policy.named_parameters() if p.requires_grad}
         if saved != expected:
             raise InputError(f"checkpoint {path} does not fit this run: its trained parameters differ (missing "
                              f"{sorted(expected - saved)[:2]}, unexpected {sorted(saved - expected)[:2]})")
 
+    def _weights_to_save(self, models, weights, output_dir) -> None:
+        """Accelerate save hook: each model's state dict under its own names, not its wrapper's; under LoRA only
+        the trained parameters (adapter, value head), the frozen base being the recipe's model."""
+        for i, model in enumerate(models):
+            model = self.accelerator.unwrap_model(model)
+            state = model.state_dict()
+            if self._trainable_only():
+                trainable = {name for name, p in model.named_parameters() if p.requires_grad}
+                state = {k: v for k, v in state.items() if k in trainable}
+            weights[i] = state
 
-def _keep_trainable_weights(models, weights, output_dir) -> None:
-    """Accelerate save hook: drop the frozen parameters from each model's state dict."""
-    for i, (model, state) in enumerate(zip(models, weights)):
-        trainable = {name for name, p in model.named_parameters() if p.requires_grad}
-        weights[i] = {k: v for k, v in state.items() if k in trainable}
+    def _load_weights(self, models, input_dir) -> None:
+        """Accelerate load hook: the weights into the unwrapped model, by the names _weights_to_save gave them
+        (strict unless only the trained parameters were saved: _check_trainable_keys compared those)."""
+        from safetensors.torch import load_model
+
+        for i, model in enumerate(models):
+            name = "model.safetensors" if i == 0 else f"model_{i}.safetensors"
+            load_model(self.accelerator.unwrap_model(model), str(Path(input_dir) / name),
+                       strict=not self._trainable_only())
+        models.clear()  # loaded: Accelerate would load them again under the wrapper's names
 
 
 def plot_rewards(metrics_path: Path, out: Path) -> None:
