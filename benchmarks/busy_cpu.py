@@ -4,10 +4,10 @@ next to competing processes that each keep one core busy.
     python benchmarks/busy_cpu.py                 # 4 demo episodes per run, the default model
     python benchmarks/busy_cpu.py --quick         # the tiny random model, 2 episodes
 
-Settings: `default` (what tmem_rl chooses, tmem_rl.cpu: one core left free), `all_cores` (torch's own default,
-one thread per core), `all_cores_passive` (the same with OMP_WAIT_POLICY=PASSIVE) and `one_thread` (left out where
-the default already is one thread). The last line is a JSON object: seconds per setting and condition, each
-setting's busy / quiet ratio, and the default's quiet time over torch's own default's.
+Settings: `default` (what tmem_rl chooses, tmem_rl.cpu: one thread per core that other processes leave free),
+`all_cores` (torch's own default, one thread per core), `all_cores_passive` (the same with OMP_WAIT_POLICY=PASSIVE)
+and `one_thread`; `--settings` picks some. The last line is a JSON object: seconds per setting and condition, each
+setting's busy / quiet ratio, and the default's quiet time over torch's own default's when both ran.
 """
 
 from __future__ import annotations
@@ -30,11 +30,9 @@ _SPIN = "while True: pass"
 
 
 def settings(cores: int) -> dict[str, dict[str, str]]:
-    chosen = {"default": {}, "all_cores": {"TMEM_RL_THREADS": str(cores)},
-              "all_cores_passive": {"TMEM_RL_THREADS": str(cores), "OMP_WAIT_POLICY": "PASSIVE"}}
-    if default_threads(cores) != 1:
-        chosen["one_thread"] = {"TMEM_RL_THREADS": "1"}
-    return chosen
+    return {"default": {}, "all_cores": {"TMEM_RL_THREADS": str(cores)},
+            "all_cores_passive": {"TMEM_RL_THREADS": str(cores), "OMP_WAIT_POLICY": "PASSIVE"},
+            "one_thread": {"TMEM_RL_THREADS": "1"}}
 
 
 def timed_demo(args, extra_env: dict[str, str], out: Path) -> float:
@@ -51,12 +49,15 @@ def main() -> None:
     parser.add_argument("--model", default="smollm2-135m-instruct")
     parser.add_argument("--episodes", type=int, default=4)
     parser.add_argument("--competitors", type=int, default=1, help="busy processes in the busy condition")
+    parser.add_argument("--settings", nargs="+", default=list(settings(1)), choices=list(settings(1)))
     args = parse_args(parser, {"model": "tiny", "episodes": 2})
     cores = usable_cores()
     subprocess.run([sys.executable, "-m", "tmem_rl.cli", "convert", args.model], check=False, capture_output=True)
     seconds: dict[str, dict[str, float]] = {}
     with tempfile.TemporaryDirectory() as tmp:
         for name, extra_env in settings(cores).items():
+            if name not in args.settings:
+                continue
             seconds[name] = {"quiet": round(timed_demo(args, extra_env, Path(tmp) / name), 1)}
             print(f"{name} quiet: {seconds[name]['quiet']} s", flush=True)
             competitors = [subprocess.Popen([sys.executable, "-c", _SPIN]) for _ in range(args.competitors)]
@@ -69,9 +70,10 @@ def main() -> None:
             print(f"{name} busy: {seconds[name]['busy']} s", flush=True)
     print(json.dumps({
         "quick": args.quick, "model": args.model, "episodes": args.episodes, "cores": cores,
-        "default_threads": default_threads(cores), "competitors": args.competitors, "seconds": seconds,
+        "quiet_default_threads": default_threads(cores), "competitors": args.competitors, "seconds": seconds,
         "busy_over_quiet": {name: round(s["busy"] / s["quiet"], 2) for name, s in seconds.items()},
-        "default_quiet_over_all_cores_quiet": round(seconds["default"]["quiet"] / seconds["all_cores"]["quiet"], 3),
+        **({"default_quiet_over_all_cores_quiet": round(seconds["default"]["quiet"] / seconds["all_cores"]["quiet"], 3)}
+           if {"default", "all_cores"} <= seconds.keys() else {}),
     }))
 
 

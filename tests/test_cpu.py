@@ -1,3 +1,6 @@
+import subprocess
+import sys
+
 import pytest
 import torch
 
@@ -18,16 +21,29 @@ def fresh(monkeypatch):
     torch.set_num_threads(before)
 
 
-def test_default_leaves_one_core_and_shares_the_rest_among_local_processes():
-    assert cpu.default_threads(2) == 1
-    assert cpu.default_threads(1) == 1
-    assert cpu.default_threads(16) == 15
-    assert cpu.default_threads(16, local_processes=2) == 7
-    assert cpu.default_threads(2, local_processes=2) == 1
+def test_default_takes_the_free_cores_and_shares_them_among_local_processes():
+    assert cpu.default_threads(2) == 2
+    assert cpu.default_threads(2, busy_elsewhere=1.0) == 1
+    assert cpu.default_threads(2, busy_elsewhere=0.3) == 2  # a core busy a third of the time is still free
+    assert cpu.default_threads(2, busy_elsewhere=5.0) == 1
+    assert cpu.default_threads(16, local_processes=2, busy_elsewhere=1.0) == 7
+
+
+def test_a_busy_core_elsewhere_is_measured():
+    spinner = subprocess.Popen([sys.executable, "-c", "while True: pass"])
+    try:
+        import time
+
+        time.sleep(0.3)  # past the interpreter's start
+        assert cpu.cores_busy_elsewhere() >= 0.6
+    finally:
+        spinner.kill()
+        spinner.wait()
 
 
 def test_default_applied_once_per_process(fresh):
     fresh.setattr(cpu, "usable_cores", lambda: 3)
+    fresh.setattr(cpu, "cores_busy_elsewhere", lambda: 1.0)
     assert cpu.configure_cpu_threads() == 2
     assert torch.get_num_threads() == 2
     torch.set_num_threads(1)  # a later entry point keeps what the process has by then
@@ -46,12 +62,12 @@ def test_user_choice_wins(fresh):
     assert torch.get_num_threads() == 2
 
 
-def test_bad_thread_count_is_one_line(fresh, capsys):
+def test_bad_thread_count_is_one_line(fresh, capsys, tmp_path):
     fresh.setenv(cpu.THREADS_ENV, "two")
     with pytest.raises(InputError, match="TMEM_RL_THREADS='two': expected a positive integer"):
         cpu.configure_cpu_threads()
     fresh.setattr(cpu, "_configured", False)
     fresh.setenv(cpu.THREADS_ENV, "0")
-    assert main(["envs", "list"]) == 2
+    assert main(["train", str(tmp_path / "recipe.yaml")]) == 2
     assert capsys.readouterr().err.strip().splitlines() == [
         "tmem-rl: error: TMEM_RL_THREADS='0': expected a positive integer (torch's CPU thread count)"]

@@ -354,7 +354,7 @@ def test_export_refuses_what_it_cannot_do_in_one_line(tmp_path, base_folder, cap
 
 
 @pytest.mark.slow
-def test_default_model_lora_exports_pass_verify_and_name_the_hub_id(tmp_path):
+def test_default_model_lora_exports_pass_verify_and_name_the_hub_id(tmp_path, capsys):
     """The quickstart's case, the default model's LoRA exported merged, passes --verify (a fixed 1e-4 did not: fp32
     rounding alone moves its logits by ~1.2e-4), and the adapter names the base plain PEFT and tmem_rl load."""
     from tmem_rl.models import DEFAULT_MODEL, load_policy, resolve_model_path
@@ -375,8 +375,11 @@ def test_default_model_lora_exports_pass_verify_and_name_the_hub_id(tmp_path):
     expected = logits(trainer.policy, tok)
 
     assert main(["export", str(checkpoint), "--out", str(tmp_path / "merged"), "--verify"]) == 0
+    capsys.readouterr()
     assert main(["export", str(checkpoint), "--out", str(tmp_path / "adapter"), "--format", "adapter",
                  "--verify"]) == 0
+    assert ("note: plain PEFT loads this adapter onto HuggingFaceTB/SmolLM2-135M-Instruct's own weights, which "
+            "differ by the quantisation from smollm2-135m-instruct") in capsys.readouterr().out
     config = json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())
     assert config["base_model_name_or_path"] == "HuggingFaceTB/SmolLM2-135M-Instruct"
     assert read_agent_settings(tmp_path / "adapter")[2]["base_model"] == DEFAULT_MODEL

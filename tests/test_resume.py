@@ -10,6 +10,7 @@ import yaml
 
 from tmem_rl.cli import main
 from tmem_rl.recipes import load_recipe
+from tmem_rl.trainers.checkpoints import write_manifest
 from test_cli_errors import TINY_RECIPE, one_error_line
 
 # The command-line tests' tiny run, with LoRA slow weights: a changed lora_r must be refused by name.
@@ -51,7 +52,7 @@ def test_a_resume_with_another_recipe_is_refused_naming_the_keys(recipe, tmp_pat
     assert main(["train", str(recipe), "--resume", *changed, "--allow-recipe-change", "outer_loop.max_steps"]) == 2
     line = error_line(capsys.readouterr().err)
     assert ": env.kwargs.num_facts (3 -> 2), inner_loop.rank (6 -> 4); pass --allow-recipe-change " \
-           "env.kwargs.num_facts inner_loop.rank to resume" in line
+           "env.kwargs.num_facts,inner_loop.rank to resume" in line
     assert (out / "metrics.jsonl").read_text() == metrics
 
     # Named, a change goes through; a bookkeeping key (save_steps) needs no naming.
@@ -59,6 +60,24 @@ def test_a_resume_with_another_recipe_is_refused_naming_the_keys(recipe, tmp_pat
                  "outer_loop.max_steps=2", "outer_loop.save_steps=2"]) == 0
     assert [json.loads(line)["step"] for line in (out / "metrics.jsonl").read_text().splitlines()] == [1, 2]
     assert load_recipe(out / "recipe.yaml").outer_loop.max_steps == 2
+
+    # A misspelt allowed key is named with the closest one, not left to repeat the refusal.
+    assert main(["train", str(recipe), "--resume", "--allow-recipe-change", "outer_loop.max_step",
+                 "outer_loop.max_steps=3"]) == 2
+    assert error_line(capsys.readouterr().err).endswith(
+        "--allow-recipe-change outer_loop.max_step: no such recipe key (did you mean 'outer_loop.max_steps'?)")
+
+    # A checkpoint written before a setting existed resumes with its default and a warning (the flag may come
+    # before the recipe path).
+    checkpoint = out / "checkpoint-2"
+    run = json.loads((checkpoint / "run.json").read_text())
+    del run["recipe"]["episode"]["stop_extractions"]
+    (checkpoint / "run.json").write_text(json.dumps(run))
+    write_manifest(checkpoint, 2)
+    with pytest.warns(UserWarning, match="predates the settings episode.stop_extractions: resuming with their defaults"):
+        assert main(["train", "--resume", "--allow-recipe-change", "outer_loop.max_steps", str(recipe),
+                     "outer_loop.max_steps=3"]) == 0
+    assert [json.loads(line)["step"] for line in (out / "metrics.jsonl").read_text().splitlines()] == [1, 2, 3]
 
 
 def test_resume_with_no_earlier_run_says_it_starts_fresh(recipe, tmp_path, capsys):

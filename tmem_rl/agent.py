@@ -190,6 +190,9 @@ class TMEMAgent:
             check_safetensors(folder)
         if is_folder and any((folder / sub / "adapter_config.json").exists() for sub in ("", "adapter")):
             named = info.get("base_model") if isinstance(info.get("base_model"), str) else ""
+            source = info.get("base_model_source")
+            if isinstance(source, str) and Path(source).is_dir():  # the very folder training read, when still here
+                named = source
             model, tokenizer = load_trained_policy(folder, base=base or named, dtype=dtype, device=device)
         else:
             if base:

@@ -172,9 +172,11 @@ def build_parser() -> argparse.ArgumentParser:
                        help="continue the run in outer_loop.output_dir from its newest good checkpoint")
     again.add_argument("--overwrite", action="store_true",
                        help="delete the run already in outer_loop.output_dir (checkpoints, metrics) and start over")
-    train.add_argument("--allow-recipe-change", nargs="+", default=[], metavar="KEY",
+    # One value, comma-separated, repeatable: a list of values would swallow the recipe path that may follow it.
+    train.add_argument("--allow-recipe-change", action="extend", type=lambda text: [k for k in text.split(",") if k],
+                       default=[], metavar="KEY[,KEY...]",
                        help="with --resume: dotted recipe keys that may differ from the checkpoint's recipe, e.g. "
-                            "outer_loop.max_steps (others are refused; save_steps, save_total_limit, logging_steps, "
+                            "outer_loop.max_steps,inner_loop.epochs (others are refused; save_steps, save_total_limit, logging_steps, "
                             "report_to and output_dir may always change)")
     export = sub.add_parser("export", help="a training checkpoint -> a merged HF model or a PEFT adapter folder, "
                                            "with tokenizer, generation config, fast_weights.json and a model card")
@@ -190,7 +192,8 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("--verify-tolerance", type=float, default=None,
                         help="largest max abs logit difference --verify accepts (default: 8 x the checkpoint's "
                              "own fp32 rounding noise, its logits in fp32 against fp64, at least 8 x eps(fp32) x "
-                             "max |logit|; ~1e-3 on the default model)")
+                             "max |logit|; ~1e-3 on the default model; measuring that noise holds the model in float64 for a moment: "
+                             "twice its fp32 memory)")
     export.add_argument("--base", default=None,
                         help="the base model to load a LoRA checkpoint onto and name in the export (default: the "
                              "one the run recorded)")
@@ -214,9 +217,10 @@ def _run(argv: list[str] | None) -> int:
         extra = [a for a in extra if a not in args.overrides]
     if extra:
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
-    from tmem_rl.cpu import configure_cpu_threads
+    if args.command in ("demo", "eval", "train"):  # the ones that compute; measuring the machine takes 0.25 s
+        from tmem_rl.cpu import configure_cpu_threads
 
-    configure_cpu_threads()
+        configure_cpu_threads()
     if args.command == "demo":
         from tmem_rl.demo import DemoConfig, format_table, run_demo
 
@@ -244,9 +248,7 @@ def _run(argv: list[str] | None) -> int:
         from tmem_rl.errors import InputError
         from tmem_rl.recipes import load_recipe, run_recipe
 
-        # nargs="+" also takes the overrides that follow it; a key never holds "=".
-        allowed = [k for k in args.allow_recipe_change if "=" not in k]
-        overrides = args.overrides + [k for k in args.allow_recipe_change if "=" in k]
+        allowed, overrides = args.allow_recipe_change, args.overrides
         if allowed and not args.resume:
             raise InputError("--allow-recipe-change applies only with --resume: it names recipe keys a resumed run "
                              "may change")
@@ -262,6 +264,8 @@ def _run(argv: list[str] | None) -> int:
                                    tolerance=args.verify_tolerance)
         print(f"exported {args.checkpoint} ({result['format']}, base {result['base_model'] or 'none'}) to "
               f"{result['out']}")
+        if result.get("note"):
+            print(f"note: {result['note']}")
         if args.verify:
             verdict = "ok" if result["verified"] else "FAILED"
             print(f"verify: max abs logit diff {result['max_logit_diff']:.3g}, fast-weight A diff "

@@ -312,7 +312,7 @@ def export_checkpoint(checkpoint: str | Path, out: str | Path, fmt: str = "merge
     from tmem_rl.chat import stop_token_ids
     from tmem_rl.memory import FastWeights
     from tmem_rl.memory.fast_weights import INIT_FILE
-    from tmem_rl.models import public_name
+    from tmem_rl.models import KNOWN_MODELS, public_name
 
     if fmt not in FORMATS:
         raise InputError(f"--format {fmt!r}: expected one of {', '.join(FORMATS)}")
@@ -379,6 +379,11 @@ def export_checkpoint(checkpoint: str | Path, out: str | Path, fmt: str = "merge
         shutil.rmtree(staging, ignore_errors=True)
     result = {"out": str(out), "format": fmt, "base_model": public.hub_id if public else trained.base_model,
               "step": trained.run.get("step")}
+    if fmt == "adapter" and public and public.tmem_name in KNOWN_MODELS:
+        # --verify reloads onto the weights training ran on; plain PEFT, by the hub id, gets the original ones.
+        result["note"] = (f"plain PEFT loads this adapter onto {public.hub_id}'s own weights, which differ by "
+                          f"the quantisation from {public.tmem_name} (a GGUF dequantised to float32) that training "
+                          "ran on; TMEMAgent and --verify load that exact base")
     if verify:
         result.update(_compare(reference, out, fmt, trained.base_model, fast.init_tensors(), fast_config,
                                tolerance, exact_init=(folder / INIT_FILE).is_file()))

@@ -196,17 +196,45 @@ def _leaves(record: dict, prefix: str = "") -> dict:
     return out
 
 
-def recipe_changes(saved: dict, current: dict, allowed: Iterable[str] = ()) -> list[tuple[str, str, str]]:
-    """(dotted key, saved value, current value) of each setting that differs, bar FREE_KEYS and the keys in
-    `allowed` (a section's name allows everything in it). Only the sections both records have are compared."""
-    allowed = (*FREE_KEYS, *allowed)
+def _common_leaves(saved: dict, current: dict) -> tuple[dict, dict]:
     common = saved.keys() & current.keys()
-    old = _leaves({k: saved[k] for k in common})
-    new = _leaves({k: current[k] for k in common})
+    return _leaves({k: saved[k] for k in common}), _leaves({k: current[k] for k in common})
+
+
+def new_settings(saved: dict, current: dict, defaults: dict) -> list[str]:
+    """Dotted keys the saved record lacks and the current one holds at their default: settings this version added
+    since the checkpoint was written, not changes the user made."""
+    old, new = _common_leaves(saved, current)
+    default = _leaves(defaults)
+    return sorted(k for k in new.keys() - old.keys() if k in default and new[k] == default[k])
+
+
+def recipe_changes(saved: dict, current: dict, allowed: Iterable[str] = (),
+                   defaults: dict | None = None) -> list[tuple[str, str, str]]:
+    """(dotted key, saved value, current value) of each setting that differs, bar FREE_KEYS, the keys in `allowed`
+    (a section's name allows everything in it) and the new_settings against `defaults`. Only the sections both
+    records have are compared."""
+    allowed = (*FREE_KEYS, *allowed)
+    old, new = _common_leaves(saved, current)
+    added = set(new_settings(saved, current, defaults or {}))
     unset = object()
     changes = []
     for key in sorted(old.keys() | new.keys()):
         a, b = old.get(key, unset), new.get(key, unset)
-        if a != b and not any(key == k or key.startswith(k + ".") for k in allowed):
+        if a != b and key not in added and not any(key == k or key.startswith(k + ".") for k in allowed):
             changes.append((key, "unset" if a is unset else repr(a)[:60], "unset" if b is unset else repr(b)[:60]))
     return changes
+
+
+def check_allowed_keys(allowed: Iterable[str], saved: dict, current: dict) -> None:
+    """Every key of --allow-recipe-change names a setting or section of either record; a typo would otherwise leave
+    the refusal standing with no word why."""
+    from tmem_rl.errors import did_you_mean
+
+    known = set()
+    for key in {**_leaves(saved), **_leaves(current)}:
+        parts = key.split(".")
+        known.update(".".join(parts[:i]) for i in range(1, len(parts) + 1))
+    for key in allowed:
+        if key not in known:
+            raise InputError(f"--allow-recipe-change {key}: no such recipe key{did_you_mean(key, sorted(known))}")

@@ -43,7 +43,8 @@ from tmem_rl.logprobs import (
 from tmem_rl.memory import FastWeightConfig, FastWeights
 from tmem_rl.rollout import EpisodeBatch, EpisodeConfig, EpisodeRunner, Segment, Trajectory
 from tmem_rl.trainers.checkpoints import (METRICS, TRACKER_RUN, checkpoint_folders, existing_run, latest_good_checkpoint,
-                                          prune_checkpoints, recipe_changes, recipe_hash, remove_run, set_aside_newer,
+                                          check_allowed_keys, new_settings, prune_checkpoints, recipe_changes,
+                                          recipe_hash, remove_run, set_aside_newer,
                                           truncate_metrics, write_manifest, write_recipe)
 
 LOSS_TYPES = ("grpo", "bnpo", "dapo", "dr_grpo")
@@ -771,12 +772,21 @@ class GRPOTrainer:
         except (OSError, ValueError, KeyError, AttributeError) as err:
             raise InputError(f"checkpoint {path}: run.json does not hold the settings it was trained with "
                              f"({type(err).__name__}: {err})") from err
-        changes = recipe_changes(saved, self.recipe_record(), allowed)
+        current, allowed = self.recipe_record(), list(allowed)
+        check_allowed_keys(allowed, saved, current)
+        defaults = json.loads(json.dumps({"outer_loop": asdict(type(self.config)()),
+                                          "inner_loop": FastWeightConfig().to_dict(),
+                                          "episode": asdict(EpisodeConfig())}, default=str))
+        added = new_settings(saved, current, defaults)
+        if added and self.accelerator.is_main_process:
+            warnings.warn(f"checkpoint {path} predates the settings {', '.join(added)}: resuming with their "
+                          "defaults", stacklevel=3)
+        changes = recipe_changes(saved, current, allowed, defaults)
         if changes:
             shown = ", ".join(f"{key} ({old} -> {new})" for key, old, new in changes[:8])
             more = f" and {len(changes) - 8} more" if len(changes) > 8 else ""
             raise InputError(f"checkpoint {path} was trained with another recipe: {shown}{more}; pass "
-                             f"--allow-recipe-change {' '.join(key for key, _, _ in changes)} to resume with these "
+                             f"--allow-recipe-change {','.join(key for key, _, _ in changes)} to resume with these "
                              "changes, or --overwrite to start over")
 
     def _trainable_only(self) -> bool:
@@ -793,7 +803,7 @@ class GRPOTrainer:
         if not weights.is_file():
             raise InputError(f"checkpoint {path}: no model.safetensors (the trained parameters)")
         with safe_open(str(weights), framework="pt") as f:
-            saved = set(f.keys())
+            saved = {_own_name(key) for key in f.keys()}
         expected = {name for name, p in self.policy.named_parameters() if p.requires_grad}
         if saved != expected:
             raise InputError(f"checkpoint {path} does not fit this run: its trained parameters differ (missing "
@@ -804,7 +814,7 @@ class GRPOTrainer:
         the trained parameters (adapter, value head), the frozen base being the recipe's model."""
         for i, model in enumerate(models):
             model = self.accelerator.unwrap_model(model)
-            state = model.state_dict()
+            state = self.accelerator.get_state_dict(model)
             if self._trainable_only():
                 trainable = {name for name, p in model.named_parameters() if p.requires_grad}
                 state = {k: v for k, v in state.items() if k in trainable}
@@ -812,14 +822,26 @@ class GRPOTrainer:
 
     def _load_weights(self, models, input_dir) -> None:
         """Accelerate load hook: the weights into the unwrapped model, by the names _weights_to_save gave them
-        (strict unless only the trained parameters were saved: _check_trainable_keys compared those)."""
-        from safetensors.torch import load_model
+        (all of them unless only the trained parameters were saved: _check_trainable_keys compared those)."""
+        from safetensors.torch import load_file
 
         for i, model in enumerate(models):
+            model = self.accelerator.unwrap_model(model)
             name = "model.safetensors" if i == 0 else f"model_{i}.safetensors"
-            load_model(self.accelerator.unwrap_model(model), str(Path(input_dir) / name),
-                       strict=not self._trainable_only())
+            state = {_own_name(k): v for k, v in load_file(str(Path(input_dir) / name)).items()}
+            missing, unexpected = model.load_state_dict(state, strict=False)
+            # Safetensors keeps one of each set of tied weights (embeddings and LM head): the others are loaded.
+            tensors = model.state_dict()
+            loaded = {tensors[k].data_ptr() for k in state}
+            missing = [k for k in missing if tensors[k].data_ptr() not in loaded]
+            if unexpected or (missing and not self._trainable_only()):
+                raise RuntimeError(f"{name}: missing {missing[:2]}, unexpected {unexpected[:2]}")
         models.clear()  # loaded: Accelerate would load them again under the wrapper's names
+
+
+def _own_name(key: str) -> str:
+    """A weight's name in the model itself: checkpoints written before names were saved that way carry DDP's."""
+    return key.removeprefix("module.")
 
 
 def plot_rewards(metrics_path: Path, out: Path) -> None:
