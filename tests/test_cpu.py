@@ -70,6 +70,7 @@ def test_bad_thread_count_is_one_line(fresh, capsys, tmp_path):
         cpu.configure_cpu_threads()
     fresh.setattr(cpu, "_configured", False)
     fresh.setenv(cpu.THREADS_ENV, "0")
-    assert main(["train", str(tmp_path / "recipe.yaml")]) == 2
+    # The entry point sets the threads before any work (a tiny demo, should it not).
+    assert main(["demo", "--model", "tiny", "--episodes", "1", "--out", str(tmp_path / "demo")]) == 2
     assert capsys.readouterr().err.strip().splitlines() == [
         "tmem-rl: error: TMEM_RL_THREADS='0': expected a positive integer (torch's CPU thread count)"]

@@ -217,10 +217,6 @@ def _run(argv: list[str] | None) -> int:
         extra = [a for a in extra if a not in args.overrides]
     if extra:
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
-    if args.command in ("demo", "eval", "train"):  # the ones that compute; measuring the machine takes 0.25 s
-        from tmem_rl.cpu import configure_cpu_threads
-
-        configure_cpu_threads()
     if args.command == "demo":
         from tmem_rl.demo import DemoConfig, format_table, run_demo
 
