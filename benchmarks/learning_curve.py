@@ -5,14 +5,16 @@
     python benchmarks/learning_curve.py --quick      # every stage at the smallest size: 2 episodes, 1 step, 1 seed
 
 Stages (each writes under --out; a stage whose output exists is reused, so an interrupted run resumes):
-  1. base      the untrained model on the held-out split: no memory, and TMEM (with the prompt's worked example,
-               which the untrained model needs to write JSON at all)                             -> f1_base
+  1. base      the untrained model on the held-out split: TMEM (with the prompt's worked example, which the
+               untrained model needs to write JSON at all), and the --baselines (no memory, full context, summary,
+               BM25 retrieval)                                                                   -> f1_base
   2. warm      SFT of the extraction action on the training split's reference pairs (TRL SFTTrainer, LoRA merged),
                evaluated at the recipe's settings                                                -> f1_before
-  3. grpo      per seed: `recipes/facts_grpo_cpu.yaml` from the warm-started model; the final checkpoint evaluated
-               on the same held-out episodes                                                     -> f1_after
-Evaluation is greedy, so before and after answer the same episodes deterministically; the interval of
-after - before is a paired bootstrap over episodes (pooled over seeds). Training curves go to training_curves.png.
+  3. grpo      per seed: the recipe (default `recipes/facts_grpo_cpu.yaml`) from the warm-started model; the final
+               checkpoint evaluated on the same held-out episodes                                -> f1_after
+Evaluation is greedy, so before and after answer the same episodes deterministically; the intervals of
+after - before and of after - each baseline are paired bootstraps over episodes (an episode's F1 is the mean over
+the questions it asked; pooled over seeds). Training curves go to training_curves.png.
 Every stage also evaluates `tmem-reference`: the same policy answering through fast weights written from the
 environment's reference pairs instead of its own extractions: the score of the supervision a warm start imitates
 (f1_reference_base / _before / _after).
@@ -45,8 +47,9 @@ CURVES = ("reward_mean", "reward_std", "f1", "extraction_parse_rate", "frac_rewa
 SMOOTHED = ("reward_mean", "f1", "pairs_absorbed")  # one question per step: the trend is under the noise
 OUT, QUICK_OUT = "runs/learning_curve", "runs/learning_curve_quick"
 # A group of 2 is the smallest GRPO takes; 4 examples are one warm-start batch.
-QUICK = {"episodes": 2, "seeds": [0], "steps": 1, "warm_examples": 4,
+QUICK = {"episodes": 2, "seeds": [0], "steps": 1, "warm_examples": 4, "baselines": ["none"],
          "overrides": ["outer_loop.num_generations=2"]}
+BASELINES = ("none", "full-context", "summary", "retrieval")
 
 
 def evaluate(recipe, out: Path, episodes: int, methods: list[str], model: str, checkpoint: str | None = None,
@@ -58,8 +61,14 @@ def evaluate(recipe, out: Path, episodes: int, methods: list[str], model: str, c
     return {"summary": summary, "records": read_records(out / "results.jsonl")}
 
 
-def f1_by_question(records: list[dict], method: str) -> dict[str, float]:
-    return {r["question_id"]: r["f1"] for r in records if r["method"] == method}
+def f1_by_episode(records: list[dict], method: str) -> dict[str, float]:
+    """Each episode's F1, the mean over the questions it asked: the questions of one reading share its fast
+    weights, so the episode, not the question, is the unit that is resampled."""
+    scores: dict[str, list[float]] = {}
+    for r in records:
+        if r["method"] == method:
+            scores.setdefault(str(r["sample_id"]), []).append(r["f1"])
+    return {k: sum(v) / len(v) for k, v in scores.items()}
 
 
 def paired_bootstrap(before: dict[str, float], after: dict[str, float], samples: int = 10_000,
@@ -110,6 +119,9 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--warm-lr", type=float, default=5e-4)
     parser.add_argument("--warm-examples", type=int, default=128,
                         help="cap on SFT examples (each ~28 s per batch of 8 on 2 CPU cores)")
+    parser.add_argument("--baselines", nargs="*", default=list(BASELINES),
+                        help="memory methods evaluated on the base model beside TMEM, each compared with the trained "
+                             "policy's TMEM on the same episodes")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                         help="a recipe override, e.g. --set outer_loop.learning_rate=1e-4 (repeatable)")
     args = parse_args(parser, QUICK, argv)
@@ -124,12 +136,17 @@ def main(argv: list[str] | None = None) -> dict:
         recipe.outer_loop.save_steps = args.steps
     base_name = recipe.model.name
 
-    base = evaluate(recipe, out / "eval_base", args.episodes, ["none", "tmem", "tmem-reference"], base_name,
+    baselines = [m for m in args.baselines if m != "tmem"]
+    base = evaluate(recipe, out / "eval_base", args.episodes, [*baselines, "tmem", "tmem-reference"], base_name,
                     examples=True)
-    base_f1 = f1_by_question(base["records"], "tmem")
+    base_f1 = f1_by_episode(base["records"], "tmem")
     result = {"f1_base": base["summary"]["tmem"]["f1"], "parse_rate_base": base["summary"]["tmem"]["parse_rate"],
-              "no_memory_f1": base["summary"]["none"]["f1"],
-              "f1_reference_base": base["summary"]["tmem-reference"]["f1"]}
+              "f1_reference_base": base["summary"]["tmem-reference"]["f1"],
+              "f1_by_category_base": base["summary"]["tmem"]["f1_by_category"],
+              "baselines": {m: {"f1": base["summary"][m]["f1"], "em": base["summary"][m]["em"],
+                                "f1_by_category": base["summary"][m]["f1_by_category"]} for m in baselines}}
+    if "none" in baselines:
+        result["no_memory_f1"] = base["summary"]["none"]["f1"]
 
     if args.no_warm_start:
         start_model, before, before_f1 = base_name, base["summary"]["tmem"], base_f1
@@ -146,8 +163,9 @@ def main(argv: list[str] | None = None) -> dict:
         start_model = warm["model"]
         result["warm_start"] = {k: warm[k] for k in ("examples", "steps", "loss_first", "loss_last", "seconds")}
         ev = evaluate(recipe, out / "eval_warm", args.episodes, ["tmem", "tmem-reference"], start_model)
-        before, before_f1 = ev["summary"]["tmem"], f1_by_question(ev["records"], "tmem")
+        before, before_f1 = ev["summary"]["tmem"], f1_by_episode(ev["records"], "tmem")
         result["f1_reference_before"] = ev["summary"]["tmem-reference"]["f1"]
+        result["f1_by_category_before"] = before["f1_by_category"]
 
     per_seed, after_all, before_all, curves = {}, {}, {}, {}
     for seed in args.seeds:
@@ -163,14 +181,19 @@ def main(argv: list[str] | None = None) -> dict:
         curves[seed] = run_dir / "metrics.jsonl"
         ev = evaluate(recipe, out / f"eval_seed{seed}", args.episodes, ["tmem", "tmem-reference"], start_model,
                       str(final))
-        after, after_f1 = ev["summary"]["tmem@trained"], f1_by_question(ev["records"], "tmem@trained")
+        after, after_f1 = ev["summary"]["tmem@trained"], f1_by_episode(ev["records"], "tmem@trained")
         delta, ci = paired_bootstrap(before_f1, after_f1, seed=seed)
         per_seed[seed] = {"f1_before": before["f1"], "f1_after": after["f1"], "f1_delta": delta,
                           "f1_delta_ci95": ci, "em_before": before["em"], "em_after": after["em"],
                           "parse_rate_before": before["parse_rate"], "parse_rate_after": after["parse_rate"],
                           "pairs_per_extraction_before": before["pairs_per_extraction"],
                           "pairs_per_extraction_after": after["pairs_per_extraction"],
-                          "f1_reference_after": ev["summary"]["tmem-reference@trained"]["f1"]}
+                          "f1_reference_after": ev["summary"]["tmem-reference@trained"]["f1"],
+                          "f1_by_category_after": after["f1_by_category"]}
+        for method in baselines:
+            gain, interval = paired_bootstrap(f1_by_episode(base["records"], method), after_f1, seed=seed)
+            per_seed[seed][f"f1_after_minus_{method}"] = gain
+            per_seed[seed][f"f1_after_minus_{method}_ci95"] = interval
         after_all.update({f"{seed}:{k}": v for k, v in after_f1.items()})
         before_all.update({f"{seed}:{k}": v for k, v in before_f1.items()})
     plot_curves(curves, out / "training_curves.png")
@@ -178,6 +201,10 @@ def main(argv: list[str] | None = None) -> dict:
     base_all = {f"{seed}:{k}": v for seed in args.seeds for k, v in base_f1.items()}
     delta_base, ci_base = paired_bootstrap(base_all, after_all)
     mean = lambda key: sum(s[key] for s in per_seed.values()) / len(per_seed)  # noqa: E731
+    for method in baselines:
+        pooled = {f"{seed}:{k}": v for seed in args.seeds for k, v in f1_by_episode(base["records"], method).items()}
+        gain, interval = paired_bootstrap(pooled, after_all)
+        result["baselines"][method].update({"f1_after_minus": gain, "f1_after_minus_ci95": interval})
     result.update({
         "f1_before": before["f1"], "f1_after": mean("f1_after"), "f1_delta": delta, "f1_delta_ci95": ci,
         "em_before": before["em"], "em_after": mean("em_after"),

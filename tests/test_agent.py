@@ -373,3 +373,17 @@ def test_docs_example_runs(tmp_path, monkeypatch):
     agent = namespace["agent"]
     assert agent.pairs and agent.fast.versions == [1]
     assert (tmp_path / "maya_memory" / "memory.json").exists()
+
+
+def test_several_questions_are_answered_in_one_batch_as_each_alone(tiny):
+    agent = new_agent(tiny, l_max=tokens(TEXT_ONE) - 1)
+    agent.read(TEXT_ONE)
+    questions = ["Where does Maya live?", "What is the name of Leo's dog?", "Who is Maya?"]
+    calls = []
+    original = agent.runner.generate
+    agent.runner.generate = lambda prompts, *a, **k: calls.append(len(prompts)) or original(prompts, *a, **k)
+    together = agent.answer(questions)
+    assert calls == [3] and isinstance(together, list) and len(together) == 3
+    assert all(isinstance(a, str) for a in together) and isinstance(agent.answer(questions[0]), str)
+    with pytest.raises(TypeError, match="list of questions"):
+        agent.answer(["Where?", 3])

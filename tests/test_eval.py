@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 
+from tmem_rl.envs import make_env
 from tmem_rl.envs.locomo import LocomoEnv
 from tmem_rl.errors import InputError
 from tmem_rl.evaluation import harness
@@ -62,15 +63,21 @@ def test_every_method_runs_end_to_end_in_question_mode(tiny_path, tmp_path):
     assert "| tmem+explicit |" in (tmp_path / "summary.md").read_text()
 
 
-def test_conversation_mode_reads_each_conversation_once(tiny_path, tmp_path, monkeypatch):
-    reads = []
+@pytest.fixture
+def reads(monkeypatch):
+    """The task ids of every `EpisodeRunner.read` call, one list per call."""
+    calls = []
     original = harness.EpisodeRunner.read
 
     def counting_read(self, env, tasks):
-        reads.append([t.task_id for t in tasks])
+        calls.append([t.task_id for t in tasks])
         return original(self, env, tasks)
 
     monkeypatch.setattr(harness.EpisodeRunner, "read", counting_read)
+    return calls
+
+
+def test_conversation_mode_reads_each_conversation_once(tiny_path, tmp_path, reads):
     run_eval(config(tiny_path, tmp_path, methods=["tmem", "none"], episode_unit="conversation"))
     records = read_records(tmp_path / "results.jsonl")
     samples = {r["sample_id"] for r in records}
@@ -282,3 +289,32 @@ def test_a_killed_run_resumed_has_each_method_and_question_once(tiny_path, tmp_p
     assert sorted(keys) == sorted((m, q) for m in ("none", "retrieval") for q in questions)  # each exactly once
     summary = json.loads((out / "summary.json").read_text())
     assert summary["none"]["n"] == summary["retrieval"]["n"] == 5
+
+
+def test_tasks_of_several_questions_are_read_once_and_recorded_per_question(tiny_path, tmp_path, reads):
+    cfg = config(tiny_path, tmp_path, data=None, env="facts", l_max=40, methods=["none", "tmem"], max_questions=3,
+                 env_kwargs={"num_tasks": 4, "num_facts": 3, "questions_per_task": 2})
+    summary = run_eval(cfg)
+    records = read_records(tmp_path / "results.jsonl")
+    assert reads == [["facts-0-0", "facts-0-1", "facts-0-2"]]  # one lockstep batch: each stream read once
+    for method in ("none", "tmem"):
+        mine = [r for r in records if r["method"] == method]
+        assert sorted(r["question_id"] for r in mine) == sorted(f"facts-0-{i}/q{j}" for i in range(3) for j in range(2))
+        assert {r["sample_id"] for r in mine} == {"facts-0-0", "facts-0-1", "facts-0-2"}
+        assert summary[method]["n"] == 6
+    # The two answers of a reading ask different facts and are scored against their own golds.
+    task = make_env("facts", num_tasks=4, num_facts=3, questions_per_task=2).task(0)
+    first, second = (next(r for r in records if r["question_id"] == f"facts-0-0/q{j}") for j in range(2))
+    assert (first["gold"], second["gold"]) == (task.questions[0].answers[0], task.questions[1].answers[0])
+    cfg.resume = True
+    run_eval(cfg)
+    assert read_records(tmp_path / "results.jsonl") == records  # nothing left to do, nothing written twice
+
+
+def test_the_summary_names_the_most_common_answer_and_its_share():
+    records = [{"prediction": p, "f1": 0.0, "em": 0.0, "category": 1}
+               for p in ("School event.", "school event", "the School Event", "Paris", "no")]
+    summary = harness.summarize(records)
+    assert (summary["top_answer"], summary["top_answer_share"]) == ("school event", 0.6)
+    assert "| 0.600 |" in harness.markdown_table({"tmem": summary})
+    assert harness.summarize([])["top_answer_share"] is None

@@ -147,6 +147,8 @@ def test_each_person_has_at_most_one_fact_per_kind():
         ({"lines_per_chunk": 0}, "lines_per_chunk"),
         ({"lines_per_chunk": 2.5}, "lines_per_chunk"),
         ({"fact_position": "middle"}, "fact_position"),
+        ({"questions_per_task": 0}, "questions_per_task"),
+        ({"questions_per_task": 7, "num_facts": 6}, "questions_per_task"),
         ({"seed": "zero"}, "seed"),
     ],
 )
@@ -224,4 +226,44 @@ def test_builtin_environments_work_from_a_source_checkout(tmp_path):
     result = subprocess.run([sys.executable, "-S", "-c", code], cwd=tmp_path, capture_output=True, text=True,
                             env={**os.environ, "PYTHONPATH": str(repo)}, timeout=60)
     assert result.returncode == 0, result.stderr[-2000:]
-    assert result.stdout.strip() == "['context_learning', 'facts', 'locomo', 'longmemeval', 'search'] 3"
+    assert result.stdout.strip() == "['context_learning', 'dialogues', 'facts', 'locomo', 'longmemeval', 'search'] 3"
+
+
+def test_several_questions_per_task_ask_distinct_planted_facts_after_the_stream():
+    one = FactsEnv(num_tasks=6, num_facts=4, seed=3)
+    several = FactsEnv(num_tasks=6, num_facts=4, seed=3, questions_per_task=3)
+    every = FactsEnv(num_tasks=6, num_facts=4, seed=3, questions_per_task=None)
+    assert FactsEnv(num_tasks=6, num_facts=4, seed=3, questions_per_task=1).tasks() == one.tasks()
+    for single, task, all_of_them in zip(one.tasks(), several.tasks(), every.tasks()):
+        assert task.chunks == single.chunks and task.question == "" and not single.questions
+        assert len(task.questions) == 3 and len(all_of_them.questions) == 4
+        first = task.questions[0]
+        # The one-question task's fact is asked first, in the same words; the others are other facts of the stream.
+        assert (first.question, first.answers) == (single.question, single.answers)
+        stream = "\n".join(task.chunks)
+        golds = [q.answers[0] for q in task.questions]
+        assert len(set(golds)) == 3 and all(gold in stream for gold in golds)
+        asked = task.asked()
+        assert [a.task_id for a in asked] == [f"{task.task_id}/q{i}" for i in range(3)]
+        assert all(a.metadata["sample_id"] == task.task_id and a.chunks == task.chunks for a in asked)
+        for a in asked:
+            assert several.score(a, a.answers[0])["f1"] == 1.0
+
+
+def test_an_episode_of_several_questions_ends_at_its_last_answer():
+    env = FactsEnv(num_tasks=1, num_facts=3, questions_per_task=3)
+    task = env.task(0)
+    state, obs = env.reset(task)
+    assert obs.text == ""
+    golds = [q.answers[0] for q in task.questions]
+    rewards = []
+    for i, answer in enumerate([golds[0], "no idea", golds[2]]):
+        result = env.step(state, Action(ActionKind.ANSWER, answer, question=i))
+        rewards.append(result.reward)
+        assert result.done == (i == 2)
+    assert rewards == [1.0, 0.0, 1.0]
+    with pytest.raises(RuntimeError, match="is over"):
+        env.step(state, Action(ActionKind.ANSWER, golds[1], question=1))
+    state, _ = env.reset(task)
+    with pytest.raises(ValueError, match="asks 3 question"):
+        env.step(state, Action(ActionKind.ANSWER, "x", question=3))

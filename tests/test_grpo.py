@@ -412,3 +412,33 @@ def test_one_update_per_batch_records_no_log_probs(tmp_path, env):
     batch = trainer.generate_rollouts(0)
     assert all(s.logprobs is None for t in batch.trajectories for s in t.segments)
     assert trainer.train_step(batch)["clip_fraction"] == 0.0
+
+
+def test_segment_weights_scale_each_kinds_share_of_the_gradient_on_several_question_episodes(tmp_path):
+    """Under plain SGD an update is linear in the loss: weighing answers by 2 moves the weights by the extraction
+    tokens' update plus twice the answers' update."""
+    env = make_env("facts", num_tasks=4, num_distractors=6, num_facts=3, lines_per_chunk=3, questions_per_task=2)
+    settings = dict(optim="sgd", max_grad_norm=0.0, learning_rate=0.5)
+    first = make_trainer(tmp_path / "a", env, segment_weights={"answer": 2.0}, **settings)
+    batch = first.generate_rollouts(0)
+    for traj in batch.trajectories:
+        assert [s.kind for s in traj.segments].count("answer") == 2 and len(traj.answered) == 2
+    batch.trajectories[0].reward, batch.trajectories[1].reward = 1.0, 0.0
+
+    def moved(trainer):
+        before = {n: p.detach().clone() for n, p in trainer.policy.named_parameters()}
+        metrics = trainer.train_step(batch)
+        return metrics, {n: p.detach() - before[n] for n, p in trainer.policy.named_parameters()}
+
+    metrics, both = moved(first)
+    assert metrics["questions_per_episode"] == 2.0
+    _, extraction_only = moved(make_trainer(tmp_path / "b", env, segment_weights={"answer": 0.0}, **settings))
+    _, answers_only = moved(make_trainer(tmp_path / "c", env, segment_weights={"extraction": 0.0}, **settings))
+    _, nothing = moved(make_trainer(tmp_path / "d", env, segment_weights={"extraction": 0.0, "answer": 0.0},
+                                    **settings))
+    assert any(d.abs().max() > 1e-4 for d in answers_only.values())
+    assert all(torch.equal(d, torch.zeros_like(d)) for d in nothing.values())
+    for name, delta in both.items():
+        torch.testing.assert_close(delta, extraction_only[name] + 2 * answers_only[name], rtol=1e-4, atol=1e-6)
+    with pytest.raises(ValueError, match="segment_weights"):
+        GRPOConfig(segment_weights={"answers": 1.0})

@@ -6,6 +6,8 @@ import torch
 from test_decoding import P1, P2, STOPPING_TEXTS, expected_stops, forced
 
 from tmem_rl.envs import make_env
+from tmem_rl.envs.base import ContractError, Environment, Question, Task
+from tmem_rl.metrics.qa import token_f1
 from tmem_rl.memory import FastWeightConfig, FastWeights
 from tmem_rl.models import tiny_model
 from tmem_rl.rollout import EpisodeBatch, EpisodeConfig, EpisodeRunner
@@ -183,3 +185,60 @@ def test_extraction_segments_keep_what_their_stop_allows_with_its_reason_and_log
     batch.save(tmp_path)
     loaded = EpisodeBatch.load(tmp_path).trajectories[0].segments
     assert [s.stop_reason for s in loaded] == [s.stop_reason for s in batch.trajectories[0].segments]
+
+
+class ThreeQuestions(Environment):
+    """One stream, three questions about it, each scored by token F1 against its own answer."""
+
+    name = "three-questions-test"
+    GOLDS = ("hello there", "hello", "goodbye")
+
+    def __len__(self):
+        return 1
+
+    def task(self, index):
+        chunks = tuple(f"Maya: line {i} of the chat, hello there, says Maya to Leo again." for i in range(6))
+        questions = tuple(Question(f"Question {i}?", (gold,), {"category": i}) for i, gold in enumerate(self.GOLDS))
+        return Task("chat", "", chunks, (), questions=questions)
+
+    def score(self, task, prediction):
+        f1 = token_f1(prediction, task.answers[0])
+        return {"reward": f1, "f1": f1, "em": float(f1 == 1.0)}
+
+
+def test_a_task_of_several_questions_answers_each_under_the_same_fast_weights_and_scores_their_mean(tiny, tmp_path):
+    model, tok = tiny
+    env = ThreeQuestions()
+    runner = ScriptedRunner(model, tok, FastWeights(model, 2, FastWeightConfig(lr=0.05, epochs=1)),
+                            EpisodeConfig(l_max=30, grounding=False, record_logprobs=True))
+    batch = runner.run(env, [env.task(0)] * 2)
+    for traj in batch.trajectories:
+        answers = [s for s in traj.segments if s.kind == "answer"]
+        extractions = [s for s in traj.segments if s.kind == "extraction"]
+        assert len(answers) == 3 and extractions
+        # Every answer after the whole stream, under the fast weights the last extraction left, with log-probs.
+        assert {s.fast_weight_version for s in answers} == {len(extractions)}
+        assert all(s.logprobs is not None and len(s.logprobs) == len(s.completion_ids) for s in answers)
+        for i, segment in enumerate(answers):
+            assert f"Question {i}?" in tok.decode(segment.prompt_ids)
+        scores = [token_f1("hello there", gold) for gold in env.GOLDS]  # 1, 2/3, 0
+        assert [a.reward for a in traj.answered] == scores
+        assert [(a.question_id, a.category) for a in traj.answered] == [(f"chat/q{i}", i) for i in range(3)]
+        assert traj.reward == pytest.approx(sum(scores) / 3)
+        assert traj.metrics == pytest.approx({"reward": sum(scores) / 3, "f1": sum(scores) / 3, "em": 1 / 3})
+        assert traj.prediction == "hello there"
+    batch.save(tmp_path / "batch")
+    assert EpisodeBatch.load(tmp_path / "batch").trajectories[1].answered == batch.trajectories[1].answered
+
+
+def test_a_tool_environment_refuses_a_task_of_several_questions(tiny):
+    from test_tool_episodes import NotesEnv
+
+    class SeveralNotes(NotesEnv):
+        def task(self, index):
+            return Task("t", "Codes?", (), (), questions=(Question("Alpha?", ("4417",)), Question("Beta?", ("9021",))))
+
+    model, tok = tiny
+    runner = ScriptedRunner(model, tok, FastWeights(model, 1, FastWeightConfig()), EpisodeConfig(l_max=60))
+    with pytest.raises(ContractError, match="tool environment, whose episodes end at one answer; task 't' asks 2"):
+        runner.run(SeveralNotes(), [SeveralNotes().task(0)])

@@ -243,10 +243,17 @@ class TMEMAgent:
         self._keep_live_snapshot()
         return report
 
-    def answer(self, question: str) -> str:
-        """Answer with base + fast weights and the working context in the prompt."""
-        task = _text_task((), question)
-        return self.runner.answer(self.stream, [0], [task], ["\n".join(self.episode.context[0])])[0].text
+    def answer(self, question: str | Sequence[str]) -> str | list[str]:
+        """Answer with base + fast weights and the working context in the prompt; a list of questions is answered
+        in one batch, an answer per question."""
+        questions = [question] if isinstance(question, str) else list(question)
+        if not all(isinstance(q, str) for q in questions):
+            raise TypeError("TMEMAgent.answer: expected a question or a list of questions (strings)")
+        tasks = [_text_task((), q) for q in questions]
+        context = "\n".join(self.episode.context[0])
+        answers = [out.text for out in self.runner.answer(self.stream, [0] * len(tasks), tasks,
+                                                          [context] * len(tasks))]
+        return answers[0] if isinstance(question, str) else answers
 
     def split(self, text: str) -> list[str]:
         """The chunks `read` makes of a string: its non-blank lines, each cut into pieces of at most L_max

@@ -50,7 +50,7 @@ from transformers.generation.logits_process import TemperatureLogitsWarper, TopK
 from tmem_rl.actions import ACTION_PREFILL, ANSWER, FORCED_ANSWER, TOOL, closing_tags, format_call, parse_action
 from tmem_rl.chat import chat_ids, chat_template_kwargs, left_padded, stop_token_ids, strip_thinking
 from tmem_rl.decoding import StaticDecoder
-from tmem_rl.envs.base import Action, ActionKind, Environment, EpisodeState, Task
+from tmem_rl.envs.base import Action, ActionKind, ContractError, Environment, EpisodeState, Task
 from tmem_rl.extraction import (EXTRACTION_PREFILL, PairReader, answer_messages, extraction_messages,
                                 parse_qa_pairs, reference_supervision, summary_messages)
 from tmem_rl.logprobs import build_rows, completion_logprobs
@@ -59,6 +59,7 @@ from tmem_rl.memory.inner_loop import PromptFn
 from tmem_rl.records import QAPair, Supervision
 
 MEMORY_MODES = ("fast_weights", "none", "window", "full", "summary")
+SEGMENT_KINDS = ("extraction", "action", "answer", "summary")
 EXTRACTORS = ("policy", "reference")
 DECODERS = ("generate", "static")
 SUPERVISIONS = ("qa_pairs", "transcript", "summary")
@@ -158,7 +159,7 @@ class EpisodeConfig:
 class Segment:
     """One generated stretch of tokens and the prompt it continued."""
 
-    kind: str  # "extraction" | "action" (a tool call or a malformed action) | "answer" | "summary"
+    kind: str  # one of SEGMENT_KINDS; "action": a tool call or a malformed action
     chunk_index: int  # where in the episode: the last chunk read (streams) or the turn (tool environments)
     attempt: int
     prompt_ids: list[int]
@@ -172,6 +173,19 @@ class Segment:
 
 
 @dataclass
+class AnsweredQuestion:
+    """One question of an episode (an item of `Task.asked()`), answered and scored."""
+
+    question_id: str
+    question: str
+    answers: list[str]
+    prediction: str
+    reward: float
+    metrics: dict[str, float]
+    category: Any = None
+
+
+@dataclass
 class Trajectory:
     rollout: int
     task_id: str
@@ -180,12 +194,16 @@ class Trajectory:
     segments: list[Segment] = field(default_factory=list)
     extractions: list[dict[str, Any]] = field(default_factory=list)
     prediction: str = ""
+    """The answer (of a task that asks several questions: the first one's; all are in `answered`)."""
     reward: float = 0.0
-    """The episode's return: the answer's score plus `shaping_reward`."""
+    """The episode's return: the answer's score (the mean over the questions asked) plus `shaping_reward`."""
+    answered: list[AnsweredQuestion] = field(default_factory=list)
+    """Every question the episode asked, in order, with its prediction and scores."""
     shaping_reward: float = 0.0
     """Rewards the environment gave before the answer (its `step` on extraction and tool actions; 0 unless it
     shapes them)."""
     metrics: dict[str, float] = field(default_factory=dict)
+    """The environment's metrics of the answer (the mean of each over the questions asked)."""
     timings: dict[str, float] = field(default_factory=dict)
     turns: int = 0
     """Actions taken (tool environments): tool calls, malformed actions and the answer."""
@@ -223,7 +241,8 @@ class EpisodeBatch:
         trajectories = []
         for t in data["trajectories"]:
             segments = [Segment(**s) for s in t.pop("segments")]
-            trajectories.append(Trajectory(segments=segments, **t))
+            answered = [AnsweredQuestion(**a) for a in t.pop("answered", [])]
+            trajectories.append(Trajectory(segments=segments, answered=answered, **t))
         snapshots: dict[str, Snapshot] = {}
         for flat_key, tensor in load_file(str(path / "snapshots.safetensors")).items():
             key, name = flat_key.split("|", 1)
@@ -320,6 +339,10 @@ class EpisodeRunner:
         """Run every rollout's tool-use episode to its answer (see the module docstring), in lockstep: each turn
         generates one action per rollout still acting."""
         cfg = self.config
+        several = next((t for t in tasks if t.questions), None)
+        if several is not None:
+            raise ContractError(f"environment {env.name!r} is a tool environment, whose episodes end at one answer; "
+                                f"task {several.task_id!r} asks {len(several.questions)} questions")
         ep = self._begin(env, tasks, None)
         closing = closing_tags(env.tools)
         acting = list(range(len(tasks)))
@@ -602,11 +625,13 @@ class EpisodeRunner:
                 snapshots[self._snapshot_key(g)] = self.fast.snapshot([g])
 
     def _answer(self, env: Environment, ep: "Episode", rollouts: list[int] | None = None) -> None:
-        """Ask `rollouts` (default: all) for their answers with the environment's answer prompt, and score them."""
+        """Ask `rollouts` (default: all) every question of their tasks with the environment's answer prompt, in one
+        batch, each rollout under its own fast weights, and score the answers."""
         rollouts = list(range(len(ep.states))) if rollouts is None else rollouts
-        tasks = [ep.states[g].task for g in rollouts]
-        answers = self.answer(env, rollouts, tasks, [ep.context_text(g) for g in rollouts])
-        for g, out in zip(rollouts, answers):
+        rows = [(g, i, asked) for g in rollouts for i, asked in enumerate(ep.states[g].task.asked())]
+        answers = self.answer(env, [g for g, _, _ in rows], [asked for _, _, asked in rows],
+                              [ep.context_text(g) for g, _, _ in rows])
+        for (g, i, _), out in zip(rows, answers):
             traj = ep.trajectories[g]
             position = traj.turns if ep.acting else ep.states[g].cursor
             self._add_segment(traj, ep.snapshots, kind="answer", chunk_index=position, attempt=0,
@@ -616,16 +641,27 @@ class EpisodeRunner:
                 traj.forced_answer = True
                 traj.actions.append({"turn": traj.turns, "kind": FORCED_ANSWER, "tool": "", "argument": out.text,
                                      "error": ""})
-            traj.timings["generate_answer"] += out.seconds
-            self._finish(env, ep, g, out.text)
+            if i == 0:  # one batch answered all of a rollout's questions
+                traj.timings["generate_answer"] += out.seconds
+            self._finish(env, ep, g, out.text, question=i)
 
-    def _finish(self, env: Environment, ep: "Episode", g: int, prediction: str) -> None:
-        """Rollout g answers: the environment scores it and the episode ends."""
+    def _finish(self, env: Environment, ep: "Episode", g: int, prediction: str, question: int = 0) -> None:
+        """Rollout g answers one of its task's questions, which the environment scores; after the last one the
+        episode ends, its reward the mean over the questions."""
         traj = ep.trajectories[g]
-        result = env.step(ep.states[g], Action(ActionKind.ANSWER, prediction))
-        traj.prediction = prediction
-        traj.reward = result.reward + traj.shaping_reward
-        traj.metrics = dict(result.info)
+        asked = ep.states[g].task.asked()[question]
+        result = env.step(ep.states[g], Action(ActionKind.ANSWER, prediction, question=question))
+        traj.answered.append(AnsweredQuestion(
+            question_id=str(asked.metadata.get("question_id", asked.task_id)), question=asked.question,
+            answers=list(asked.answers), prediction=prediction, reward=float(result.reward),
+            metrics=dict(result.info), category=asked.metadata.get("category")))
+        if not result.done:
+            return
+        answered = traj.answered
+        traj.prediction = answered[0].prediction
+        traj.reward = sum(a.reward for a in answered) / len(answered) + traj.shaping_reward
+        shared = [k for k in answered[0].metrics if all(k in a.metrics for a in answered)]
+        traj.metrics = {k: sum(a.metrics[k] for a in answered) / len(answered) for k in shared}
 
     def answer(self, env: Environment, slots: list[int], tasks: list[Task], contexts: list[str]) -> list["Generated"]:
         """Answer each task's question in one batch, row i under fast-weight slot slots[i] with contexts[i] in the

@@ -36,6 +36,7 @@ PACKAGE = "tmem_rl"
 # no installed metadata. tests/test_plugins.py checks that the two agree.
 BUILTIN_ENVS = {
     "context_learning": "tmem_rl.envs.context_learning:ContextLearningEnv",
+    "dialogues": "tmem_rl.envs.dialogues:DialoguesEnv",
     "facts": "tmem_rl.envs.facts:FactsEnv",
     "locomo": "tmem_rl.envs.locomo:LocomoEnv",
     "longmemeval": "tmem_rl.envs.longmemeval:LongMemEvalEnv",
@@ -300,3 +301,11 @@ def first_per_category(tasks: list[Task], n: int | None) -> list[Task]:
         if seen[category] <= n:
             kept.append(task)
     return kept
+
+
+def pick_unused(rng, pool, used: set[str]) -> str:
+    """A value of `pool` that is not in `used` (values a generated stream already gave a fact), added to it: so that
+    no two facts of one stream share a value and every answer stays unambiguous."""
+    value = rng.choice([v for v in pool if v not in used])
+    used.add(value)
+    return value

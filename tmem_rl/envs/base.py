@@ -39,6 +39,16 @@ class ActionKind(str, enum.Enum):
 
 
 @dataclass(frozen=True)
+class Question:
+    """One of the questions a task asks about its reading (`Task.questions`)."""
+
+    question: str
+    answers: tuple[str, ...]
+    metadata: dict[str, Any] = field(default_factory=dict)
+    """What scoring needs of this question (category, question_id, ...); laid over the task's own metadata."""
+
+
+@dataclass(frozen=True)
 class Task:
     """One episode's material: the question, the stream to read, and what scoring needs."""
 
@@ -50,6 +60,25 @@ class Task:
     reference_pairs: tuple[QAPair, ...] = ()
     """Gold supervision, when the environment knows it: pairs an ideal extraction would write from the stream
     (the asked fact first). Never shown to the agent; for warm starts and diagnostics."""
+    questions: tuple[Question, ...] = ()
+    """Several questions about one reading (stream environments): every one is answered after the stream, under
+    the same fast weights, and the episode's reward is the mean of their scores. `question` is then what the agent
+    has in mind while reading ("": nothing in particular, as when a conversation's questions come later) and
+    `answers` is not scored. Empty: the task asks `question` alone."""
+
+    def asked(self) -> tuple["Task", ...]:
+        """The questions answered after the reading, each as a task of its own that `Environment.score` and
+        `Environment.answer_prompt` take (same chunks and reference pairs): this task itself when it asks one
+        question, else one per item of `questions`, with ids "<task_id>/q<i>" unless their metadata names one."""
+        if not self.questions:
+            return (self,)
+        return tuple(
+            Task(task_id=str(q.metadata.get("question_id", f"{self.task_id}/q{i}")), question=q.question,
+                 chunks=self.chunks, answers=q.answers, reference_pairs=self.reference_pairs,
+                 metadata={**self.metadata, "sample_id": self.metadata.get("sample_id", self.task_id),
+                           "question_id": f"{self.task_id}/q{i}", **q.metadata})
+            for i, q in enumerate(self.questions)
+        )
 
 
 @dataclass(frozen=True)
@@ -68,6 +97,8 @@ class Action:
     """The answer (ANSWER), or the tool's argument (TOOL)."""
     tool: str = ""
     """The tool called (TOOL only): a key of `Environment.tools`."""
+    question: int = 0
+    """Which of the task's questions an ANSWER answers: an index into `Task.asked()`."""
 
 
 @dataclass(frozen=True)
@@ -86,6 +117,7 @@ class EpisodeState:
     cursor: int = 0  # index of the next chunk to serve
     done: bool = False
     tool_calls: int = 0  # tool actions executed so far
+    answered: int = 0  # questions answered so far; the episode ends when every one of `task.asked()` is
 
     @property
     def stream_finished(self) -> bool:
@@ -123,6 +155,13 @@ def check_task(where: str, task: Any) -> Task:
     _check_items(where, "chunks", task.chunks, str, "strings")
     _check_items(where, "answers", task.answers, str, "strings")
     _check_items(where, "reference_pairs", task.reference_pairs, QAPair, "QAPair")
+    _check_items(where, "questions", task.questions, Question, "Question")
+    for i, q in enumerate(task.questions):
+        if not isinstance(q.question, str):
+            raise ContractError(f"{where}: questions[{i}].question must be a string, got {_shown(q.question)}")
+        _check_items(where, f"questions[{i}].answers", q.answers, str, "strings")
+        if not isinstance(q.metadata, dict):
+            raise ContractError(f"{where}: questions[{i}].metadata must be a dict, got {_shown(q.metadata)}")
     if not isinstance(task.metadata, dict):
         raise ContractError(f"{where}: field 'metadata' must be a dict, got {_shown(task.metadata)}")
     return task
@@ -300,9 +339,15 @@ class Environment(ABC):
             # Extraction changes the agent, not the world; environments may override to shape rewards.
             return StepResult(Observation(kind="chunk", text="", index=state.cursor - 1))
         if action.kind == ActionKind.ANSWER:
-            state.done = True
-            metrics = self.score(state.task, action.text)
-            return StepResult(Observation(kind="end", text=""), reward=metrics["reward"], done=True, info=metrics)
+            asked = state.task.asked()
+            if not 0 <= action.question < len(asked):
+                raise ValueError(f"episode {state.task.task_id} asks {len(asked)} question(s); an answer to question "
+                                 f"{action.question} is not one of them")
+            state.answered += 1
+            state.done = state.answered >= len(asked)
+            metrics = self.score(asked[action.question], action.text)
+            return StepResult(Observation(kind="end", text=""), reward=metrics["reward"], done=state.done,
+                              info=metrics)
         if action.kind == ActionKind.TOOL:
             if action.tool not in self.tools:
                 raise ValueError(f"environment {self.name!r} has no tool {action.tool!r}; tools: "

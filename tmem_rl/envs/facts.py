@@ -12,8 +12,8 @@ import math
 import random
 from dataclasses import dataclass
 
-from tmem_rl.envs import register_env
-from tmem_rl.envs.base import Environment, Task
+from tmem_rl.envs import pick_unused, register_env
+from tmem_rl.envs.base import Environment, Question, Task
 from tmem_rl.errors import InputError
 from tmem_rl.metrics.qa import best_over_golds, exact_match, token_f1
 from tmem_rl.records import QAPair
@@ -155,15 +155,13 @@ class _Fact:
     values: dict[str, str]  # slot -> value, e.g. {"value": "Biscuit", "species": "dog"}
 
 
+def _answer_of(fact: _Fact, kind: str) -> str:
+    """The value a question of `kind` (a meeting's place or time, else the fact's kind) asks of `fact`."""
+    return fact.values[{"meeting_place": "place", "meeting_time": "time"}.get(kind, "value")]
+
+
 def _article(word: str) -> str:
     return "an" if word[0].lower() in "aeiou" else "a"
-
-
-def _pick(rng: random.Random, pool, used: set[str]) -> str:
-    """A value from `pool` that no earlier fact of this stream used, so answers stay unambiguous."""
-    value = rng.choice([v for v in pool if v not in used])
-    used.add(value)
-    return value
 
 
 @register_env("facts")
@@ -187,8 +185,13 @@ class FactsEnv(Environment):
         num_distractors: int = 24,
         lines_per_chunk: int = 4,
         fact_position: str = "early",
+        questions_per_task: int | None = 1,
         seed: int = 0,
     ):
+        """`questions_per_task`: facts asked about after the stream. 1: one, its question shown while reading (the
+        paper's protocol). k > 1: k distinct planted facts (the first placed by `fact_position`, the others where
+        they fall), asked only after the stream, so that the reading has no question in mind; None: every planted
+        fact (a meeting is asked by one of its place and time)."""
         for arg, value, low, high in (
             ("num_tasks", num_tasks, 1, self.MAX_TASKS),
             ("num_facts", num_facts, 1, self.MAX_FACTS),
@@ -199,6 +202,11 @@ class FactsEnv(Environment):
                 raise InputError(f"facts env: {arg} must be an integer >= {low}, got {value!r}")
             if high is not None and value > high:
                 raise InputError(f"facts env: {arg} must be at most {high}, got {value!r}")
+        if questions_per_task is not None and (not isinstance(questions_per_task, int)
+                                               or isinstance(questions_per_task, bool)
+                                               or not 1 <= questions_per_task <= num_facts):
+            raise InputError(f"facts env: questions_per_task must be None (every fact) or an integer from 1 to "
+                             f"num_facts ({num_facts}), got {questions_per_task!r}")
         if fact_position not in self.POSITIONS:
             raise InputError(f"facts env: fact_position must be one of {self.POSITIONS}, got {fact_position!r}")
         if not isinstance(seed, int) or isinstance(seed, bool):
@@ -208,6 +216,7 @@ class FactsEnv(Environment):
         self.num_distractors = num_distractors
         self.lines_per_chunk = lines_per_chunk
         self.fact_position = fact_position
+        self.questions_per_task = num_facts if questions_per_task is None else questions_per_task
         self.seed = seed
 
     def __len__(self) -> int:
@@ -240,21 +249,35 @@ class FactsEnv(Environment):
 
         step = self.lines_per_chunk
         chunks = tuple("\n".join(lines[i : i + step]) for i in range(0, total, step))
-        answer = asked.values[{"meeting_place": "place", "meeting_time": "time"}.get(kind, "value")]
+        answer = _answer_of(asked, kind)
+        metadata = {
+            "category": kind,
+            "fact_kind": kind,
+            "fact_line_index": position,
+            "fact_chunk_index": position // step,
+            "num_chunks": len(chunks),
+        }
+        questions: tuple[Question, ...] = ()
+        if self.questions_per_task > 1:  # drawn after everything above, so one-question tasks stay as they were
+            others = rng.sample([f for f in facts if f is not asked], self.questions_per_task - 1)
+            questions = (Question(question, (answer,), {"category": kind, "fact_kind": kind}),
+                         *(self._asked_question(rng, fact) for fact in others))
+            question = ""
         return Task(
             task_id=f"facts-{self.seed}-{index}",
             question=question,
             chunks=chunks,
             answers=(answer,),
-            reference_pairs=self._reference_pairs(facts, asked, question, answer),
-            metadata={
-                "category": kind,
-                "fact_kind": kind,
-                "fact_line_index": position,
-                "fact_chunk_index": position // step,
-                "num_chunks": len(chunks),
-            },
+            reference_pairs=self._reference_pairs(facts, asked, questions[0].question if questions else question,
+                                                  answer),
+            metadata=metadata,
+            questions=questions,
         )
+
+    def _asked_question(self, rng: random.Random, fact: _Fact) -> Question:
+        kind, question = self._question(rng, fact)
+        answer = _answer_of(fact, kind)
+        return Question(question, (answer,), {"category": kind, "fact_kind": kind})
 
     def score(self, task: Task, prediction: str) -> dict[str, float]:
         f1 = best_over_golds(token_f1, prediction, task.answers)
@@ -280,10 +303,10 @@ class FactsEnv(Environment):
                 partner = rng.choice([q for q in others if (q, kind) not in taken])
                 taken.add((partner, kind))
                 values["q"] = partner
-                values["place"] = _pick(rng, PLACES, used["place"])
-                values["time"] = _pick(rng, [f"{d} at {h}" for d in DAYS for h in HOURS], used["time"])
+                values["place"] = pick_unused(rng, PLACES, used["place"])
+                values["time"] = pick_unused(rng, [f"{d} at {h}" for d in DAYS for h in HOURS], used["time"])
             else:
-                values["value"] = _pick(rng, self._pool(kind), used[kind])
+                values["value"] = pick_unused(rng, self._pool(kind), used[kind])
                 if kind == "pet":
                     values["species"] = rng.choice(SPECIES)
                 if kind == "job":
@@ -314,7 +337,7 @@ class FactsEnv(Environment):
         for fact in facts:
             kinds = ("meeting_place", "meeting_time") if fact.kind == "meeting" else (fact.kind,)
             for kind in kinds:
-                value = fact.values[{"meeting_place": "place", "meeting_time": "time"}.get(kind, "value")]
+                value = _answer_of(fact, kind)
                 if fact is asked and value == answer:
                     continue
                 pairs.append(QAPair(QUESTION_TEMPLATES[kind][0].format(**fact.values), value))

@@ -244,6 +244,50 @@ def render_stream(sample: LocomoSample) -> list[str]:
     return chunks
 
 
+# ---- the official prompts and scoring, shared with environments shaped like LoCoMo (dialogues) -------------------
+
+
+def adversarial_options(key: str, tempting: str) -> dict[str, str]:
+    """A category-5 question's two options, NOT_MENTIONED and the tempting wrong answer, in an order drawn from
+    `key` (a string seed naming the question)."""
+    pair = (NOT_MENTIONED, tempting)
+    if random.Random(key).random() >= 0.5:
+        pair = pair[::-1]
+    return {"a": pair[0], "b": pair[1]}
+
+
+def locomo_score(task: Task, prediction: str) -> dict[str, float]:
+    """The official metric for one question (`task.metadata` holds its "category", and "options" for category 5:
+    a prediction that is an option letter, "a" or "(b)", is read as that option)."""
+    options = task.metadata.get("options")
+    if options:
+        letter = _OPTION_LETTERS.get(prediction.strip().lower())
+        if letter is not None:
+            prediction = options[letter]
+    metrics = score_answer(prediction, task.answers[0], task.metadata["category"])
+    return {"reward": metrics["f1"], "f1": metrics["f1"], "em": metrics["em"]}
+
+
+def locomo_answer_prompt(question: str, context: str, task: Task | None = None) -> str:
+    """The official QA prompt: the date hint for temporal questions, the two options for adversarial ones; without
+    a task (an extracted pair rendered by the inner loop), the plain prompt."""
+    category = task.metadata.get("category") if task is not None else None
+    options = task.metadata.get("options") if task is not None else None
+    if category == 5 and options:
+        prompt = QA_PROMPT_CAT_5.format(question + SELECT_SUFFIX.format(options["a"], options["b"]))
+    elif category == 2:
+        prompt = QA_PROMPT.format(question + DATE_HINT)
+    else:
+        prompt = QA_PROMPT.format(question)
+    return f"{context}\n\n{prompt}" if context.strip() else prompt
+
+
+def locomo_summary(records: list[dict[str, Any]]) -> dict[str, Any]:
+    """The official reporting shape: every category present (None when empty) and the 1-4 / 1-5 means."""
+    official = aggregate(records)
+    return {k: official[k] for k in ("f1_by_category", "f1_1_4", "f1_1_5")}
+
+
 # ---- environment ---------------------------------------------------------------------------------------------
 
 
@@ -286,9 +330,7 @@ class LocomoEnv(Environment):
         return self._tasks[index]
 
     def summarize(self, records: list[dict[str, Any]]) -> dict[str, Any]:
-        # The official reporting shape: every category present (None when empty) and the 1-4 / 1-5 means.
-        official = aggregate(records)
-        return {k: official[k] for k in ("f1_by_category", "f1_1_4", "f1_1_5")}
+        return locomo_summary(records)
 
     def split_key(self, index: int) -> str:
         # Questions about one conversation share its stream: hold conversations out, not single questions.
@@ -305,35 +347,16 @@ class LocomoEnv(Environment):
         return grouped
 
     def score(self, task: Task, prediction: str) -> dict[str, float]:
-        category = task.metadata["category"]
-        options = task.metadata.get("options")
-        if options:
-            letter = _OPTION_LETTERS.get(prediction.strip().lower())
-            if letter is not None:
-                prediction = options[letter]
-        metrics = score_answer(prediction, task.answers[0], category)
-        return {"reward": metrics["f1"], "f1": metrics["f1"], "em": metrics["em"]}
+        return locomo_score(task, prediction)
 
     def answer_prompt(self, question: str, context: str, task: Task | None = None) -> str:
-        category = task.metadata.get("category") if task is not None else None
-        options = task.metadata.get("options") if task is not None else None
-        if category == 5 and options:
-            prompt = QA_PROMPT_CAT_5.format(question + SELECT_SUFFIX.format(options["a"], options["b"]))
-        elif category == 2:
-            prompt = QA_PROMPT.format(question + DATE_HINT)
-        else:
-            prompt = QA_PROMPT.format(question)
-        return f"{context}\n\n{prompt}" if context.strip() else prompt
+        return locomo_answer_prompt(question, context, task)
 
     def _task(self, sample: LocomoSample, q: LocomoQuestion) -> Task:
+        # Seeded per question, so the option order does not depend on which questions are loaded.
         options = None
         if q.category == 5:
-            # Seeded per question, so the option order does not depend on which questions are loaded.
-            rng = random.Random(f"locomo:{self.seed}:{q.question_id}")
-            pair = (NOT_MENTIONED, q.adversarial_answer)
-            if rng.random() >= 0.5:
-                pair = pair[::-1]
-            options = {"a": pair[0], "b": pair[1]}
+            options = adversarial_options(f"locomo:{self.seed}:{q.question_id}", q.adversarial_answer)
         return Task(
             task_id=q.question_id,
             question=q.question,

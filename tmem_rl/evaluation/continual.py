@@ -34,8 +34,9 @@ def phase_label(row: str, phase: str) -> str:
     return f"{row}:{phase}"
 
 
-def check_continual(config, env: Environment, num_tasks: int) -> None:
-    """One line for what a continual run (of an EvalConfig over `num_tasks` tasks) cannot do."""
+def check_continual(config, env: Environment, tasks: list[Task]) -> None:
+    """One line for what a continual run (of an EvalConfig over `tasks`) cannot do."""
+    num_tasks = len(tasks)
     no_weights = [m for m in config.methods if not METHODS[m].uses_fast_weights]
     if no_weights:
         usable = [name for name, cls in METHODS.items() if cls.uses_fast_weights]
@@ -49,6 +50,10 @@ def check_continual(config, env: Environment, num_tasks: int) -> None:
     if config.episode_unit != "question":
         raise InputError(f"--continual reads one episode per question; episode_unit={config.episode_unit!r} does "
                          "not apply")
+    several = next((t for t in tasks if t.questions), None)
+    if several is not None:
+        raise InputError(f"--continual scores one question per episode; task {several.task_id!r} of {env.name!r} "
+                         f"asks {len(several.questions)} (facts: set questions_per_task 1)")
     slots = config.methods_settings.answer_batch_size
     if num_tasks < 2 * slots:
         raise InputError(f"--continual: {num_tasks} task(s) in {slots} sequences (--batch-size) leave a sequence "

@@ -20,6 +20,7 @@ import json
 import os
 import sys
 import warnings
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -36,6 +37,7 @@ from tmem_rl.evaluation.continual import (PHASES, check_continual, continual_sum
                                           phase_label, sequences, write_continual_reports)
 from tmem_rl.evaluation.methods import METHODS, Answered, MethodSettings, TMEMReference, check_methods
 from tmem_rl.memory import FastWeightConfig, FastWeights
+from tmem_rl.metrics.qa import normalize_answer
 from tmem_rl.models import DEFAULT_MODEL, check_checkpoint_fits, load_policy, load_trained_policy
 from tmem_rl.rollout import EpisodeConfig, EpisodeRunner
 
@@ -277,18 +279,25 @@ def to_record(method: str, unit: str, answered: Answered, env, policy: str = "ba
     return {**{key: value for key, value in metrics.items() if key not in record}, **record}
 
 
+def question_ids(task: Task) -> list[str]:
+    """The record ids of the questions a task asks (`Task.asked()`)."""
+    return [str(asked.metadata.get("question_id", asked.task_id)) for asked in task.asked()]
+
+
 def episodes(env, unit: str, pending: list[Task], batch_size: int):
     """(readings, questions per reading) batches for the chosen episode unit: up to `batch_size` streams are read in
-    lockstep (one question each, or one conversation with all its pending questions)."""
+    lockstep (each task with its questions, or one conversation with all its pending questions)."""
     if unit == "question":
         for begin in range(0, len(pending), batch_size):
             batch = pending[begin : begin + batch_size]
-            yield batch, [[t] for t in batch]
+            yield batch, [list(t.asked()) for t in batch]
         return
     wanted = {t.task_id for t in pending}
+    # A task that asks several questions is a conversation of its own.
+    by_sample = env.questions_by_sample() if hasattr(env, "questions_by_sample") else {t.task_id: [t] for t in pending}
     readings, questions = [], []
-    for sample_id, tasks in env.questions_by_sample().items():
-        todo = [t for t in tasks if t.task_id in wanted]
+    for sample_id, tasks in by_sample.items():
+        todo = [asked for t in tasks if t.task_id in wanted for asked in t.asked()]
         if todo:
             readings.append(Task(task_id=sample_id, question="", chunks=tasks[0].chunks, answers=()))
             questions.append(todo)
@@ -334,7 +343,7 @@ def run_eval(config: EvalConfig) -> dict[str, Any]:
         raise InputError(f"environment {env.name!r}: no tasks to evaluate (see --max-questions, --per-category, "
                          "--sample-ids, --split)")
     if config.continual:
-        check_continual(config, env, len(tasks))
+        check_continual(config, env, tasks)
     if TMEMReference.name in config.methods and config.episode_kwargs.get("supervision", "qa_pairs") != "qa_pairs":
         raise InputError(f"method {TMEMReference.name} absorbs reference pairs; it does not apply with supervision="
                          f"{config.episode_kwargs['supervision']!r}")
@@ -373,7 +382,7 @@ def run_eval(config: EvalConfig) -> dict[str, Any]:
             del model
             continue
         rows += labels.values()
-        todo = {m: [t for t in tasks if (labels[m], t.metadata.get("question_id", t.task_id)) not in done]
+        todo = {m: [t for t in tasks if any((labels[m], q) not in done for q in question_ids(t))]
                 for m in config.methods}
         if not any(todo.values()):
             continue  # finished in an earlier run: no need to load this policy again
@@ -431,7 +440,7 @@ def evaluate_policy(config: EvalConfig, env, model, tokenizer, todo: dict[str, l
     for method_name, pending in todo.items():
         method = METHODS[method_name](runner, env, settings)
         # Closed on an error too, so that the error's line does not land on the bar's.
-        with tqdm(total=len(pending), desc=row_label(method_name, policy), unit="q", dynamic_ncols=True) as bar:
+        with tqdm(total=sum(len(t.asked()) for t in pending), desc=row_label(method_name, policy), unit="q", dynamic_ncols=True) as bar:
             for readings, questions in episodes(env, config.episode_unit, pending, settings.answer_batch_size):
                 answered = method.run(readings, questions)
                 records = [to_record(method_name, config.episode_unit, a, env, policy)
@@ -459,8 +468,11 @@ def _mean(values: list[float]) -> float | None:
 
 def summarize(records: list[dict[str, Any]]) -> dict[str, Any]:
     """Any environment's summary: F1 / EM overall and by the tasks' `category`, extraction parse rate (share of
-    extraction actions that yielded a usable pair; None for methods that do not extract) and speed."""
+    extraction actions that yielded a usable pair; None for methods that do not extract), speed, and the most
+    common answer with its share of the questions: a policy that collapsed gives one answer to many questions."""
     categories = sorted({str(r["category"]) for r in records if r.get("category") is not None})
+    answers = Counter(normalize_answer(str(r["prediction"])) for r in records)
+    top_answer, top_count = answers.most_common(1)[0] if answers else (None, 0)
     extractions = [e for r in records for e in r.get("extractions") or []]
     parsed = [bool(e["supervision"]["pairs"]) for e in extractions]
     seconds = [float(r["seconds"]) for r in records if r.get("seconds") is not None]
@@ -473,6 +485,8 @@ def summarize(records: list[dict[str, Any]]) -> dict[str, Any]:
         "parse_rate": _mean([float(p) for p in parsed]),
         "pairs_per_extraction": _mean([float(len(e["supervision"]["pairs"])) for e in extractions]),
         "seconds_per_episode": _mean(seconds),
+        "top_answer": top_answer,
+        "top_answer_share": top_count / len(records) if records else None,
         **_acting(records),
     }
 
@@ -502,14 +516,16 @@ def markdown_table(summary: dict[str, Any], columns: tuple[str, ...] = ()) -> st
     extra = [k for k in columns if any(s.get(k) is not None for s in summary.values())]
     acting = [k for k in ("turns", "tool_calls", "malformed_actions", "forced_answer")
               if any(s.get(k) is not None for s in summary.values())]
-    head = ["method", "n", *cats, "F1", *extra, "EM", "parse rate", "pairs / extraction", *acting, "s / episode"]
+    head = ["method", "n", *cats, "F1", *extra, "EM", "parse rate", "pairs / extraction", *acting,
+            "top answer share", "s / episode"]
     rows = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for method, s in summary.items():
         by_cat = [_fmt(s["f1_by_category"].get(c)) for c in cats]
         secs = "-" if s["seconds_per_episode"] is None else f"{s['seconds_per_episode']:.1f}"
         rows.append("| " + " | ".join([method, str(s["n"]), *by_cat, _fmt(s["f1"]), *[_fmt(s.get(k)) for k in extra],
                                        _fmt(s["em"]), _fmt(s["parse_rate"]), _fmt(s["pairs_per_extraction"]),
-                                       *[_fmt(s.get(k)) for k in acting], secs]) + " |")
+                                       *[_fmt(s.get(k)) for k in acting], _fmt(s.get("top_answer_share")),
+                                       secs]) + " |")
     return "\n".join(rows)
 
 
