@@ -6,7 +6,7 @@ from tmem_rl.envs import make_env
 from tmem_rl.logprobs import completion_logprobs, load_snapshots, score_completions, segment_rows
 from tmem_rl.memory import FastWeightConfig, FastWeights
 from tmem_rl.models import FIXTURE_TOKENIZER, tiny_model
-from tmem_rl.rollout import EpisodeConfig, EpisodeRunner
+from tmem_rl.rollout import AnsweredQuestion, EpisodeConfig, EpisodeRunner, Segment, Trajectory
 from tmem_rl.trainers.grpo import GRPOConfig, GRPOTrainer, group_advantages
 
 from test_rollout import ScriptedRunner
@@ -162,7 +162,6 @@ def test_ppo_step_moves_policy_and_fits_the_value_head(tmp_path, env):
 @pytest.mark.parametrize("level", ["segment", "token"])
 def test_ppo_credits_every_extraction_of_a_rewarded_episode(tmp_path, env, level):
     """A 192-token extraction, then an 8-token answer rewarded 1 (another rollout: 0), under a zero critic."""
-    from tmem_rl.rollout import Segment
     from tmem_rl.trainers.ppo import PPOConfig, PPOTrainer, ValuedSegment
 
     model, tok = tiny_model(num_layers=2, tokenizer_path=FIXTURE_TOKENIZER)
@@ -174,7 +173,8 @@ def test_ppo_credits_every_extraction_of_a_rewarded_episode(tmp_path, env, level
         for kind, n in (("extraction", 192), ("answer", 8)):
             seg = Segment(kind, 0, 0, [1], [5] * n, "", 0, None, 1.0)
             segments.append(ValuedSegment(seg, rollout, old_values=[0.0] * n))
-    trainer.assign_advantages(segments, torch.tensor([1.0, 0.0]), {})
+    trajectories = [Trajectory(r, "t", "q", ["a"]) for r in (0, 1)]
+    trainer.assign_advantages(segments, torch.tensor([1.0, 0.0]), {}, trajectories)
     extraction, answer = segments[0].advantages, segments[1].advantages
     if level == "segment":
         assert min(extraction) > 0 and min(extraction) > 0.5 * max(answer)
@@ -442,3 +442,47 @@ def test_segment_weights_scale_each_kinds_share_of_the_gradient_on_several_quest
         torch.testing.assert_close(delta, extraction_only[name] + 2 * answers_only[name], rtol=1e-4, atol=1e-6)
     with pytest.raises(ValueError, match="segment_weights"):
         GRPOConfig(segment_weights={"answers": 1.0})
+
+
+def two_question_rollouts(scores: list[list[float]]) -> tuple[list[Trajectory], list[Segment]]:
+    """Rollouts of one group, each an extraction then one answer per question with these scores."""
+    trajectories, segments = [], []
+    for r, row in enumerate(scores):
+        traj = Trajectory(r, "t", "", [], reward=sum(row) / len(row))
+        traj.answered = [AnsweredQuestion(f"t/q{q}", "?", ["a"], "a", score, {"f1": score}) for q, score in enumerate(row)]
+        traj.segments = [Segment("extraction", 0, 0, [1], [5] * 4, "", 0, None, 1.0)]
+        traj.segments += [Segment("answer", 1, 0, [1], [6] * 2, "", 0, None, 1.0, question=q) for q in range(len(row))]
+        trajectories.append(traj)
+    return trajectories, [s for t in trajectories for s in t.segments]
+
+
+def test_answer_credit_by_question_gives_each_answer_its_own_questions_advantage(tmp_path, env):
+    trainer = make_trainer(tmp_path, env, answer_credit="question")
+    trajectories, segments = two_question_rollouts([[1.0, 0.0], [0.0, 1.0]])  # equal episodes, opposite answers
+    training = [trainer.segment_type(seg, r) for r, t in enumerate(trajectories) for seg in t.segments]
+    trainer.assign_advantages(training, torch.tensor([t.reward for t in trajectories]), {}, trajectories)
+    first = [s.advantages[0] for s in training[:3]]
+    second = [s.advantages[0] for s in training[3:]]
+    assert first[0] == second[0] == 0.0  # the extraction: the episode's advantage
+    assert first[1] > 0.7 and first[2] < -0.7 and second[1] < -0.7 and second[2] > 0.7
+    episode = make_trainer(tmp_path / "e", env)
+    trainer_segments = [episode.segment_type(seg, r) for r, t in enumerate(trajectories) for seg in t.segments]
+    episode.assign_advantages(trainer_segments, torch.tensor([t.reward for t in trajectories]), {}, trajectories)
+    assert all(a == 0.0 for s in trainer_segments for a in s.advantages)
+    with pytest.raises(ValueError, match="answer_credit"):
+        GRPOConfig(answer_credit="token")
+
+
+def test_ppo_pays_each_answer_its_own_questions_share_of_the_outcome(tmp_path, env):
+    from tmem_rl.trainers.ppo import PPOConfig, PPOTrainer, ValuedSegment
+
+    model, tok = tiny_model(num_layers=2, tokenizer_path=FIXTURE_TOKENIZER)
+    cfg = PPOConfig(output_dir=str(tmp_path), questions_per_step=1, report_to=[], save_steps=0, lam=1.0,
+                    whiten_advantages=False)
+    trainer = PPOTrainer(cfg, model, tok, env, FastWeightConfig(num_layers=2), accelerator=Accelerator(cpu=True))
+    trajectories, _ = two_question_rollouts([[1.0, 0.0]])
+    segments = [ValuedSegment(seg, 0, old_values=[0.0] * len(seg.completion_ids)) for seg in trajectories[0].segments]
+    trainer.assign_advantages(segments, torch.tensor([0.5]), {}, trajectories)
+    # Zero critic, no discount: each step's advantage is the reward still to come. The wrong second answer gets
+    # nothing; with the whole reward at the end it would have got 0.5 like the others.
+    assert [s.advantages[0] for s in segments] == pytest.approx([0.5, 0.5, 0.0])

@@ -170,6 +170,7 @@ class Segment:
     temperature: float  # the temperature the tokens were sampled at: every log-prob of them is taken at it
     logprobs: list[float] | None = None  # per completion token, when EpisodeConfig.record_logprobs
     stop_reason: str | None = None  # extractions: why generation ended, one of extraction.STOP_REASONS
+    question: int = 0  # answers: which of the task's questions (an index into Task.asked()) this one answers
 
 
 @dataclass
@@ -636,7 +637,7 @@ class EpisodeRunner:
             position = traj.turns if ep.acting else ep.states[g].cursor
             self._add_segment(traj, ep.snapshots, kind="answer", chunk_index=position, attempt=0,
                               prompt_ids=out.prompt_ids, completion_ids=out.completion_ids, text=out.text,
-                              temperature=self.config.temperature, logprobs=out.logprobs)
+                              temperature=self.config.temperature, logprobs=out.logprobs, question=i)
             if ep.acting:  # the turn limit ended the episode: this answer was asked for
                 traj.forced_answer = True
                 traj.actions.append({"turn": traj.turns, "kind": FORCED_ANSWER, "tool": "", "argument": out.text,

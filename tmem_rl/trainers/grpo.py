@@ -108,6 +108,11 @@ class GRPOConfig:
     mixed_precision: str | None = None
     """no | bf16 | fp16: Accelerate's autocast over fp32 master weights (load the model in float32). None: what
     `accelerate launch` configured, else no."""
+    answer_credit: str = "episode"
+    """What an answer's tokens are credited with when an episode asks several questions (`Task.questions`).
+    "episode": the episode's advantage, as every other token. "question": the group-relative advantage of that
+    question's own score (the same question is asked of every rollout of a group): the other answers' scores do
+    not depend on this answer, so leaving them out removes their noise from its gradient without biasing it."""
     segment_weights: dict[str, float] = field(default_factory=dict)
     """Loss weight per generated segment kind (extraction, action, answer, summary; 1.0 for those not named),
     multiplying every token's weight under loss_type: a rollout's extraction tokens far outnumber its answer
@@ -154,6 +159,8 @@ class GRPOConfig:
                      "max_completion_length", "logging_steps"):
             if getattr(self, name) < 1:
                 raise ValueError(f"GRPOConfig.{name}={getattr(self, name)}: expected a positive number")
+        if self.answer_credit not in ANSWER_CREDITS:
+            raise ValueError(f"GRPOConfig.answer_credit={self.answer_credit!r}: expected one of {ANSWER_CREDITS}")
         unknown = [k for k in self.segment_weights if k not in SEGMENT_KINDS]
         if unknown or any(w < 0 for w in self.segment_weights.values()):
             raise ValueError(f"GRPOConfig.segment_weights={self.segment_weights!r}: expected non-negative weights of "
@@ -173,6 +180,9 @@ class TrainingSegment:
     advantages: list[float] = field(default_factory=list)
     old_logprobs: list[float] | None = None  # the policy's before this step's first update (num_iterations or
     # num_mini_batches > 1); None: the loss's own detached log-probs (ratio 1)
+
+
+ANSWER_CREDITS = ("episode", "question")
 
 
 def group_advantages(rewards: torch.Tensor, group_size: int, scale: bool) -> torch.Tensor:
@@ -370,7 +380,7 @@ class GRPOTrainer:
             if seg.completion_ids
         ]
         self._score_before_update(segments, batch.snapshots)
-        self.assign_advantages(segments, rewards, batch.snapshots)
+        self.assign_advantages(segments, rewards, batch.snapshots, trajectories)
 
         self.model.train()
         keys = ("loss", "clipped", "clipped_low", "clipped_high", "kl", "entropy", "tokens")
@@ -490,11 +500,33 @@ class GRPOTrainer:
         load_snapshots(self.replay, rows.snapshot_keys, snapshots)
         return rows
 
-    def assign_advantages(self, segments: list[TrainingSegment], rewards: torch.Tensor, snapshots) -> None:
-        """GRPO: every generated token of a rollout carries its group-relative advantage."""
-        advantages = group_advantages(rewards, self.config.num_generations, self.config.scale_rewards).tolist()
+    def assign_advantages(self, segments: list[TrainingSegment], rewards: torch.Tensor, snapshots,
+                          trajectories: list[Trajectory]) -> None:
+        """GRPO: every generated token of a rollout carries its group-relative advantage (with answer_credit
+        "question", an answer's tokens that of its own question's score)."""
+        cfg = self.config
+        advantages = group_advantages(rewards, cfg.num_generations, cfg.scale_rewards).tolist()
+        by_question = self._question_advantages(trajectories) if cfg.answer_credit == "question" else {}
         for s in segments:
-            s.advantages = [advantages[s.rollout]] * len(s.segment.completion_ids)
+            value = by_question.get((s.rollout, s.segment.question), advantages[s.rollout]) \
+                if s.segment.kind == "answer" else advantages[s.rollout]
+            s.advantages = [value] * len(s.segment.completion_ids)
+
+    def _question_advantages(self, trajectories: list[Trajectory]) -> dict[tuple[int, int], float]:
+        """(rollout, question) -> the group-relative advantage of that question's score, for groups whose
+        rollouts answered several questions (a group asks each of its task's questions of every rollout)."""
+        cfg, out = self.config, {}
+        size = cfg.num_generations
+        for start in range(0, len(trajectories), size):
+            group = trajectories[start : start + size]
+            asked = len(group[0].answered)
+            if asked < 2 or any(len(t.answered) != asked for t in group):
+                continue
+            for q in range(asked):
+                scores = torch.tensor([t.answered[q].reward for t in group])
+                for r, a in enumerate(group_advantages(scores, size, cfg.scale_rewards).tolist()):
+                    out[(start + r, q)] = a
+        return out
 
     def _backward(self, loss: torch.Tensor, sync: bool) -> None:
         acc = self.accelerator

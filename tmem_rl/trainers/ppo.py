@@ -9,12 +9,14 @@ its tokens) and are whitened over the batch.
 
 from __future__ import annotations
 
+import itertools
 from dataclasses import dataclass, field
 
 import torch
 from torch import nn
 
 from tmem_rl.logprobs import SegmentRows, TokenScores, score_completions
+from tmem_rl.rollout import Trajectory
 from tmem_rl.trainers.grpo import GRPOConfig, GRPOTrainer, TrainingSegment
 
 ADVANTAGE_LEVELS = ("segment", "token")
@@ -84,9 +86,11 @@ class PPOTrainer(GRPOTrainer):
         return head.to(next(policy.parameters()).device)
 
     @torch.no_grad()
-    def assign_advantages(self, segments: list[ValuedSegment], rewards: torch.Tensor, snapshots) -> None:
+    def assign_advantages(self, segments: list[ValuedSegment], rewards: torch.Tensor, snapshots,
+                          trajectories: list[Trajectory]) -> None:
         """GAE over each rollout's generated segments or tokens, from the rollout-time values (recorded per token
-        by the pass before the update)."""
+        by the pass before the update). The reward arrives where it is earned: each answer of an episode of several
+        questions gets its own question's share of the outcome, the rest of the reward comes at the end."""
         cfg = self.config
         by_rollout: dict[int, list[ValuedSegment]] = {}
         for s in segments:
@@ -102,6 +106,17 @@ class PPOTrainer(GRPOTrainer):
                 steps = [1] * len(values)
             step_rewards = [0.0] * len(values)
             step_rewards[-1] = rewards[rollout].item()
+            answered = trajectories[rollout].answered
+            if len(answered) > 1:
+                share = cfg.reward_weights.get("outcome", 0.0) / len(answered)
+                # The step each segment ends on: its own (segment level), or its last token's.
+                ends = list(range(len(segs))) if cfg.advantage_level == "segment" else \
+                    [n - 1 for n in itertools.accumulate(len(s.segment.completion_ids) for s in segs)]
+                for s, end in zip(segs, ends):
+                    if s.segment.kind == "answer":
+                        earned = share * answered[s.segment.question].reward
+                        step_rewards[end] += earned
+                        step_rewards[-1] -= earned
             advantages, returns = gae(step_rewards, values, cfg.gamma, cfg.lam)
             # One entry per token: a segment-level step's repeats over its segment's tokens.
             advantages = [a for a, n in zip(advantages, steps) for _ in range(n)]
