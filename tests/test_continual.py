@@ -226,6 +226,7 @@ def test_continual_rows_of_a_checkpoint_are_labelled_by_policy(tiny_path, tmp_pa
     ({"resume": True}, "cannot --resume"),
     ({"episode_unit": "conversation"}, "episode_unit='conversation' does not apply"),
     ({"max_questions": 3}, "3 task(s) in 2 sequences"),
+    ({"env_kwargs": {"num_tasks": 4, "num_facts": 3, "questions_per_task": 2}}, "task 'facts-0-0' of 'facts' asks 2"),
 ])
 def test_continual_refuses_what_it_cannot_do(tiny_path, tmp_path, overrides, message):
     with pytest.raises(InputError, match=message.replace("(", r"\(").replace(")", r"\)")):

@@ -309,6 +309,20 @@ def test_tasks_of_several_questions_are_read_once_and_recorded_per_question(tiny
     cfg.resume = True
     run_eval(cfg)
     assert read_records(tmp_path / "results.jsonl") == records  # nothing left to do, nothing written twice
+    # Interrupted after the first question of a task: the task is read again, its recorded question not rewritten.
+    lines = (tmp_path / "results.jsonl").read_text().splitlines(keepends=True)
+    (tmp_path / "results.jsonl").write_text(lines[0])
+    run_eval(cfg)
+    resumed = read_records(tmp_path / "results.jsonl")
+    keys = [(r["method"], r["question_id"]) for r in resumed]
+    assert len(keys) == len(set(keys)) and set(keys) == {(r["method"], r["question_id"]) for r in records}
+    # In conversation mode each task is a conversation of its own: read once without its questions.
+    reads.clear()
+    conversation = dataclasses.replace(cfg, out=str(tmp_path / "conversation"), resume=False, methods=["tmem"],
+                                       episode_unit="conversation")
+    run_eval(conversation)
+    assert reads == [["facts-0-0", "facts-0-1", "facts-0-2"]]
+    assert len(read_records(tmp_path / "conversation" / "results.jsonl")) == 6
 
 
 def test_the_summary_names_the_most_common_answer_and_its_share():

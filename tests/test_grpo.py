@@ -473,16 +473,26 @@ def test_answer_credit_by_question_gives_each_answer_its_own_questions_advantage
         GRPOConfig(answer_credit="token")
 
 
-def test_ppo_pays_each_answer_its_own_questions_share_of_the_outcome(tmp_path, env):
+@pytest.mark.parametrize("level", ["segment", "token"])
+def test_ppo_answers_of_several_questions_are_parallel_last_steps(tmp_path, env, level):
     from tmem_rl.trainers.ppo import PPOConfig, PPOTrainer, ValuedSegment
 
     model, tok = tiny_model(num_layers=2, tokenizer_path=FIXTURE_TOKENIZER)
     cfg = PPOConfig(output_dir=str(tmp_path), questions_per_step=1, report_to=[], save_steps=0, lam=1.0,
-                    whiten_advantages=False)
+                    whiten_advantages=False, advantage_level=level)
     trainer = PPOTrainer(cfg, model, tok, env, FastWeightConfig(num_layers=2), accelerator=Accelerator(cpu=True))
-    trajectories, _ = two_question_rollouts([[1.0, 0.0]])
-    segments = [ValuedSegment(seg, 0, old_values=[0.0] * len(seg.completion_ids)) for seg in trajectories[0].segments]
-    trainer.assign_advantages(segments, torch.tensor([0.5]), {}, trajectories)
-    # Zero critic, no discount: each step's advantage is the reward still to come. The wrong second answer gets
-    # nothing; with the whole reward at the end it would have got 0.5 like the others.
-    assert [s.advantages[0] for s in segments] == pytest.approx([0.5, 0.5, 0.0])
+
+    def advantages(scores):
+        trajectories, _ = two_question_rollouts([scores])
+        segments = [ValuedSegment(seg, 0, old_values=[0.0] * len(seg.completion_ids))
+                    for seg in trajectories[0].segments]
+        trainer.assign_advantages(segments, torch.tensor([trajectories[0].reward]), {}, trajectories)
+        return [s.advantages for s in segments]
+
+    # Zero critic, no discount: the extraction gets the episode's reward, each answer its own question's score
+    # (the episode's reward moved by how its question did against the mean), whatever the other answers did.
+    extraction, *answers = advantages([1.0, 0.0, 0.5])
+    assert extraction == pytest.approx([0.5] * 4)
+    assert [a[-1] for a in answers] == pytest.approx([1.0, 0.0, 0.5])
+    first, _, _ = advantages([1.0, 1.0, 0.0])[1:]
+    assert first[-1] == pytest.approx(1.0)  # a0 does not depend on a2's score

@@ -249,6 +249,8 @@ class TMEMAgent:
         questions = [question] if isinstance(question, str) else list(question)
         if not all(isinstance(q, str) for q in questions):
             raise TypeError("TMEMAgent.answer: expected a question or a list of questions (strings)")
+        if not questions:
+            return []
         tasks = [_text_task((), q) for q in questions]
         context = "\n".join(self.episode.context[0])
         answers = [out.text for out in self.runner.answer(self.stream, [0] * len(tasks), tasks,

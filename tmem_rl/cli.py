@@ -138,7 +138,7 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--model", default=None,
                     help="a known name (smollm2-135m-instruct, tiny), an HF folder or a hub id (default: the "
                          "recipe's, else the default model)")
-    ev.add_argument("--max-questions", type=int, default=None, help="evaluate only the first N questions")
+    ev.add_argument("--max-questions", type=int, default=None, help="evaluate only the first N tasks (a task may ask several questions)")
     ev.add_argument("--per-category", type=int, default=None, help="first N questions of each category")
     ev.add_argument("--sample-ids", nargs="+", default=None, help="only these samples (LoCoMo: conversation ids; LongMemEval: question ids)")
     ev.add_argument("--episode-unit", choices=["question", "conversation"], default="question",

@@ -36,6 +36,7 @@ are kept in `EpisodeBatch.snapshots`), parse records, inner-update losses, rewar
 from __future__ import annotations
 
 import json
+import numbers
 import time
 from contextlib import nullcontext
 from pathlib import Path
@@ -648,20 +649,24 @@ class EpisodeRunner:
 
     def _finish(self, env: Environment, ep: "Episode", g: int, prediction: str, question: int = 0) -> None:
         """Rollout g answers one of its task's questions, which the environment scores; after the last one the
-        episode ends, its reward the mean over the questions."""
-        traj = ep.trajectories[g]
-        asked = ep.states[g].task.asked()[question]
+        episode is over, its reward the mean over the questions."""
+        traj, task = ep.trajectories[g], ep.states[g].task
+        asked = task.asked()
         result = env.step(ep.states[g], Action(ActionKind.ANSWER, prediction, question=question))
         traj.answered.append(AnsweredQuestion(
-            question_id=str(asked.metadata.get("question_id", asked.task_id)), question=asked.question,
-            answers=list(asked.answers), prediction=prediction, reward=float(result.reward),
-            metrics=dict(result.info), category=asked.metadata.get("category")))
-        if not result.done:
+            question_id=str(asked[question].metadata.get("question_id", asked[question].task_id)),
+            question=asked[question].question, answers=list(asked[question].answers), prediction=prediction,
+            reward=float(result.reward), metrics=dict(result.info), category=asked[question].metadata.get("category")))
+        if len(traj.answered) < len(asked):
             return
         answered = traj.answered
         traj.prediction = answered[0].prediction
         traj.reward = sum(a.reward for a in answered) / len(answered) + traj.shaping_reward
-        shared = [k for k in answered[0].metrics if all(k in a.metrics for a in answered)]
+        if len(answered) == 1:
+            traj.metrics = dict(result.info)
+            return
+        shared = [k for k, v in answered[0].metrics.items()
+                  if all(isinstance(a.metrics.get(k), numbers.Real) for a in answered)]
         traj.metrics = {k: sum(a.metrics[k] for a in answered) / len(answered) for k in shared}
 
     def answer(self, env: Environment, slots: list[int], tasks: list[Task], contexts: list[str]) -> list["Generated"]:

@@ -309,3 +309,9 @@ def pick_unused(rng, pool, used: set[str]) -> str:
     value = rng.choice([v for v in pool if v not in used])
     used.add(value)
     return value
+
+
+def article(word: str) -> str:
+    """The indefinite article of `word`, by its first letters ("an engineer", "a nurse", "a university lecturer")."""
+    lowered = word.lower()
+    return "a" if lowered.startswith(("uni", "eu")) or lowered[0] not in "aeiou" else "an"

@@ -117,7 +117,8 @@ class EpisodeState:
     cursor: int = 0  # index of the next chunk to serve
     done: bool = False
     tool_calls: int = 0  # tool actions executed so far
-    answered: int = 0  # questions answered so far; the episode ends when every one of `task.asked()` is
+    answered: set[int] = field(default_factory=set)  # indices of the questions answered so far; the episode
+    # ends when every one of `task.asked()` is
 
     @property
     def stream_finished(self) -> bool:
@@ -343,8 +344,8 @@ class Environment(ABC):
             if not 0 <= action.question < len(asked):
                 raise ValueError(f"episode {state.task.task_id} asks {len(asked)} question(s); an answer to question "
                                  f"{action.question} is not one of them")
-            state.answered += 1
-            state.done = state.answered >= len(asked)
+            state.answered.add(action.question)
+            state.done = len(state.answered) == len(asked)
             metrics = self.score(asked[action.question], action.text)
             return StepResult(Observation(kind="end", text=""), reward=metrics["reward"], done=state.done,
                               info=metrics)

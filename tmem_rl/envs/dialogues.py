@@ -39,7 +39,7 @@ import random
 from dataclasses import dataclass, field
 from typing import Any
 
-from tmem_rl.envs import pick_unused, register_env
+from tmem_rl.envs import article, pick_unused, register_env
 from tmem_rl.envs.base import Environment, Question, Task
 from tmem_rl.envs.locomo import (
     NOT_MENTIONED,
@@ -230,7 +230,7 @@ STATEMENTS = {
         "I'm planning a trip to {city} next month!",
         "Next month I'm finally going to {city}. I've booked the flights.",
         "I just booked a trip to {city} for next month.",
-        "We're heading to {city} next month, I can't wait!",
+        "I'm heading to {city} next month, I can't wait!",
         "Guess what: I'm going to {city} next month for a whole week.",
     ),
     "trip_changed": (
@@ -482,10 +482,6 @@ class _Conversation:
     """Values the facts took, per pool: no two facts share one, and small talk takes none."""
 
 
-def _article(word: str) -> str:
-    return "a" if word.startswith(("uni", "eu")) or word[0] not in "aeiou" else "an"
-
-
 def session_date(when: datetime.datetime) -> str:
     """LoCoMo's session timestamp: "1:56 pm on 8 May, 2023"."""
     hour = when.hour % 12 or 12
@@ -727,15 +723,15 @@ class DialoguesEnv(Environment):
         sessions = self._stages(rng, 0.5, same_session=False)
         first = pick_unused(rng, JOBS, conv.used["job"])
         told = [self._tell(rng, conv, p, "job", "job", sessions[0], (first,),
-                           [(f"What does {p} do for work?", first, False)], job=first, a=_article(first))]
+                           [(f"What does {p} do for work?", first, False)], job=first, a=article(first))]
         if len(sessions) == 2:
             job = pick_unused(rng, JOBS, conv.used["job"])
-            a = _article(job)
+            a = article(job)
             when, day = self._when(rng, conv, sessions[1])
             pairs = [(f"What is {p}'s new job?", job, False)]
             pairs += _dated_pairs(f"When did {p} start working as {a} {job}?", conv.dates[sessions[1]])
             change = self._tell(rng, conv, p, "job", "new_job", sessions[1], (job,), pairs, follows=told[0], job=job,
-                                a=a, old=first, old_a=_article(first), when=when)
+                                a=a, old=first, old_a=article(first), when=when)
             if f" {first} " in change.text:
                 pairs.insert(1, (f"What did {p} work as before becoming {a} {job}?", first, False))
             told.append(change)
@@ -920,7 +916,7 @@ class DialoguesEnv(Environment):
         free["replies"].add(reply)
         job = rng.choice(free["job"])
         return remark.format(
-            o=listener, city=rng.choice(free["city"]), pet=rng.choice(free["pet"]), job=job, job_a=_article(job),
+            o=listener, city=rng.choice(free["city"]), pet=rng.choice(free["pet"]), job=job, job_a=article(job),
             hobby=rng.choice(free["hobby"]), food=rng.choice(FOODS), show=rng.choice(SHOWS),
             n=rng.randint(3, 60), day=rng.choice(WEEKDAYS)), reply
 

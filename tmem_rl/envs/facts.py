@@ -12,7 +12,7 @@ import math
 import random
 from dataclasses import dataclass
 
-from tmem_rl.envs import pick_unused, register_env
+from tmem_rl.envs import article, pick_unused, register_env
 from tmem_rl.envs.base import Environment, Question, Task
 from tmem_rl.errors import InputError
 from tmem_rl.metrics.qa import best_over_golds, exact_match, token_f1
@@ -158,10 +158,6 @@ class _Fact:
 def _answer_of(fact: _Fact, kind: str) -> str:
     """The value a question of `kind` (a meeting's place or time, else the fact's kind) asks of `fact`."""
     return fact.values[{"meeting_place": "place", "meeting_time": "time"}.get(kind, "value")]
-
-
-def _article(word: str) -> str:
-    return "an" if word[0].lower() in "aeiou" else "a"
 
 
 @register_env("facts")
@@ -310,7 +306,7 @@ class FactsEnv(Environment):
                 if kind == "pet":
                     values["species"] = rng.choice(SPECIES)
                 if kind == "job":
-                    values["article"] = _article(values["value"])
+                    values["article"] = article(values["value"])
             line = rng.choice(FACT_TEMPLATES[kind]).format(**values)
             facts.append(_Fact(kind=kind, subject=subject, line=line, values=values))
         return facts
@@ -362,7 +358,7 @@ class FactsEnv(Environment):
                 "city": rng.choice([c for c in CITIES if c not in in_use["city"]]),
                 "pet": rng.choice([n for n in PET_NAMES if n not in in_use["pet"]]),
                 "job": job,
-                "job_article": _article(job),
+                "job_article": article(job),
                 "n": str(rng.choice([n for n in range(2, 100) if str(n) not in in_use["number"]])),
                 "food": rng.choice(FOODS),
                 "show": rng.choice(SHOWS),

@@ -53,7 +53,7 @@ def check_continual(config, env: Environment, tasks: list[Task]) -> None:
     several = next((t for t in tasks if t.questions), None)
     if several is not None:
         raise InputError(f"--continual scores one question per episode; task {several.task_id!r} of {env.name!r} "
-                         f"asks {len(several.questions)} (facts: set questions_per_task 1)")
+                         f"asks {len(several.questions)}")
     slots = config.methods_settings.answer_batch_size
     if num_tasks < 2 * slots:
         raise InputError(f"--continual: {num_tasks} task(s) in {slots} sequences (--batch-size) leave a sequence "

@@ -299,7 +299,8 @@ def episodes(env, unit: str, pending: list[Task], batch_size: int):
     for sample_id, tasks in by_sample.items():
         todo = [asked for t in tasks if t.task_id in wanted for asked in t.asked()]
         if todo:
-            readings.append(Task(task_id=sample_id, question="", chunks=tasks[0].chunks, answers=()))
+            readings.append(Task(task_id=sample_id, question="", chunks=tasks[0].chunks, answers=(),
+                                 reference_pairs=tasks[0].reference_pairs))
             questions.append(todo)
         if len(readings) == batch_size:
             yield readings, questions
@@ -387,7 +388,7 @@ def run_eval(config: EvalConfig) -> dict[str, Any]:
         if not any(todo.values()):
             continue  # finished in an earlier run: no need to load this policy again
         model, tokenizer = load()
-        evaluate_policy(config, env, model, tokenizer, todo, policy, results_path)
+        evaluate_policy(config, env, model, tokenizer, todo, policy, results_path, done)
         del model
     summary = write_reports(out, env, rows, len(getattr(env, "skipped", [])))
     if config.continual:
@@ -433,18 +434,23 @@ def run_continual(config: EvalConfig, env, model, tokenizer, tasks: list[Task], 
 
 
 def evaluate_policy(config: EvalConfig, env, model, tokenizer, todo: dict[str, list[Task]], policy: str,
-                    results_path: Path) -> None:
+                    results_path: Path, done: set[tuple[str, str]] = frozenset()) -> None:
+    """Each method's pending tasks; a question recorded already (`done`: (row, question_id), of a task whose other
+    questions an interrupted run did not record) is answered again with the others but not written twice."""
     settings = config.methods_settings
     runner = make_runner(config, model, tokenizer, settings.answer_batch_size, policy)
     fast = runner.fast
     for method_name, pending in todo.items():
         method = METHODS[method_name](runner, env, settings)
+        label = row_label(method_name, policy)
+        questions_left = sum(q not in done for t in pending for q in ((label, i) for i in question_ids(t)))
         # Closed on an error too, so that the error's line does not land on the bar's.
-        with tqdm(total=sum(len(t.asked()) for t in pending), desc=row_label(method_name, policy), unit="q", dynamic_ncols=True) as bar:
+        with tqdm(total=questions_left, desc=label, unit="q", dynamic_ncols=True) as bar:
             for readings, questions in episodes(env, config.episode_unit, pending, settings.answer_batch_size):
                 answered = method.run(readings, questions)
                 records = [to_record(method_name, config.episode_unit, a, env, policy)
                            for group in answered for a in group]
+                records = [r for r in records if (r["method"], r["question_id"]) not in done]
                 append_records(results_path, records)
                 bar.update(len(records))
     fast.remove()
@@ -471,7 +477,9 @@ def summarize(records: list[dict[str, Any]]) -> dict[str, Any]:
     extraction actions that yielded a usable pair; None for methods that do not extract), speed, and the most
     common answer with its share of the questions: a policy that collapsed gives one answer to many questions."""
     categories = sorted({str(r["category"]) for r in records if r.get("category") is not None})
-    answers = Counter(normalize_answer(str(r["prediction"])) for r in records)
+    # Normalised as scoring does; an option letter ("a") normalises to nothing and is kept as written.
+    answers = Counter(normalize_answer(str(r["prediction"])) or str(r["prediction"]).strip().lower()
+                      for r in records)
     top_answer, top_count = answers.most_common(1)[0] if answers else (None, 0)
     extractions = [e for r in records for e in r.get("extractions") or []]
     parsed = [bool(e["supervision"]["pairs"]) for e in extractions]

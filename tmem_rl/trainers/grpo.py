@@ -115,11 +115,13 @@ class GRPOConfig:
     not depend on this answer, so leaving them out removes their noise from its gradient without biasing it."""
     segment_weights: dict[str, float] = field(default_factory=dict)
     """Loss weight per generated segment kind (extraction, action, answer, summary; 1.0 for those not named),
-    multiplying every token's weight under loss_type: a rollout's extraction tokens far outnumber its answer
-    tokens (~60 to ~3 on `facts`), so under token-level aggregation the answers carry ~5% of the gradient unless
-    weighed up."""
+    multiplying the policy-gradient and KL terms of every token under loss_type (PPO's value loss is not
+    weighed): a rollout's extraction tokens far outnumber its answer tokens (~60 to ~3 on `facts`), so under
+    token-level aggregation the answers carry ~5% of the gradient unless weighed up."""
     reward_weights: dict[str, float] = field(default_factory=lambda: {"outcome": 1.0})
-    """Weight per reward: "outcome" is the environment's score; others name functions passed to the trainer."""
+    """Weight per reward: "outcome" is the environment's score; others name functions passed to the trainer
+    (their `prompts` and `completions` are each rollout's question and answer; an episode of several questions
+    has every answer in `trajectories[i]["answered"]`)."""
     use_peft: bool = False
     """Train a LoRA adapter on the slow weights instead of all of them."""
     lora_r: int = 16
@@ -566,9 +568,9 @@ class GRPOTrainer:
             if s.old_logprobs is not None:
                 old[i, : len(s.old_logprobs)] = torch.tensor(s.old_logprobs, device=logp.device)
         advantage = self._per_token([s.advantages for s in chunk], logp)
-        kinds = cfg.segment_weights
-        weight = torch.tensor([weight_of[s.rollout] * kinds.get(s.segment.kind, 1.0) for s in chunk],
-                              device=logp.device).unsqueeze(1)
+        weight = torch.tensor([weight_of[s.rollout] for s in chunk], device=logp.device).unsqueeze(1)
+        kind_weight = torch.tensor([cfg.segment_weights.get(s.segment.kind, 1.0) for s in chunk],
+                                   device=logp.device).unsqueeze(1)
         ratio = torch.exp(logp - old)
         eps_high = cfg.epsilon if cfg.epsilon_high is None else cfg.epsilon_high
         clipped_ratio = torch.clamp(ratio, 1 - cfg.epsilon, 1 + eps_high)
@@ -578,7 +580,8 @@ class GRPOTrainer:
             kl = torch.exp(ref - logp) - (ref - logp) - 1
             per_token = per_token + cfg.beta * kl
             sums["kl"] += (kl * mask).sum().item()
-        per_token = per_token + self.extra_loss(chunk, scores, logp)
+        # The kind weights weigh the policy's terms; a critic learns its values at every token alike.
+        per_token = per_token * kind_weight + self.extra_loss(chunk, scores, logp)
         piece = (per_token * mask * weight).sum()
         below, above = ratio < 1 - cfg.epsilon, ratio > 1 + eps_high
         sums["loss"] += piece.item()

@@ -1,7 +1,8 @@
 """Fast-weight-aware PPO: the GRPO trainer's rollouts, log-probs and clipped loss, with a value head and GAE.
 
 A rollout's generated tokens (extractions, actions and the answer, in order) form one trajectory of actions; the
-environment text in between is part of the transitions. The outcome reward arrives on the answer's last token.
+environment text in between is part of the transitions. The outcome reward arrives on the answer's last token
+(an episode of several questions: its answers are parallel last steps, each paid its own question's score).
 A linear value head on the policy's last hidden state estimates the return before each generated token;
 advantages come from GAE over the rollout's segments (each extraction, action and the answer one step; or over
 its tokens) and are whitened over the batch.
@@ -9,7 +10,6 @@ its tokens) and are whitened over the batch.
 
 from __future__ import annotations
 
-import itertools
 from dataclasses import dataclass, field
 
 import torch
@@ -89,48 +89,62 @@ class PPOTrainer(GRPOTrainer):
     def assign_advantages(self, segments: list[ValuedSegment], rewards: torch.Tensor, snapshots,
                           trajectories: list[Trajectory]) -> None:
         """GAE over each rollout's generated segments or tokens, from the rollout-time values (recorded per token
-        by the pass before the update). The reward arrives where it is earned: each answer of an episode of several
-        questions gets its own question's share of the outcome, the rest of the reward comes at the end."""
+        by the pass before the update), the reward on the last step.
+
+        The answers of an episode that asks several questions are parallel last steps, not a chain: each answer's
+        return is the episode's reward moved by how its own question scored against the mean (the outcome's
+        part), never the later answers', and the segments before them end in one step valued as their mean, which
+        the episode's reward pays."""
         cfg = self.config
         by_rollout: dict[int, list[ValuedSegment]] = {}
         for s in segments:
             by_rollout.setdefault(s.rollout, []).append(s)
         for rollout, segs in by_rollout.items():
-            if cfg.advantage_level == "segment":
-                # One step per segment, valued at its first token: an extraction hundreds of tokens before the
-                # answer is discounted by lam per segment in between, not per token.
-                values = [s.old_values[0] for s in segs]
-                steps = [len(s.segment.completion_ids) for s in segs]
-            else:
-                values = [v for s in segs for v in s.old_values]
-                steps = [1] * len(values)
-            step_rewards = [0.0] * len(values)
-            step_rewards[-1] = rewards[rollout].item()
+            reward = rewards[rollout].item()
             answered = trajectories[rollout].answered
-            if len(answered) > 1:
-                share = cfg.reward_weights.get("outcome", 0.0) / len(answered)
-                # The step each segment ends on: its own (segment level), or its last token's.
-                ends = list(range(len(segs))) if cfg.advantage_level == "segment" else \
-                    [n - 1 for n in itertools.accumulate(len(s.segment.completion_ids) for s in segs)]
-                for s, end in zip(segs, ends):
-                    if s.segment.kind == "answer":
-                        earned = share * answered[s.segment.question].reward
-                        step_rewards[end] += earned
-                        step_rewards[-1] -= earned
-            advantages, returns = gae(step_rewards, values, cfg.gamma, cfg.lam)
-            # One entry per token: a segment-level step's repeats over its segment's tokens.
-            advantages = [a for a, n in zip(advantages, steps) for _ in range(n)]
-            returns = [r for r, n in zip(returns, steps) for _ in range(n)]
-            start = 0
-            for s in segs:
-                n = len(s.segment.completion_ids)
-                s.advantages, s.returns = advantages[start : start + n], returns[start : start + n]
-                start += n
+            answers = [s for s in segs if s.segment.kind == "answer"]
+            if len(answered) < 2 or not answers:
+                self._gae(segs, reward)
+                continue
+            mean = sum(a.reward for a in answered) / len(answered)
+            outcome = cfg.reward_weights.get("outcome", 0.0)
+            for s in answers:
+                self._gae([s], reward + outcome * (answered[s.segment.question].reward - mean))
+            before = [s for s in segs if s.segment.kind != "answer"]
+            if before:
+                self._gae(before, reward, last_value=sum(s.old_values[0] for s in answers) / len(answers))
         if cfg.whiten_advantages:
             flat = torch.tensor([a for s in segments for a in s.advantages])
             mean, std = flat.mean().item(), flat.std().item() if flat.numel() > 1 else 1.0
             for s in segments:
                 s.advantages = [(a - mean) / (std + 1e-8) for a in s.advantages]
+
+    def _gae(self, chain: list[ValuedSegment], reward: float, last_value: float | None = None) -> None:
+        """Advantages and returns of `chain`'s tokens: GAE over its segments or tokens (advantage_level), the
+        reward on its last step, or with `last_value`, on one more step of that value that follows them."""
+        cfg = self.config
+        if cfg.advantage_level == "segment":
+            # One step per segment, valued at its first token: an extraction hundreds of tokens before the
+            # answer is discounted by lam per segment in between, not per token.
+            values = [s.old_values[0] for s in chain]
+            steps = [len(s.segment.completion_ids) for s in chain]
+        else:
+            values = [v for s in chain for v in s.old_values]
+            steps = [1] * len(values)
+        if last_value is not None:
+            values.append(last_value)
+        step_rewards = [0.0] * len(values)
+        step_rewards[-1] = reward
+        advantages, returns = gae(step_rewards, values, cfg.gamma, cfg.lam)
+        # One entry per token: a segment-level step's repeats over its segment's tokens (a step that follows the
+        # chain is no token of it).
+        advantages = [a for a, n in zip(advantages, steps) for _ in range(n)]
+        returns = [r for r, n in zip(returns, steps) for _ in range(n)]
+        start = 0
+        for s in chain:
+            n = len(s.segment.completion_ids)
+            s.advantages, s.returns = advantages[start : start + n], returns[start : start + n]
+            start += n
 
     def forward_chunk(self, rows: SegmentRows) -> TokenScores:
         """Log-probs, entropies and the critic's values [n, C] from the same forward pass."""
