@@ -117,6 +117,9 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--no-warm-start", action="store_true", help="GRPO from the base model")
     parser.add_argument("--warm-epochs", type=float, default=1.0)
     parser.add_argument("--warm-lr", type=float, default=5e-4)
+    parser.add_argument("--shared-stages", default=None, metavar="DIR",
+                        help="take the base evaluation, warm start and its evaluation from (or build them in) DIR, "
+                             "so that runs comparing GRPO settings share them; GRPO and its evaluations go to --out")
     parser.add_argument("--warm-examples", type=int, default=128,
                         help="cap on SFT examples (each ~28 s per batch of 8 on 2 CPU cores)")
     parser.add_argument("--baselines", nargs="*", default=list(BASELINES),
@@ -137,7 +140,8 @@ def main(argv: list[str] | None = None) -> dict:
     base_name = recipe.model.name
 
     baselines = [m for m in args.baselines if m != "tmem"]
-    base = evaluate(recipe, out / "eval_base", args.episodes, [*baselines, "tmem", "tmem-reference"], base_name,
+    shared = Path(args.shared_stages) if args.shared_stages else out
+    base = evaluate(recipe, shared / "eval_base", args.episodes, [*baselines, "tmem", "tmem-reference"], base_name,
                     examples=True)
     base_f1 = f1_by_episode(base["records"], "tmem")
     result = {"f1_base": base["summary"]["tmem"]["f1"], "parse_rate_base": base["summary"]["tmem"]["parse_rate"],
@@ -152,7 +156,7 @@ def main(argv: list[str] | None = None) -> dict:
         start_model, before, before_f1 = base_name, base["summary"]["tmem"], base_f1
         result["f1_reference_before"] = result["f1_reference_base"]
     else:
-        warm_dir = out / "warm_start"
+        warm_dir = shared / "warm_start"
         if not (warm_dir / "warm_start.json").exists():
             model, tokenizer = load_policy(base_name)
             warm = warm_start(model, tokenizer, recipe.env.make("train"), recipe.episode,
@@ -162,7 +166,7 @@ def main(argv: list[str] | None = None) -> dict:
         warm = json.loads((warm_dir / "warm_start.json").read_text())
         start_model = warm["model"]
         result["warm_start"] = {k: warm[k] for k in ("examples", "steps", "loss_first", "loss_last", "seconds")}
-        ev = evaluate(recipe, out / "eval_warm", args.episodes, ["tmem", "tmem-reference"], start_model)
+        ev = evaluate(recipe, shared / "eval_warm", args.episodes, ["tmem", "tmem-reference"], start_model)
         before, before_f1 = ev["summary"]["tmem"], f1_by_episode(ev["records"], "tmem")
         result["f1_reference_before"] = ev["summary"]["tmem-reference"]["f1"]
         result["f1_by_category_before"] = before["f1_by_category"]
