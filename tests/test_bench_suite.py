@@ -83,3 +83,29 @@ def test_unknown_benchmark_is_one_line_error(run_all, capsys):
         run_all.main(["--only", "no_such_benchmark"])
     assert exit_info.value.code == 2
     assert "unknown benchmark no_such_benchmark" in capsys.readouterr().err
+
+
+@pytest.fixture(scope="module")
+def learning_curve():
+    import sys
+
+    benchmarks = str(RUN_ALL.parent)
+    sys.path.insert(0, benchmarks)  # the script imports its sibling _quick, as it does when run from there
+    try:
+        spec = importlib.util.spec_from_file_location("learning_curve", RUN_ALL.parent / "learning_curve.py")
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+    finally:
+        sys.path.remove(benchmarks)
+    return module
+
+
+def test_learning_curve_scores_episodes_and_bootstraps_their_differences(learning_curve):
+    records = [{"method": "tmem", "sample_id": "e1", "f1": 1.0}, {"method": "tmem", "sample_id": "e1", "f1": 0.0},
+               {"method": "tmem", "sample_id": "e2", "f1": 0.25}, {"method": "none", "sample_id": "e1", "f1": 1.0}]
+    assert learning_curve.f1_by_episode(records, "tmem") == {"e1": 0.5, "e2": 0.25}
+    before = {"e1": 0.0, "e2": 0.5, "e3": 0.5}
+    mean, (low, high) = learning_curve.paired_bootstrap(before, {"e1": 1.0, "e2": 0.5, "e3": 0.5, "e4": 1.0})
+    assert mean == pytest.approx(1 / 3)  # over the shared episodes only
+    assert low == 0.0 and high == 1.0  # resamples of {1, 0, 0}: from all zeros to all ones
+    assert learning_curve.paired_bootstrap(before, before) == (0.0, [0.0, 0.0])
