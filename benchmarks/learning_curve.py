@@ -12,6 +12,8 @@ Stages (each writes under --out; a stage whose output exists is reused, so an in
                evaluated at the recipe's settings                                                -> f1_before
   3. grpo      per seed: the recipe (default `recipes/facts_grpo_cpu.yaml`) from the warm-started model; the final
                checkpoint evaluated on the same held-out episodes                                -> f1_after
+  4. transfer  with --transfer FILE: real LoCoMo conversations, every question, conversation unit, the collapse
+               guard on: base no memory / retrieval / TMEM, warm-started and trained TMEM        -> transfer
 Evaluation is greedy, so before and after answer the same episodes deterministically; the intervals of
 after - before and of after - each baseline are paired bootstraps over episodes (an episode's F1 is the mean over
 the questions it asked; pooled over seeds). Training curves go to training_curves.png.
@@ -59,6 +61,51 @@ def evaluate(recipe, out: Path, episodes: int, methods: list[str], model: str, c
     config.episode_kwargs.update(episode)
     summary = run_eval(config)
     return {"summary": summary, "records": read_records(out / "results.jsonl")}
+
+
+def transfer_row(summary: dict, records: list[dict], row: str) -> dict:
+    """One policy's figures on the real conversations: LoCoMo's official F1s, the most common answer's share
+    (collapse), and what the collapse guard rolled back (each conversation's extractions once)."""
+    extractions = {}
+    for r in records:
+        if r["method"] == row:
+            extractions.setdefault(r["sample_id"], r.get("extractions") or [])
+    updates = [e["inner_update"] for es in extractions.values() for e in es if e.get("inner_update")]
+    s = summary[row]
+    return {"f1_1_4": s["f1_1_4"], "f1_1_5": s["f1_1_5"], "f1_by_category": s["f1_by_category"], "em": s["em"],
+            "n": s["n"], "parse_rate": s["parse_rate"], "top_answer": s["top_answer"],
+            "top_answer_share": s["top_answer_share"], "absorbs": len(updates),
+            "rolled_back": sum(bool(u.get("rolled_back")) for u in updates)}
+
+
+def transfer_check(recipe, out: Path, data: str, l_max: int, base_model: str, start_model: str,
+                   checkpoints: dict[int, Path]) -> dict:
+    """Every question of the real LoCoMo conversations in `data`, one conversation-unit episode each (the questions
+    unknown while reading, as in `dialogues`), greedy, official metric, the collapse guard on: the base model's no
+    memory, BM25 retrieval and TMEM (with the worked example it needs), the warm-started and each trained policy's
+    TMEM."""
+    guard = dataclasses.replace(recipe.inner_loop, max_probe_leak=0.5)
+
+    def run(path: Path, methods: list[str], model: str, checkpoint: Path | None = None, **episode) -> dict:
+        config = eval_config(recipe, str(path), env="locomo", env_kwargs={}, data=data, split="all",
+                             heldout_fraction=0.0, episode_unit="conversation", l_max=l_max, methods=methods,
+                             model=model, greedy=True, resume=True, fast_weights=guard,
+                             checkpoint=str(checkpoint) if checkpoint else None, evaluate_base=checkpoint is None)
+        config.episode_kwargs.update(episode)
+        summary = run_eval(config)
+        return {"summary": summary, "records": read_records(path / "results.jsonl")}
+
+    rows = {}
+    base = run(out / "transfer_base", ["none", "retrieval", "tmem"], base_model, examples=True)
+    for method in ("none", "retrieval", "tmem"):
+        rows[f"base {method}"] = transfer_row(base["summary"], base["records"], method)
+    if start_model != base_model:
+        warm = run(out / "transfer_warm", ["tmem"], start_model)
+        rows["warm-started tmem"] = transfer_row(warm["summary"], warm["records"], "tmem")
+    for seed, checkpoint in checkpoints.items():
+        trained = run(out / f"transfer_seed{seed}", ["tmem"], start_model, checkpoint)
+        rows[f"trained tmem, seed {seed}"] = transfer_row(trained["summary"], trained["records"], "tmem@trained")
+    return rows
 
 
 def f1_by_episode(records: list[dict], method: str) -> dict[str, float]:
@@ -120,6 +167,12 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--shared-stages", default=None, metavar="DIR",
                         help="take the base evaluation, warm start and its evaluation from (or build them in) DIR, "
                              "so that runs comparing GRPO settings share them; GRPO and its evaluations go to --out")
+    parser.add_argument("--transfer", default=None, metavar="LOCOMO_JSON",
+                        help="also evaluate on real LoCoMo conversations (official-format file): every question, "
+                             "conversation unit, collapse guard on; base no memory / retrieval / TMEM against the "
+                             "warm-started and trained extractors")
+    parser.add_argument("--transfer-l-max", type=int, default=512,
+                        help="working-context budget on the real conversations (hundreds of turns)")
     parser.add_argument("--warm-examples", type=int, default=128,
                         help="cap on SFT examples (each ~28 s per batch of 8 on 2 CPU cores)")
     parser.add_argument("--baselines", nargs="*", default=list(BASELINES),
@@ -171,7 +224,7 @@ def main(argv: list[str] | None = None) -> dict:
         result["f1_reference_before"] = ev["summary"]["tmem-reference"]["f1"]
         result["f1_by_category_before"] = before["f1_by_category"]
 
-    per_seed, after_all, before_all, curves = {}, {}, {}, {}
+    per_seed, after_all, before_all, curves, finals = {}, {}, {}, {}, {}
     for seed in args.seeds:
         run_dir = out / f"grpo_seed{seed}"
         final = run_dir / f"checkpoint-{recipe.outer_loop.max_steps}"
@@ -182,7 +235,7 @@ def main(argv: list[str] | None = None) -> dict:
                 recipe.outer_loop, output_dir=str(run_dir), seed=seed, save_steps=recipe.outer_loop.max_steps))
             seeded.model = dataclasses.replace(recipe.model, name=start_model)
             run_recipe(seeded)
-        curves[seed] = run_dir / "metrics.jsonl"
+        curves[seed], finals[seed] = run_dir / "metrics.jsonl", final
         ev = evaluate(recipe, out / f"eval_seed{seed}", args.episodes, ["tmem", "tmem-reference"], start_model,
                       str(final))
         after, after_f1 = ev["summary"]["tmem@trained"], f1_by_episode(ev["records"], "tmem@trained")
@@ -220,6 +273,10 @@ def main(argv: list[str] | None = None) -> dict:
         "minutes": (time.perf_counter() - started) / 60,
         "curves_png": str(out / "training_curves.png"),
     })
+    if args.transfer:
+        result["transfer"] = transfer_check(recipe, out, args.transfer, args.transfer_l_max, base_name, start_model,
+                                            finals)
+    result["minutes"] = (time.perf_counter() - started) / 60
     (out / "learning_curve.json").write_text(json.dumps(result) + "\n")
     print(json.dumps(result))
     return result
