@@ -654,7 +654,7 @@ class EpisodeRunner:
         asked = task.asked()
         result = env.step(ep.states[g], Action(ActionKind.ANSWER, prediction, question=question))
         traj.answered.append(AnsweredQuestion(
-            question_id=str(asked[question].metadata.get("question_id", asked[question].task_id)),
+            question_id=str(asked[question].question_id),
             question=asked[question].question, answers=list(asked[question].answers), prediction=prediction,
             reward=float(result.reward), metrics=dict(result.info), category=asked[question].metadata.get("category")))
         if len(traj.answered) < len(asked):

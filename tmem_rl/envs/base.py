@@ -66,6 +66,12 @@ class Task:
     has in mind while reading ("": nothing in particular, as when a conversation's questions come later) and
     `answers` is not scored. Empty: the task asks `question` alone."""
 
+    @property
+    def question_id(self) -> Any:
+        """What records name this question by: its metadata's "question_id" (LoCoMo's "conv-26/q3", or one
+        `asked()` gives), else the task's id."""
+        return self.metadata.get("question_id", self.task_id)
+
     def asked(self) -> tuple["Task", ...]:
         """The questions answered after the reading, each as a task of its own that `Environment.score` and
         `Environment.answer_prompt` take (same chunks and reference pairs): this task itself when it asks one

@@ -264,7 +264,7 @@ def to_record(method: str, unit: str, answered: Answered, env, policy: str = "ba
         "policy": policy,
         "episode_unit": unit,
         "sample_id": meta.get("sample_id", task.task_id),
-        "question_id": meta.get("question_id", task.task_id),
+        "question_id": task.question_id,
         "category": meta.get("category"),
         "question": task.question,
         "gold": task.answers[0] if task.answers else "",
@@ -277,11 +277,6 @@ def to_record(method: str, unit: str, answered: Answered, env, policy: str = "ba
     # The environment's own scores beyond F1 / EM (an abstention check, rubric checks, a judge's verdict); none
     # may overwrite a field the harness keys on.
     return {**{key: value for key, value in metrics.items() if key not in record}, **record}
-
-
-def question_ids(task: Task) -> list[str]:
-    """The record ids of the questions a task asks (`Task.asked()`)."""
-    return [str(asked.metadata.get("question_id", asked.task_id)) for asked in task.asked()]
 
 
 def episodes(env, unit: str, pending: list[Task], batch_size: int):
@@ -383,7 +378,7 @@ def run_eval(config: EvalConfig) -> dict[str, Any]:
             del model
             continue
         rows += labels.values()
-        todo = {m: [t for t in tasks if any((labels[m], q) not in done for q in question_ids(t))]
+        todo = {m: [t for t in tasks if any((labels[m], a.question_id) not in done for a in t.asked())]
                 for m in config.methods}
         if not any(todo.values()):
             continue  # finished in an earlier run: no need to load this policy again
@@ -443,7 +438,7 @@ def evaluate_policy(config: EvalConfig, env, model, tokenizer, todo: dict[str, l
     for method_name, pending in todo.items():
         method = METHODS[method_name](runner, env, settings)
         label = row_label(method_name, policy)
-        questions_left = sum(q not in done for t in pending for q in ((label, i) for i in question_ids(t)))
+        questions_left = sum((label, a.question_id) not in done for t in pending for a in t.asked())
         # Closed on an error too, so that the error's line does not land on the bar's.
         with tqdm(total=questions_left, desc=label, unit="q", dynamic_ncols=True) as bar:
             for readings, questions in episodes(env, config.episode_unit, pending, settings.answer_batch_size):
