@@ -58,15 +58,30 @@ def run_workers(nproc, batch, out, loss_type, deepspeed=None, algorithm="grpo", 
     return [torch.load(out / f"rank{r}.pt") for r in range(nproc) if (out / f"rank{r}.pt").exists()]
 
 
+@pytest.fixture(scope="module")
+def one_process(fixed_batch, tmp_path_factory):
+    """The one-process reference run of a loss type, run once per module: (its weights, its output folder)."""
+    runs = {}
+
+    def run(loss_type):
+        if loss_type not in runs:
+            out = tmp_path_factory.mktemp(f"one_{loss_type}")
+            (weights,) = run_workers(1, fixed_batch, out, loss_type)
+            runs[loss_type] = (weights, out)
+        return runs[loss_type]
+
+    return run
+
+
 @pytest.mark.parametrize("loss_type", ["dapo", "grpo"])
-def test_two_process_gloo_matches_one_process(fixed_batch, tmp_path, loss_type):
-    (single,) = run_workers(1, fixed_batch, tmp_path / "one", loss_type)
+def test_two_process_gloo_matches_one_process(fixed_batch, one_process, tmp_path, loss_type):
+    single, one = one_process(loss_type)
     rank0, rank1 = run_workers(2, fixed_batch, tmp_path / "two", loss_type)
     from tmem_rl.models import FIXTURE_TOKENIZER, tiny_model
 
     initial = tiny_model(num_layers=2, tokenizer_path=FIXTURE_TOKENIZER)[0].state_dict()
     moved = 0
-    assert learning_rates(tmp_path / "two") == learning_rates(tmp_path / "one")
+    assert learning_rates(tmp_path / "two") == learning_rates(one)
     for key in single:
         assert torch.equal(rank0[key], rank1[key]), f"{key} differs across ranks"
         torch.testing.assert_close(rank0[key], single[key], atol=2e-5, rtol=1e-4)
@@ -107,10 +122,10 @@ def assert_export_holds(checkpoint, weights, out):
 
 
 @pytest.mark.parametrize("stage", [2, 3])
-def test_deepspeed_zero_two_processes(fixed_batch, tmp_path, stage):
-    (single,) = run_workers(1, fixed_batch, tmp_path / "one", "dapo")
+def test_deepspeed_zero_two_processes(fixed_batch, one_process, tmp_path, stage):
+    single, one = one_process("dapo")
     (gathered, *_) = run_workers(2, fixed_batch, tmp_path / "ds", "dapo", LAUNCH / f"deepspeed_zero{stage}.json")
-    assert learning_rates(tmp_path / "ds") == learning_rates(tmp_path / "one")
+    assert learning_rates(tmp_path / "ds") == learning_rates(one)
     for key in single:
         torch.testing.assert_close(gathered[key].float(), single[key], atol=2e-5, rtol=1e-4)
     for rank in (0, 1):

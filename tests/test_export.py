@@ -15,6 +15,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from tmem_rl.agent import read_agent_settings
 from tmem_rl.cli import main
 from tmem_rl.envs import make_env
+from tmem_rl.errors import InputError
 from tmem_rl.memory import FastWeightConfig
 from tmem_rl.models import FIXTURE_TOKENIZER, tiny_model
 from tmem_rl.records import QAPair
@@ -262,6 +263,109 @@ def test_an_adapter_of_a_base_without_a_public_name_is_refused(tmp_path, lora_ru
         err = capsys.readouterr().err
         assert why in err and "no public name" in err and "--format merged" in err and one_error_line(err)
         assert not (tmp_path / "out").exists()
+
+
+def local_finetune(base_folder, out, *, norm: bool = False):
+    """A local-only fine-tune of the hub snapshot (as a warm start leaves one): a rank-2 change to every attention
+    and MLP projection, and with `norm` a changed norm weight too."""
+    model = AutoModelForCausalLM.from_pretrained(base_folder, dtype=torch.float32)
+    generator = torch.Generator().manual_seed(3)
+    with torch.no_grad():
+        for name, module in model.named_modules():
+            if name.endswith(("_proj",)) and isinstance(module, torch.nn.Linear):
+                out_dim, in_dim = module.weight.shape
+                module.weight.add_(torch.randn(out_dim, 2, generator=generator)
+                                   @ torch.randn(2, in_dim, generator=generator) * 0.02)
+        if norm:
+            model.model.norm.weight.mul_(1.01)
+    model.save_pretrained(out)
+    AutoTokenizer.from_pretrained(base_folder).save_pretrained(out)
+    return out
+
+
+def test_a_run_on_a_local_finetune_exports_as_an_adapter_of_the_public_base(tmp_path, base_folder, hub_cache,
+                                                                             capsys):
+    """A LoRA run that started from a local fine-tune: its adapter alone would load nowhere else, so --adapter-of
+    writes one of the public base carrying both changes. At the default rank it is the trained model (verify
+    passes, plain PEFT gets the same logits by the hub id); a smaller rank in float16 is a few times smaller, says
+    what it left out and moves the logits; what a LoRA cannot hold is refused in one line."""
+    finetune = local_finetune(base_folder, tmp_path / "finetune")
+    trainer, checkpoint = train_one_step(tmp_path / "run", finetune, use_peft=True)
+    expected = logits(trainer.policy, trainer.tokenizer)
+    capsys.readouterr()
+    assert main(["export", str(checkpoint), "--out", str(tmp_path / "refused"), "--format", "adapter"]) == 2
+    assert "no public name" in capsys.readouterr().err
+
+    exact = tmp_path / "exact"
+    assert main(["export", str(checkpoint), "--out", str(exact), "--format", "adapter", "--adapter-of",
+                 str(base_folder), "--verify"]) == 0
+    printed = capsys.readouterr().out
+    assert ": ok" in printed and "adapter of" in printed
+    config = json.loads((exact / "adapter_config.json").read_text())
+    # The fine-tune's rank 2 and the run's LoRA (rank 4, nudged) on the attention projections: at most 6.
+    assert config["base_model_name_or_path"] == HUB_ID and 2 <= config["r"] <= 6
+    assert config["lora_alpha"] == config["r"]
+    assert read_agent_settings(exact)[2]["base_model"] == HUB_ID
+    assert "carries that model's difference" in (exact / "README.md").read_text()
+    plain = load_plainly({"auto_peft": ("auto_peft", exact)}, hub_cache, tmp_path)
+    torch.testing.assert_close(plain["auto_peft"], expected, atol=2e-4, rtol=0)
+
+    from tmem_rl.export import export_checkpoint
+
+    small = export_checkpoint(checkpoint, tmp_path / "small", "adapter", verify=True, adapter_of=str(base_folder),
+                              rank=1, adapter_dtype="float16")
+    assert small["fit"]["rank"] == 1 and small["fit"]["max_residual"] > 0.05
+    assert not small["verified"] and small["max_logit_diff"] > small["tolerance"]
+    size = {name: (tmp_path / name / "adapter_model.safetensors").stat().st_size for name in ("exact", "small")}
+    assert size["small"] * 4 < size["exact"]
+
+    assert main(["export", str(checkpoint), "--out", str(tmp_path / "x"), "--adapter-of", str(base_folder)]) == 2
+    assert "--format adapter" in capsys.readouterr().err
+
+    from tmem_rl.lowrank import linear_deltas
+
+    norm = AutoModelForCausalLM.from_pretrained(local_finetune(base_folder, tmp_path / "norm", norm=True))
+    with pytest.raises(InputError, match=r"model\.norm\.weight differs.*--format merged"):
+        linear_deltas(norm, AutoModelForCausalLM.from_pretrained(base_folder), name="x")
+
+
+def test_the_demo_runs_a_shipped_extractor_beside_the_base_model(tmp_path, monkeypatch):
+    """An extractor shipped as the package ships them (an adapter export and shipped.json naming its environment):
+    the demo runs it and the base model on that environment's held-out episodes, each under its own fast weights,
+    and prints both with their first extractions; on another base model it says why it did not run it."""
+    import tmem_rl.extractors as extractors
+    from tmem_rl.demo import DemoConfig, format_table, run_demo
+    from tmem_rl.export import export_checkpoint
+
+    # A base of 4 layers, the demo's fast-weight depth, as a hub snapshot: an adapter of it has a public name.
+    base = tmp_path / "hub" / "models--tmem-rl-tests--tiny-4" / "snapshots" / COMMIT
+    model, tok = tiny_model(num_layers=4, tokenizer_path=FIXTURE_TOKENIZER)
+    model.save_pretrained(base)
+    tok.save_pretrained(base)
+    _, checkpoint = train_one_step(tmp_path / "run", base, use_peft=True)
+    shipped = tmp_path / "extractors"
+    export_checkpoint(checkpoint, shipped / "mine", "adapter")
+    env = {"name": "facts", "kwargs": {"num_tasks": 16, "num_facts": 2, "num_distractors": 2, "lines_per_chunk": 2,
+                                       "questions_per_task": None, "seed": 0},
+           "heldout_fraction": 0.5, "split_seed": 0}
+    (shipped / "mine" / extractors.SHIPPED_FILE).write_text(json.dumps({"env": env}))
+    monkeypatch.setattr(extractors, "SHIPPED_DIR", shipped)
+    assert extractors.shipped_extractors() == ["mine"]
+
+    summary = run_demo(DemoConfig(model=str(base), episodes=1, extractor="mine", extractor_episodes=2,
+                                  out=str(tmp_path / "demo")))
+    side = summary["extractor"]
+    assert set(side["results"]) == {"base", "trained"} and side["episodes"] == 2
+    assert all(r["extractions"] >= 2 for r in side["results"].values())  # two questions: read with none in mind
+    assert len(side["first_episode"]["questions"]) == 2
+    table = format_table(summary)
+    assert "tmem, trained extraction" in table and "base extraction:" in table and "trained extraction:" in table
+    assert (tmp_path / "demo" / "extractor-trained.jsonl").is_file()
+
+    other = run_demo(DemoConfig(model="tiny", episodes=1, extractor="mine", out=str(tmp_path / "other")))
+    assert "an adapter of" in other["extractor"]["skipped"]
+    with pytest.raises(InputError, match="not shipped.*mine"):
+        extractors.extractor_path("nothing")
 
 
 FACTS_PAIRS = [QAPair("Where does Maya live?", "Lisbon"), QAPair("What is Maya's pet called?", "Biscuit"),

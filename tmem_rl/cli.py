@@ -197,6 +197,15 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("--base", default=None,
                         help="the base model to load a LoRA checkpoint onto and name in the export (default: the "
                              "one the run recorded)")
+    export.add_argument("--adapter-of", default=None, metavar="BASE",
+                        help="write a PEFT adapter of this public base (hub id or known name) holding the trained "
+                             "model's whole difference from it, for a run that started from a local fine-tune "
+                             "such as a warm start (with --format adapter)")
+    export.add_argument("--rank", type=int, default=None,
+                        help="--adapter-of: the adapter's rank (default: the smallest that leaves out at most 1e-3 "
+                             "of any layer's difference)")
+    export.add_argument("--adapter-dtype", choices=["float32", "bfloat16", "float16"], default="float32",
+                        help="--adapter-of: the dtype the adapter's weights are stored in")
     export.add_argument("--eval", default=None, help="a summary.json of tmem-rl eval to put in the model card")
     export.add_argument("--overwrite", action="store_true",
                         help="write into a non-empty --out: replaces the files an export writes (and an earlier "
@@ -257,11 +266,16 @@ def _run(argv: list[str] | None) -> int:
 
         result = export_checkpoint(args.checkpoint, args.out, args.format, verify=args.verify, base=args.base,
                                    eval_summary=args.eval, overwrite=args.overwrite,
-                                   tolerance=args.verify_tolerance)
+                                   tolerance=args.verify_tolerance, adapter_of=args.adapter_of, rank=args.rank,
+                                   adapter_dtype=args.adapter_dtype)
         print(f"exported {args.checkpoint} ({result['format']}, base {result['base_model'] or 'none'}) to "
               f"{result['out']}")
         if result.get("note"):
             print(f"note: {result['note']}")
+        if result.get("fit"):
+            fit = result["fit"]
+            print(f"adapter of {fit['base']}: rank {fit['rank']} over {fit['layers']} layers, largest share of a "
+                  f"layer's difference left out {fit['max_residual']:.1e} (mean {fit['mean_residual']:.1e})")
         if args.verify:
             verdict = "ok" if result["verified"] else "FAILED"
             print(f"verify: max abs logit diff {result['max_logit_diff']:.3g}, fast-weight A diff "

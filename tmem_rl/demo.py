@@ -1,4 +1,6 @@
-"""The demo: TMEM episodes on the `facts` environment next to a no-memory agent, on a real model, on a CPU.
+"""The demo: TMEM episodes on the `facts` environment next to a no-memory agent, on a real model, on a CPU; then a
+trained extractor that ships in the package (`tmem_rl.extractors`) beside the base model's extraction on the
+trained one's held-out episodes.
 
 The small default model's inner-loop settings differ from the paper's (which target 4B-8B models); they were
 chosen by measurement, see docs/demo.md.
@@ -6,6 +8,7 @@ chosen by measurement, see docs/demo.md.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import time
 from dataclasses import dataclass
@@ -42,6 +45,11 @@ class DemoConfig:
     """Seeds the streams and the fast weights."""
     out: str = "runs/demo"
     """Trajectories and the summary go here."""
+    extractor: str = "facts"
+    """A shipped trained extractor to run beside the base model's extraction ("" for none); it runs only on the
+    model it is an adapter of."""
+    extractor_episodes: int = 16
+    """Held-out episodes of the extractor's own environment, one lockstep batch per policy."""
 
 
 def summarize(batch: EpisodeBatch, seconds: float) -> dict:
@@ -84,20 +92,85 @@ def run_demo(config: DemoConfig) -> dict:
         with open(out / f"{method}.jsonl", "w") as f:
             for traj in batch.trajectories:
                 f.write(json.dumps(traj.to_dict()) + "\n")
+    fast.remove()
     stream_tokens = [sum(len(tokenizer(c)["input_ids"]) for c in t.chunks) for t in tasks]
     summary = {
         "config": config.__dict__,
         "stream_tokens_mean": sum(stream_tokens) / len(stream_tokens),
         "results": results,
     }
+    if config.extractor:
+        summary["extractor"] = compare_extractors(config, model, tokenizer, out)
     (out / "summary.json").write_text(json.dumps(summary, indent=2))
     return summary
 
 
-def format_table(summary: dict) -> str:
+def written(supervision: dict) -> str:
+    """An extraction as a reader wants it: its pairs, one per line, or what the model wrote when none parsed."""
+    if supervision["pairs"]:
+        return "\n".join(f"  Q: {p['instruction']}  A: {p['output']}" for p in supervision["pairs"])
+    raw = supervision["attempts"][-1]["raw"] if supervision["attempts"] else ""
+    return f"  (no pair parsed) {' '.join(raw.split())[:300]}"
+
+
+def compare_extractors(config: DemoConfig, model, tokenizer, out: Path) -> dict:
+    """The shipped extractor `config.extractor` and the base model (given the worked example it needs to write
+    JSON) extracting from the same held-out episodes of the environment the extractor was trained on, greedy, each
+    answering under its own fast weights."""
+    from tmem_rl.agent import read_agent_settings
+    from tmem_rl.envs.split import TaskSplit
+    from tmem_rl.extractors import extractor_info, extractor_path
+    from tmem_rl.models import load_trained_policy, public_name
+
+    folder, info = extractor_path(config.extractor), extractor_info(config.extractor)
+    fast_config, episode, settings = read_agent_settings(folder)
+    named = public_name(config.model)
+    if settings.get("base_model") not in (config.model, named.tmem_name if named else None):
+        return {"name": config.extractor, "skipped": f"an adapter of {settings.get('base_model')}, not of "
+                                                     f"{config.model}"}
+    spec = info["env"]
+    env = TaskSplit(make_env(spec["name"], **spec["kwargs"]), "heldout", spec["heldout_fraction"], spec["split_seed"])
+    tasks = env.tasks()[:config.extractor_episodes]
+    greedy = dataclasses.replace(episode, do_sample=False, seed=config.seed)
+    trained, _ = load_trained_policy(folder, base=config.model)
+    results, texts = {}, {}
+    for name, policy, settings, init_from in (
+            ("base", model, dataclasses.replace(greedy, examples=True), None),
+            ("trained", trained, greedy, folder)):
+        fast = FastWeights(policy, len(tasks), fast_config, init_from=init_from)
+        start = time.perf_counter()
+        batch = EpisodeRunner(policy, tokenizer, fast, settings).run(env, tasks)
+        results[name] = summarize(batch, time.perf_counter() - start)
+        fast.remove()
+        texts[name] = [written(e["supervision"]) for e in batch.trajectories[0].extractions]
+        with open(out / f"extractor-{name}.jsonl", "w") as f:
+            for traj in batch.trajectories:
+                f.write(json.dumps(traj.to_dict()) + "\n")
+    return {"name": config.extractor, "episodes": len(tasks), "results": results,
+            "first_episode": {"stream": "\n".join(tasks[0].chunks),
+                              "questions": [q.question for q in tasks[0].questions], "extractions": texts}}
+
+
+def _rows(results: dict) -> list[str]:
     rows = ["| method | F1 | EM | extraction parse rate | pairs / extraction | s / episode |", "|---|---|---|---|---|---|"]
-    for method, r in summary["results"].items():
+    for method, r in results.items():
         rate = "-" if r["parse_rate"] is None else f"{r['parse_rate']:.2f}"
         rows.append(f"| {method} | {r['f1']:.3f} | {r['em']:.3f} | {rate} | {r['pairs_per_extraction']:.1f} | "
                     f"{r['seconds_per_episode']:.1f} |")
+    return rows
+
+
+def format_table(summary: dict) -> str:
+    rows = _rows(summary["results"])
+    shipped = summary.get("extractor")
+    if shipped and shipped.get("skipped"):
+        rows += ["", f"Trained extractor {shipped['name']!r} not run: {shipped['skipped']}."]
+    elif shipped:
+        first = shipped["first_episode"]
+        rows += ["", f"Trained extractor {shipped['name']!r} beside the base model, {shipped['episodes']} held-out "
+                     "episodes of its environment (the base with a worked example):", ""]
+        rows += _rows({f"tmem, {name} extraction": r for name, r in shipped["results"].items()})
+        rows += ["", "First episode:", first["stream"], "", "Questions: " + " | ".join(first["questions"])]
+        for name, extractions in first["extractions"].items():
+            rows += ["", f"{name} extraction:", *extractions]
     return "\n".join(rows)

@@ -31,6 +31,7 @@ import yaml
 from tmem_rl.errors import InputError
 
 FORMATS = ("merged", "adapter")
+ADAPTER_DTYPES = ("float32", "bfloat16", "float16")
 VERIFY_NOISE_FACTOR = 8
 """--verify's default tolerance, in units of the checkpoint's own rounding noise (see `verify_tolerance`)."""
 # Text the logits are compared on: a chat turn and plain prose, so both the template tokens and words are covered.
@@ -194,7 +195,8 @@ def max_init_diff(expected: dict[str, torch.Tensor], model, fast_config, folder:
     return max((a - expected[key]).abs().max().item() for key, a in fast.init_tensors().items())
 
 
-def _model_card(trained: TrainedCheckpoint, fmt: str, eval_summary: dict | None, public) -> str:
+def _model_card(trained: TrainedCheckpoint, fmt: str, eval_summary: dict | None, public,
+                fit: dict | None = None) -> str:
     run = trained.run
     history = json.loads((trained.folder / "trainer_state.json").read_text()).get("history") or [{}]
     last = {k: v for k, v in history[-1].items() if isinstance(v, (int, float)) and not k.endswith("seconds")}
@@ -216,6 +218,10 @@ def _model_card(trained: TrainedCheckpoint, fmt: str, eval_summary: dict | None,
         f"{'LoRA on the slow weights' if trained.is_adapter else 'all weights'}), exported as "
         f"{'a PEFT adapter' if fmt == 'adapter' else 'a merged model'}. Base model: {base_text}.",
         "",
+        *([f"The run started from `{trained.base_model}`; this adapter carries that model's difference from the "
+           f"base as well, as a LoRA of rank {fit['rank']} (truncated SVD of each layer's weight difference; the "
+           f"largest share it leaves out of any layer's difference is {fit['max_residual']:.1e}, Frobenius).", ""]
+          if fit else []),
         "Run it as an agent with parametric memory (the settings in `fast_weights.json`):",
         "",
         "```python",
@@ -305,9 +311,15 @@ def _install(staging: Path, out: Path) -> None:
 
 def export_checkpoint(checkpoint: str | Path, out: str | Path, fmt: str = "merged", verify: bool = False,
                       base: str | None = None, eval_summary: str | Path | None = None,
-                      overwrite: bool = False, tolerance: float | None = None) -> dict:
+                      overwrite: bool = False, tolerance: float | None = None, adapter_of: str | None = None,
+                      rank: int | None = None, adapter_dtype: str = "float32") -> dict:
     """Export a checkpoint; returns {"out", "format", "base_model" (as the export names it), "step", and with
-    verify those of `verify_export`}. `tolerance`: None for `verify_tolerance`'s."""
+    verify those of `verify_export`}. `tolerance`: None for `verify_tolerance`'s.
+
+    `adapter_of`: write an adapter of this public base instead of the run's own (a run that started from a local
+    fine-tune, such as a warm start): the trained model's difference from it, cut to `rank` by truncated SVD
+    (`tmem_rl.lowrank.fit_lora`; None for the rank that keeps it whole), stored in `adapter_dtype`; the result
+    then also holds "fit" (the rank and the residuals it left out)."""
     from tmem_rl.agent import SETTINGS_FILE, write_agent_settings
     from tmem_rl.chat import stop_token_ids
     from tmem_rl.memory import FastWeights
@@ -316,6 +328,10 @@ def export_checkpoint(checkpoint: str | Path, out: str | Path, fmt: str = "merge
 
     if fmt not in FORMATS:
         raise InputError(f"--format {fmt!r}: expected one of {', '.join(FORMATS)}")
+    if adapter_of is not None and fmt != "adapter":
+        raise InputError("--adapter-of: writes an adapter; pass --format adapter")
+    if adapter_dtype not in ADAPTER_DTYPES:
+        raise InputError(f"--adapter-dtype {adapter_dtype!r}: expected one of {', '.join(ADAPTER_DTYPES)}")
     out = Path(out)
     source = Path(checkpoint).resolve()
     if out.resolve() == source or out.resolve() in source.parents:
@@ -333,11 +349,17 @@ def export_checkpoint(checkpoint: str | Path, out: str | Path, fmt: str = "merge
     from tmem_rl.trainers.checkpoints import verified_checkpoint
 
     folder = verified_checkpoint(checkpoint)  # before loading anything: a bad checkpoint fails in a second
-    if fmt == "adapter" and not (folder / "adapter" / "adapter_config.json").is_file():
-        raise InputError(f"checkpoint {folder}: the run trained all weights (no LoRA adapter); use --format merged")
+    if fmt == "adapter" and adapter_of is None and not (folder / "adapter" / "adapter_config.json").is_file():
+        raise InputError(f"checkpoint {folder}: the run trained all weights (no LoRA adapter); use --format merged "
+                         "or --adapter-of BASE")
     base_name = checkpoint_base(folder, _run_record(folder), base)
     public = public_name(base_name) if base_name else None
-    if fmt == "adapter" and public is None:
+    if adapter_of is not None:
+        public = public_name(adapter_of)
+        if public is None:
+            raise InputError(f"--adapter-of {adapter_of}: has no public name (a hub id or known name), so an "
+                             "adapter of it would load nowhere else")
+    elif fmt == "adapter" and public is None:
         _refuse_unnamed_adapter(folder, base_name)
     trained = load_checkpoint(folder, base)
     fast_config, episode_config = _settings(trained)
@@ -349,12 +371,21 @@ def export_checkpoint(checkpoint: str | Path, out: str | Path, fmt: str = "merge
     fast.remove()
     out.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{out.name}-", dir=out.parent))
+    fit = None
     try:
         model = trained.model
-        if fmt == "merged" and trained.is_adapter:
+        if (fmt == "merged" or adapter_of is not None) and trained.is_adapter:
             # W + (lora_alpha / r) * B A by PEFT's own merge, summed in float64 so that each merged weight is the
             # float32 nearest the exact sum: one rounding per weight, as verify_tolerance counts.
             model = merged_in_float64(model)
+        if adapter_of is not None:
+            from tmem_rl.lowrank import fit_lora, linear_deltas
+            from tmem_rl.models import load_policy
+
+            other = load_policy(adapter_of, dtype=torch.float32)[0]
+            deltas = linear_deltas(model, other, name=f"checkpoint {folder}")
+            model, fit = fit_lora(other, deltas, rank, getattr(torch, adapter_dtype))
+            fit["base"] = adapter_of
         generation = model.generation_config
         generation.eos_token_id = stop_token_ids(model, tokenizer)
         generation.pad_token_id = tokenizer.pad_token_id
@@ -365,7 +396,7 @@ def export_checkpoint(checkpoint: str | Path, out: str | Path, fmt: str = "merge
         tokenizer.save_pretrained(str(staging))
         if (folder / INIT_FILE).is_file():
             fast.save_init(staging)
-        (staging / "README.md").write_text(_model_card(trained, fmt, summary, public))
+        (staging / "README.md").write_text(_model_card(trained, fmt, summary, public, fit))
         # What TMEMAgent loads the exact base by, where training read it from, and every file written (so that
         # --overwrite replaces this export and nothing else).
         named = {"base_model": public.tmem_name if public else trained.base_model}
@@ -379,14 +410,16 @@ def export_checkpoint(checkpoint: str | Path, out: str | Path, fmt: str = "merge
         shutil.rmtree(staging, ignore_errors=True)
     result = {"out": str(out), "format": fmt, "base_model": public.hub_id if public else trained.base_model,
               "step": trained.run.get("step")}
+    if fit is not None:
+        result["fit"] = fit
     if fmt == "adapter" and public and public.tmem_name in KNOWN_MODELS:
         # --verify reloads onto the weights training ran on; plain PEFT, by the hub id, gets the original ones.
         result["note"] = (f"plain PEFT loads this adapter onto {public.hub_id}'s own weights, which differ by "
                           f"the quantisation from {public.tmem_name} (a GGUF dequantised to float32) that training "
                           "ran on; TMEMAgent and --verify load that exact base")
     if verify:
-        result.update(_compare(reference, out, fmt, trained.base_model, fast.init_tensors(), fast_config,
-                               tolerance, exact_init=(folder / INIT_FILE).is_file()))
+        result.update(_compare(reference, out, fmt, adapter_of or trained.base_model, fast.init_tensors(),
+                               fast_config, tolerance, exact_init=(folder / INIT_FILE).is_file()))
     return result
 
 
