@@ -46,10 +46,14 @@ FALLBACK_HEADLINES = 4
 STDERR_TAIL_LINES = 20
 
 
+# Scripts here that are steps of a study rather than measurements: they take its output, not --quick.
+STEPS = ("ship_extractor.py",)
+
+
 def discover(scripts_dir: Path) -> dict[str, Path]:
-    """Benchmark name -> script: every .py file except this runner and private helpers (a leading `_`)."""
+    """Benchmark name -> script: every .py file except this runner, private helpers (a leading `_`) and STEPS."""
     return {path.stem: path for path in sorted(scripts_dir.glob("*.py"))
-            if path.name != Path(__file__).name and not path.name.startswith("_")}
+            if path.name != Path(__file__).name and not path.name.startswith("_") and path.name not in STEPS}
 
 
 def machine_info() -> dict:

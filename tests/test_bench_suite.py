@@ -35,6 +35,7 @@ def test_suite_records_success_and_failure(run_all, tmp_path):
     (scripts_dir / "crashes.py").write_text(CRASHES)
     (scripts_dir / "silent.py").write_text(SILENT)
     (scripts_dir / "_helper.py").write_text("raise SystemExit('a helper is not a benchmark')\n")
+    (scripts_dir / "ship_extractor.py").write_text("raise SystemExit('a step of a study is not a benchmark')\n")
     scripts = run_all.discover(scripts_dir)
     assert sorted(scripts) == ["crashes", "reports", "silent"]
 
