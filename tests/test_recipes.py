@@ -84,10 +84,20 @@ def test_ppo_recipes_get_ppo_settings(tmp_path):
         load_recipe(write(tmp_path, "algorithm: dpo\n"))
 
 
-def test_train_entry_point_runs_checkpoints_and_resumes(tmp_path):
+def test_train_entry_point_runs_checkpoints_and_resumes(tmp_path, monkeypatch):
+    """...with a curriculum: step 1 reads streams of 1 distractor line, the rest (the resumed step too) 4."""
     from tmem_rl.cli import main
     from tmem_rl.models import tiny_model
+    from tmem_rl.rollout import EpisodeRunner
 
+    lines_read = []
+    original = EpisodeRunner.run
+
+    def recording_run(self, env, tasks):
+        lines_read.append({sum(len(c.splitlines()) for c in t.chunks) for t in tasks})
+        return original(self, env, tasks)
+
+    monkeypatch.setattr(EpisodeRunner, "run", recording_run)
     model, tok = tiny_model(num_layers=2)
     model.save_pretrained(tmp_path / "tiny")
     tok.save_pretrained(tmp_path / "tiny")
@@ -95,17 +105,31 @@ def test_train_entry_point_runs_checkpoints_and_resumes(tmp_path):
     overrides = [f"model.name={tmp_path / 'tiny'}", f"outer_loop.output_dir={out}", "outer_loop.max_steps=2",
                  "outer_loop.save_steps=1", "inner_loop.num_layers=2",
                  "inner_loop.epochs=1", "episode.max_extraction_tokens=8", "episode.max_answer_tokens=4",
-                 "env.kwargs.num_distractors=4", "outer_loop.num_generations=2", "outer_loop.questions_per_step=1"]
+                 "env.kwargs.num_distractors=4", "outer_loop.num_generations=2", "outer_loop.questions_per_step=1",
+                 "env.curriculum=[{until_step: 1, kwargs: {num_distractors: 1}}]"]
     recipe = str(next(p for p in RECIPES if p.name == "quickstart_cpu.yaml"))
     assert main(["train", recipe, *overrides]) == 0
     lines = (out / "metrics.jsonl").read_text().splitlines()
     assert len(lines) == 2 and (out / "checkpoint-2" / "trainer_state.json").exists()
+    facts = load_recipe(recipe, overrides).env.kwargs.get("num_facts", 3)
+    assert lines_read == [{facts + 1}, {facts + 4}]
+    assert [json.loads(line)["curriculum_stage"] for line in lines] == [0, 1]
     assert (out / "reward_curve.png").stat().st_size > 1000
     assert list(out.rglob("events.out.tfevents*")), "the recipe reports to TensorBoard"
     longer = [o if not o.startswith("outer_loop.max_steps") else "outer_loop.max_steps=3" for o in overrides]
     assert main(["train", recipe, *longer, "--resume", "--allow-recipe-change", "outer_loop.max_steps"]) == 0
     steps = [json.loads(line)["step"] for line in (out / "metrics.jsonl").read_text().splitlines()]
-    assert steps == [1, 2, 3]
+    assert steps == [1, 2, 3] and lines_read[-1] == {facts + 4}
+
+
+@pytest.mark.parametrize("stages, expected", [
+    ("[{until_step: 2, kwargs: {}}, {until_step: 2, kwargs: {}}]", r"curriculum\[1\]\.until_step: expected an integer above 2"),
+    ("[{until_step: 2}]", r"curriculum\[0\]: expected \{until_step: N, kwargs"),
+    ("[{until_step: 2, kwargs: 3}]", r"curriculum\[0\]\.kwargs: expected a mapping"),
+])
+def test_a_curriculum_out_of_order_or_malformed_names_the_stage(tmp_path, stages, expected):
+    with pytest.raises(RecipeError, match=rf"section 'env': {expected}"):
+        load_recipe(write(tmp_path, "env:\n  name: facts\n"), [f"env.curriculum={stages}"])
 
 
 def test_learning_recipe_trains_only_on_its_train_split_and_eval_takes_the_held_out_side(tmp_path, monkeypatch):

@@ -66,20 +66,43 @@ class EnvSection:
     """Share of tasks kept out of training for `tmem-rl eval --split heldout` (0: train on every task)."""
     split_seed: int = 0
     """Seeds the train / held-out partition (tmem_rl.envs.split)."""
+    curriculum: list[dict[str, Any]] = field(default_factory=list)
+    """Training stages before the environment as `kwargs` sets it, e.g. shorter streams first: [{until_step: 4,
+    kwargs: {num_distractors: 1}}, {until_step: 8, kwargs: {num_distractors: 2}}] trains steps 1-4 and 5-8 on
+    `kwargs` updated with each stage's, the rest on `kwargs`. Evaluation always uses `kwargs`."""
 
     def __post_init__(self):
         if not 0.0 <= self.heldout_fraction < 1.0:
             raise ValueError(f"heldout_fraction must be in [0, 1), got {self.heldout_fraction!r}")
+        previous = 0
+        for i, stage in enumerate(self.curriculum):
+            where = f"curriculum[{i}]"
+            if not isinstance(stage, dict) or set(stage) != {"until_step", "kwargs"}:
+                raise ValueError(f"{where}: expected {{until_step: N, kwargs: {{...}}}}, got {stage!r}")
+            until = stage["until_step"]
+            if isinstance(until, bool) or not isinstance(until, int) or until <= previous:
+                raise ValueError(f"{where}.until_step: expected an integer above {previous} (stages in order), "
+                                 f"got {until!r}")
+            if not isinstance(stage["kwargs"], dict):
+                raise ValueError(f"{where}.kwargs: expected a mapping of environment settings, got "
+                                 f"{stage['kwargs']!r}")
+            previous = until
 
-    def make(self, split: str = "train"):
-        """The environment, cut to one side of the partition when a share is held out."""
+    def make(self, split: str = "train", kwargs: dict[str, Any] | None = None):
+        """The environment (with `kwargs` in place of the section's), cut to one side of the partition when a share
+        is held out."""
         from tmem_rl.envs import make_env
         from tmem_rl.envs.split import split_env
 
-        env = make_env(self.name, **self.kwargs)
+        env = make_env(self.name, **(self.kwargs if kwargs is None else kwargs))
         if not self.heldout_fraction:
             return env
         return split_env(env, split, self.heldout_fraction, self.split_seed)
+
+    def curriculum_envs(self, split: str = "train") -> list[tuple[int, Any]]:
+        """(until_step, environment) of each curriculum stage, in order."""
+        return [(stage["until_step"], self.make(split, {**self.kwargs, **stage["kwargs"]}))
+                for stage in self.curriculum]
 
 
 @dataclass
@@ -258,6 +281,7 @@ def run_recipe(recipe: TrainRecipe, resume: bool = False, overwrite: bool = Fals
     from tmem_rl.models import load_policy
 
     env = recipe.env.make("train")  # before the model: a typo in env.kwargs is reported in a second
+    curriculum = recipe.env.curriculum_envs("train")  # and in a stage's kwargs
     reward_funcs = resolve_reward_funcs(recipe.reward_funcs)  # likewise a wrong reward function path
     # Straight onto this process's accelerator: the fast weights' SVD and every copy then start there too.
     # cpu= as the trainer's Accelerator will say: a state first made without it stays single-process on CPU.
@@ -265,7 +289,7 @@ def run_recipe(recipe: TrainRecipe, resume: bool = False, overwrite: bool = Fals
     model, tokenizer = load_policy(recipe.model.name, dtype=recipe.model.torch_dtype, device=device)
     trainer_cls = ALGORITHMS[recipe.algorithm][1]
     trainer = trainer_cls(recipe.outer_loop, model, tokenizer, env, recipe.inner_loop, recipe.episode,
-                          reward_funcs=reward_funcs,
+                          reward_funcs=reward_funcs, curriculum=curriculum,
                           run_info={"base_model": recipe.model.name, "recipe": dataclasses.asdict(recipe)})
     return trainer.train(resume=resume, overwrite=overwrite, allow_recipe_change=allow_recipe_change)
 

@@ -20,7 +20,7 @@ import warnings
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Callable, Iterable
+from typing import Callable, Iterable, Sequence
 
 import torch
 from accelerate import Accelerator
@@ -219,12 +219,15 @@ class GRPOTrainer:
         reward_funcs: dict[str, RewardFunc] | None = None,
         accelerator: Accelerator | None = None,
         run_info: dict | None = None,
+        curriculum: Sequence[tuple[int, Environment]] = (),
     ):
-        """`run_info` (e.g. {"base_model": name, "recipe": {...}}) is saved with every checkpoint for export."""
+        """`run_info` (e.g. {"base_model": name, "recipe": {...}}) is saved with every checkpoint for export.
+        `curriculum`: (until_step, environment) stages trained on before `env`, in order (see `env_at`)."""
         self.config = config
         self.run_info = dict(run_info or {})
         self.tokenizer = tokenizer
-        self.env = env
+        self.env = self.final_env = env
+        self.curriculum = list(curriculum)
         self.reward_funcs = {"valid_extraction": valid_extraction_reward, **(reward_funcs or {})}
         unknown = [k for k in config.reward_weights if k != "outcome" and k not in self.reward_funcs]
         if unknown:
@@ -327,6 +330,17 @@ class GRPOTrainer:
 
     # ---- data ----------------------------------------------------------------------------------------------
 
+    def curriculum_stage(self, step: int) -> int:
+        """The curriculum stage of step `step` (0-based): the first whose until_step is above it; len(curriculum)
+        for the recipe's own environment."""
+        return next((i for i, (until, _) in enumerate(self.curriculum) if step < until), len(self.curriculum))
+
+    def env_at(self, step: int) -> Environment:
+        """The environment step `step` (0-based) trains on: a pure function of the step, so a resumed run trains on
+        the same stages."""
+        stage = self.curriculum_stage(step)
+        return self.curriculum[stage][1] if stage < len(self.curriculum) else self.final_env
+
     def local_questions(self, step: int) -> list[int]:
         """This process's share of the step's questions: a pure function of (seed, step), so resuming needs only
         the step number."""
@@ -335,6 +349,7 @@ class GRPOTrainer:
         return indices[self.accelerator.process_index :: self.accelerator.num_processes]
 
     def generate_rollouts(self, step: int) -> EpisodeBatch:
+        self.env = self.env_at(step)
         tasks = [self.env.task(i) for i in self.local_questions(step) for _ in range(self.config.num_generations)]
         self.runner.config.seed = self.config.seed * 100_003 + step * 101 + self.accelerator.process_index
         self.model.eval()
@@ -702,6 +717,8 @@ class GRPOTrainer:
             metrics["step_seconds"] = time.perf_counter() - started
             metrics["tokens_per_s"] = metrics["completion_tokens"] * acc.num_processes / metrics["step_seconds"]
             metrics["step"] = self.step
+            if self.curriculum:
+                metrics["curriculum_stage"] = self.curriculum_stage(self.step - 1)
             self.history.append(metrics)
             if acc.is_main_process:
                 with open(metrics_path, "a") as f:
