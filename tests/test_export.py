@@ -283,6 +283,7 @@ def local_finetune(base_folder, out, *, norm: bool = False):
     return out
 
 
+@pytest.mark.kernel_paths
 def test_a_run_on_a_local_finetune_exports_as_an_adapter_of_the_public_base(tmp_path, base_folder, hub_cache,
                                                                              capsys):
     """A LoRA run that started from a local fine-tune: its adapter alone would load nowhere else, so --adapter-of
