@@ -276,6 +276,7 @@ def main(argv: list[str] | None = None) -> dict:
         "grpo_steps": recipe.outer_loop.max_steps, "warm_start_used": not args.no_warm_start, "quick": args.quick,
         "minutes": (time.perf_counter() - started) / 60,
         "curves_png": str(out / "training_curves.png"),
+        "command": " ".join(["python", "benchmarks/learning_curve.py", *(argv if argv is not None else sys.argv[1:])]),
     })
     if args.transfer:
         result["transfer"] = transfer_check(recipe, out, args.transfer, args.transfer_l_max, base_name, start_model,

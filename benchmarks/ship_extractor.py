@@ -67,7 +67,9 @@ def main(argv: list[str] | None = None) -> dict:
     staging = run / f"ship_{args.name}"
     export = export_checkpoint(checkpoint, staging, "adapter", adapter_of=base_name, rank=args.rank,
                                adapter_dtype=args.dtype, overwrite=True)
-    shipped = evaluate(recipe, run / f"eval_ship_{args.name}", episodes, ["tmem"], base_name, str(staging))
+    # One folder per adapter shape: a rerun with another rank must not resume the last one's records.
+    shipped = evaluate(recipe, run / f"eval_ship_{args.name}_r{export['fit']['rank']}_{args.dtype}", episodes,
+                       ["tmem"], base_name, str(staging))
     base = evaluate(recipe, run / "eval_base", episodes, ["tmem"], base_name, examples=True)
     gain, interval = paired_bootstrap(f1_by_episode(base["records"], "tmem"),
                                       f1_by_episode(shipped["records"], "tmem@trained"))
@@ -86,9 +88,11 @@ def main(argv: list[str] | None = None) -> dict:
         print(json.dumps(result))
         return result
     env = recorded["recipe"]["env"]
+    # The learning curve's own command line when it recorded one; else its flags that shaped this seed's run.
+    curve_command = curve.get("command") or (f"python benchmarks/learning_curve.py --recipe {args.recipe} "
+                                             f"--episodes {episodes} --seeds {args.seed} --out {run}")
     commands = [
-        f"python benchmarks/learning_curve.py --recipe {args.recipe} --episodes {episodes} --seeds {args.seed} "
-        f"--out {run}",
+        curve_command,
         f"python benchmarks/ship_extractor.py --recipe {args.recipe} --run {run} --seed {args.seed} "
         f"--name {args.name} --rank {args.rank} --dtype {args.dtype}",
     ]

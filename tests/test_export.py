@@ -311,8 +311,9 @@ def test_a_run_on_a_local_finetune_exports_as_an_adapter_of_the_public_base(tmp_
     plain = load_plainly({"auto_peft": ("auto_peft", exact)}, hub_cache, tmp_path)
     torch.testing.assert_close(plain["auto_peft"], expected, atol=2e-4, rtol=0)
 
-    from tmem_rl.export import export_checkpoint
+    from tmem_rl.export import export_checkpoint, verify_export
 
+    assert verify_export(checkpoint, exact)["verified"], "the base an --adapter-of export names, not the run's"
     small = export_checkpoint(checkpoint, tmp_path / "small", "adapter", verify=True, adapter_of=str(base_folder),
                               rank=1, adapter_dtype="float16")
     assert small["fit"]["rank"] == 1 and small["fit"]["max_residual"] > 0.05
@@ -322,6 +323,8 @@ def test_a_run_on_a_local_finetune_exports_as_an_adapter_of_the_public_base(tmp_
 
     assert main(["export", str(checkpoint), "--out", str(tmp_path / "x"), "--adapter-of", str(base_folder)]) == 2
     assert "--format adapter" in capsys.readouterr().err
+    assert main(["export", str(checkpoint), "--out", str(tmp_path / "x"), "--format", "adapter", "--rank", "4"]) == 2
+    assert "pass --adapter-of" in capsys.readouterr().err
 
     from tmem_rl.lowrank import linear_deltas
 

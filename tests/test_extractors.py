@@ -38,7 +38,9 @@ def test_a_shipped_extractor_is_a_small_float16_adapter_of_the_default_model_tha
     base = LlamaForCausalLM(LlamaConfig(**SMOLLM2_SHAPE))
     model = PeftModel.from_pretrained(base, str(folder))
     loaded = dict(model.named_parameters())
-    for key, value in stored.items():  # every stored weight in its place, nothing left at its initialisation
+    lora = {name for name in loaded if "lora_" in name}
+    assert lora == {key.replace(".weight", ".default.weight") for key in stored}, "nothing left at its initialisation"
+    for key, value in stored.items():  # every stored weight in its place
         name_in_model = key.replace(".weight", ".default.weight")
         torch.testing.assert_close(loaded[name_in_model].detach().half(), value, rtol=0, atol=0)
 

@@ -17,6 +17,7 @@ from pathlib import Path
 import torch
 
 from tmem_rl.cpu import configure_cpu_threads
+from tmem_rl.errors import InputError
 from tmem_rl.envs import make_env
 from tmem_rl.memory import FastWeightConfig, FastWeights
 from tmem_rl.models import DEFAULT_MODEL, load_policy
@@ -67,6 +68,12 @@ def summarize(batch: EpisodeBatch, seconds: float) -> dict:
 
 
 def run_demo(config: DemoConfig) -> dict:
+    if config.extractor:
+        from tmem_rl.extractors import extractor_path
+
+        extractor_path(config.extractor)  # an unknown name now, not after the first part has run
+    if config.extractor_episodes < 1:
+        raise InputError(f"--extractor-episodes {config.extractor_episodes}: expected at least 1")
     configure_cpu_threads()
     torch.manual_seed(config.seed)
     model, tokenizer = load_policy(config.model)
@@ -118,7 +125,7 @@ def compare_extractors(config: DemoConfig, model, tokenizer, out: Path) -> dict:
     JSON) extracting from the same held-out episodes of the environment the extractor was trained on, greedy, each
     answering under its own fast weights."""
     from tmem_rl.agent import read_agent_settings
-    from tmem_rl.envs.split import TaskSplit
+    from tmem_rl.envs.split import split_env
     from tmem_rl.extractors import extractor_info, extractor_path
     from tmem_rl.models import load_trained_policy, public_name
 
@@ -129,17 +136,18 @@ def compare_extractors(config: DemoConfig, model, tokenizer, out: Path) -> dict:
         return {"name": config.extractor, "skipped": f"an adapter of {settings.get('base_model')}, not of "
                                                      f"{config.model}"}
     spec = info["env"]
-    env = TaskSplit(make_env(spec["name"], **spec["kwargs"]), "heldout", spec["heldout_fraction"], spec["split_seed"])
+    split = "heldout" if spec["heldout_fraction"] else "all"
+    env = split_env(make_env(spec["name"], **spec["kwargs"]), split, spec["heldout_fraction"], spec["split_seed"])
     tasks = env.tasks()[:config.extractor_episodes]
     greedy = dataclasses.replace(episode, do_sample=False, seed=config.seed)
     trained, _ = load_trained_policy(folder, base=config.model)
     results, texts = {}, {}
-    for name, policy, settings, init_from in (
+    for name, policy, episode_config, init_from in (
             ("base", model, dataclasses.replace(greedy, examples=True), None),
             ("trained", trained, greedy, folder)):
         fast = FastWeights(policy, len(tasks), fast_config, init_from=init_from)
         start = time.perf_counter()
-        batch = EpisodeRunner(policy, tokenizer, fast, settings).run(env, tasks)
+        batch = EpisodeRunner(policy, tokenizer, fast, episode_config).run(env, tasks)
         results[name] = summarize(batch, time.perf_counter() - start)
         fast.remove()
         texts[name] = [written(e["supervision"]) for e in batch.trajectories[0].extractions]

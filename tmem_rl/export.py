@@ -330,6 +330,10 @@ def export_checkpoint(checkpoint: str | Path, out: str | Path, fmt: str = "merge
         raise InputError(f"--format {fmt!r}: expected one of {', '.join(FORMATS)}")
     if adapter_of is not None and fmt != "adapter":
         raise InputError("--adapter-of: writes an adapter; pass --format adapter")
+    if adapter_of is None and (rank is not None or adapter_dtype != "float32"):
+        raise InputError("--rank / --adapter-dtype: shape an --adapter-of export; pass --adapter-of BASE")
+    if rank is not None and rank < 1:
+        raise InputError(f"--rank {rank}: expected at least 1")
     if adapter_dtype not in ADAPTER_DTYPES:
         raise InputError(f"--adapter-dtype {adapter_dtype!r}: expected one of {', '.join(ADAPTER_DTYPES)}")
     out = Path(out)
@@ -466,8 +470,25 @@ def verify_export(checkpoint: str | Path, out: str | Path, base: str | None = No
     fast = FastWeights(trained.model, 1, fast_config, init_from=trained.folder)
     fast.remove()
     fmt = "adapter" if (out / "adapter_config.json").is_file() else "merged"
+    if base is None and fmt == "adapter":
+        base = _named_base(out)  # an --adapter-of export is of another base than the checkpoint's
     return _compare(_reference(trained), out, fmt, base or trained.base_model, fast.init_tensors(), fast_config,
                     tolerance, exact_init=(trained.folder / INIT_FILE).is_file())
+
+
+def _named_base(out: Path) -> str | None:
+    """The base an export names in its fast_weights.json: the folder training loaded it from, else its name."""
+    from tmem_rl.agent import SETTINGS_FILE
+
+    try:
+        settings = json.loads((out / SETTINGS_FILE).read_text())
+    except (OSError, UnicodeDecodeError, ValueError):
+        return None
+    source = settings.get("base_model_source") if isinstance(settings, dict) else None
+    if isinstance(source, str) and Path(source).exists():
+        return source
+    named = settings.get("base_model") if isinstance(settings, dict) else None
+    return named if isinstance(named, str) and named else None
 
 
 def merged_in_float64(peft_model):

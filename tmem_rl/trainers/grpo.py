@@ -245,9 +245,12 @@ class GRPOTrainer:
         if config.num_mini_batches > local_rollouts:
             raise InputError(f"num_mini_batches={config.num_mini_batches} but each process has {local_rollouts} "
                              "rollouts per step: a mini-batch holds whole rollouts")
-        if config.questions_per_step > len(env):
-            raise InputError(f"questions_per_step={config.questions_per_step} but environment {env.name!r} has "
-                             f"{len(env)} tasks: every process must get its share of distinct questions")
+        for stage, stage_env in [*((f"curriculum stage {i} of ", e) for i, (_, e) in enumerate(self.curriculum)),
+                                 ("", env)]:
+            if config.questions_per_step > len(stage_env):
+                raise InputError(f"questions_per_step={config.questions_per_step} but {stage}environment "
+                                 f"{stage_env.name!r} has {len(stage_env)} tasks: every process must get its share "
+                                 "of distinct questions")
         set_seed(config.seed)
         if config.use_peft:
             from peft import LoraConfig, get_peft_model
