@@ -240,14 +240,16 @@ def test_collapse_guard_rolls_back_a_collapse_onto_an_earlier_absorbs_answer(tur
     fast.remove()
 
 
-def test_a_probe_answer_leaks_only_as_a_whole_absorbed_answer():
+def test_a_probe_answer_leaks_when_it_starts_as_an_absorbed_answer_starts():
     assert leaked("Gina.", ["gina"]) and leaked(" The  GINA ", ["Gina"])
-    for answer, absorbed in [("No", "Noah"), ("Noah", "No"), ("Paris is the capital of France.", "Paris"),
-                             ("A bee makes honey", "a"), ("", "")]:
+    # What SmolLM2-135M answered the probes after absorbing "Melanie" and "Mel" pairs from a LoCoMo conversation.
+    for answer in ["Melanin", "Melanoma", "Melanie, a canine", "Mel", "Melan"]:
+        assert leaked(answer, ["Melanie"]) and leaked(answer, ["Mel"]), answer
+    assert leaked("dog", ["dog walking"]) and leaked("Gina Gina Gi", ["Gina Gina Gina Gina"])
+    for answer, absorbed in [("No", "Noah"), ("Noah", "No"), ("Mary", "Mark"), ("Cambridge", "Camera"),
+                             ("Paris", "Pasta"), ("A bee makes honey", "a"), ("", ""), ("7", "7 May 2023"),
+                             ("Blue", "Not mentioned")]:
         assert not leaked(answer, [absorbed]), (answer, absorbed)
-    # Cut off by the probe's token budget, an answer may be the start of a longer absorbed one.
-    assert leaked("Gina Gina Gi", ["Gina Gina Gina Gina"], cut=True)
-    assert not leaked("Gina Gina Gi", ["Gina Gina Gina Gina"]) and not leaked("Paris is", ["Paris"], cut=True)
 
 
 @pytest.fixture(scope="module")

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import warnings
 from contextlib import contextmanager
 from pathlib import Path
@@ -44,12 +45,19 @@ PROBE_TOKENS = 6
 INIT_FILE = "fast_weights_init.safetensors"  # the A each adapted module starts from, next to a checkpoint's settings
 
 
-def leaked(answer: str, absorbed: Iterable[str], cut: bool = False) -> bool:
-    """Does this answer to an unrelated question give an absorbed answer: equal to one once normalised, or, when
-    the probe's token budget `cut` it off before the turn ended, the start of one? Containment alone is no leak:
-    "No" is not "Noah", and "Paris is the capital" does not repeat an absorbed "Paris"."""
-    answer = normalize_answer(answer)
-    return bool(answer) and any(a == answer or (cut and a.startswith(answer)) for a in map(normalize_answer, absorbed))
+def leaked(answer: str, absorbed: Iterable[str]) -> bool:
+    """Does this answer to an unrelated question start the way an absorbed answer starts? Once normalised, their
+    first words share a stem: at least 4 letters, or the whole of the shorter word when it has 3. A collapse is
+    rarely the absorbed answer itself: after "Melanie" pairs from a real LoCoMo conversation SmolLM2-135M answered
+    the probes "Melanin", "Melanoma", "Mel". A shorter shared start is no leak: "No" is not "Noah", "Mary" not
+    "Mark"."""
+    first = normalize_answer(answer).split()[:1]
+    return bool(first) and any(_same_stem(first[0], a.split()[0]) for a in map(normalize_answer, absorbed) if a)
+
+
+def _same_stem(a: str, b: str) -> bool:
+    shorter = min(len(a), len(b))
+    return shorter >= 3 and len(os.path.commonprefix([a, b])) >= min(4, shorter)
 
 
 def _full_weight(weight: torch.Tensor) -> torch.Tensor:
@@ -368,8 +376,8 @@ class FastWeights:
     def _guard(self, tokenizer, stats, pairs_by_slot, slots, before: Snapshot, prompt_fn,
                chat_template_kwargs) -> None:
         """Greedy answers to PROBE_QUESTIONS under each updated slot; roll back the slots where more than
-        max_probe_leak of them give an answer the slot absorbed in this absorb or an earlier one since its reset,
-        beyond what the base model already did (`leaked`)."""
+        max_probe_leak of them start as an answer the slot absorbed (in this absorb or an earlier one since its
+        reset) starts, where the base model's answer did not (`leaked`)."""
         updated = [s for s in slots if stats[s]["num_pairs"] and not stats[s].get("rolled_back")]
         if not updated:
             return
@@ -384,16 +392,13 @@ class FastWeights:
             out = self.model.generate(input_ids=input_ids.to(self.device), attention_mask=mask.to(self.device),
                                       max_new_tokens=PROBE_TOKENS, do_sample=False, pad_token_id=pad,
                                       eos_token_id=stop, temperature=None, top_p=None, top_k=None)
-        completions = out[:, width:]
-        texts = tokenizer.batch_decode(completions, skip_special_tokens=True)
-        cut = [not any(t in stop for t in row) for row in completions.tolist()]  # no end token: budget cut it
+        texts = tokenizer.batch_decode(out[:, width:], skip_special_tokens=True)
         n = len(prompts)
-        base = list(zip(texts[:n], cut[:n]))
+        base = texts[:n]
         for k, s in enumerate(updated):
             absorbed = [*self.absorbed_answers[s], *(p.output for p in pairs_by_slot[s])]
             answers = texts[(k + 1) * n : (k + 2) * n]
-            probes = zip(answers, cut[(k + 1) * n : (k + 2) * n], base)
-            leak = sum(leaked(a, absorbed, c) and not leaked(b, absorbed, bc) for a, c, (b, bc) in probes) / n
+            leak = sum(leaked(a, absorbed) and not leaked(b, absorbed) for a, b in zip(answers, base)) / n
             rolled_back = leak > self.config.max_probe_leak
             stats[s].update(probe_leak=leak, probe_answers=answers, rolled_back=rolled_back)
             if rolled_back:
