@@ -17,7 +17,7 @@ from tmem_rl.evaluation.harness import EvalConfig, read_records, run_eval
 from tmem_rl.evaluation.methods import MethodSettings
 from tmem_rl.extraction import EXTRACTION_PREFILL, extraction_messages, parse_qa_pairs
 from tmem_rl.memory import FastWeightConfig, FastWeights
-from tmem_rl.memory.fast_weights import leaked
+from tmem_rl.memory.fast_weights import damaged, leaked
 from tmem_rl.models import load_trained_policy, tiny_model
 from tmem_rl.records import QAPair
 from tmem_rl.rollout import EpisodeConfig, EpisodeRunner
@@ -250,6 +250,9 @@ def test_a_probe_answer_leaks_when_it_starts_as_an_absorbed_answer_starts():
                              ("Paris", "Pasta"), ("A bee makes honey", "a"), ("", ""), ("7", "7 May 2023"),
                              ("Blue", "Not mentioned")]:
         assert not leaked(answer, [absorbed]), (answer, absorbed)
+    # No answer at all is damage too; an answer that merely differs from the base model's is not.
+    assert damaged("", ["Caroline"]) and damaged("  ", []) and damaged("Carol", ["Caroline"])
+    assert not damaged("Paris", ["Caroline"]) and not damaged("7 days", ["Caroline"])
 
 
 @pytest.fixture(scope="module")
