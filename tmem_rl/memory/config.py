@@ -35,10 +35,11 @@ class FastWeightConfig:
     """Truncate a formatted pair to this many tokens."""
     max_probe_leak: float | None = None
     """Collapse guard. After each absorb the slot answers six general questions no stream is about (greedy, a few
-    tokens); if more than this share of its answers start as an answer absorbed into the slot since its reset
-    starts (in this absorb or an earlier one; first words sharing a stem of 4 letters, or all of a 3-letter word,
-    once normalised as the QA metrics do: "Melanin" after "Melanie", not "No" after "Noah"), where the base model's
-    answer did not, the absorb is rolled back and recorded as such. None: no guard (the paper's inner loop)."""
+    tokens); if more than this share of its answers are empty, or start as an answer absorbed into the slot since
+    its reset starts (in this absorb or an earlier one; first words sharing a stem of 4 letters, or all of a
+    3-letter word, once normalised as the QA metrics do: "Melanin" after "Melanie", not "No" after "Noah"), where
+    the base model's answer was not, the absorb is rolled back and recorded as such. None: no guard (the paper's
+    inner loop)."""
     divergence_ratio: float | None = 2.0
     """Roll an absorb back when the slot's loss on its own pairs ends above this multiple of where it started
     (of 1.0 when it started lower; non-finite weights or losses always roll back). None: only non-finite."""

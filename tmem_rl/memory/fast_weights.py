@@ -55,6 +55,13 @@ def leaked(answer: str, absorbed: Iterable[str]) -> bool:
     return bool(first) and any(_same_stem(first[0], a.split()[0]) for a in map(normalize_answer, absorbed) if a)
 
 
+def damaged(answer: str, absorbed: Iterable[str]) -> bool:
+    """A probe answer the update broke: one that `leaked`, or none at all (after "Caroline" pairs from a LoCoMo
+    conversation SmolLM2-135M answered five of the six probes with an end token, and every question of the
+    conversation with "Caroline")."""
+    return not answer.strip() or leaked(answer, absorbed)
+
+
 def _same_stem(a: str, b: str) -> bool:
     shorter = min(len(a), len(b))
     return shorter >= 3 and len(os.path.commonprefix([a, b])) >= min(4, shorter)
@@ -376,8 +383,8 @@ class FastWeights:
     def _guard(self, tokenizer, stats, pairs_by_slot, slots, before: Snapshot, prompt_fn,
                chat_template_kwargs) -> None:
         """Greedy answers to PROBE_QUESTIONS under each updated slot; roll back the slots where more than
-        max_probe_leak of them start as an answer the slot absorbed (in this absorb or an earlier one since its
-        reset) starts, where the base model's answer did not (`leaked`)."""
+        max_probe_leak of them are `damaged` (empty, or starting as an answer the slot absorbed in this absorb or
+        an earlier one since its reset starts) where the base model's answer was not."""
         updated = [s for s in slots if stats[s]["num_pairs"] and not stats[s].get("rolled_back")]
         if not updated:
             return
@@ -398,7 +405,7 @@ class FastWeights:
         for k, s in enumerate(updated):
             absorbed = [*self.absorbed_answers[s], *(p.output for p in pairs_by_slot[s])]
             answers = texts[(k + 1) * n : (k + 2) * n]
-            leak = sum(leaked(a, absorbed) and not leaked(b, absorbed) for a, b in zip(answers, base)) / n
+            leak = sum(damaged(a, absorbed) and not damaged(b, absorbed) for a, b in zip(answers, base)) / n
             rolled_back = leak > self.config.max_probe_leak
             stats[s].update(probe_leak=leak, probe_answers=answers, rolled_back=rolled_back)
             if rolled_back:
