@@ -1,5 +1,6 @@
 """Continual learning (fast weights carried across episodes) and the inner loop's supervision ablations."""
 
+import dataclasses
 import json
 
 import pytest
@@ -14,6 +15,7 @@ from tmem_rl.memory import FastWeightConfig, FastWeights
 from tmem_rl.models import FIXTURE_TOKENIZER, tiny_model
 from tmem_rl.episode import RECALL_REQUEST, EpisodeConfig, EpisodeRunner
 from tmem_rl.episode.memory import text_pieces
+from tmem_rl.extraction import answer_messages
 
 
 class ScriptedRunner(EpisodeRunner):
@@ -146,9 +148,13 @@ def test_text_pieces_fit_the_budget_and_never_split_a_character(tiny, text):
         assert all(set(p.split()) <= set(text.split()) for p in pieces)
 
 
-def test_a_pair_budget_too_small_for_the_recall_request_is_one_clear_error(tiny):
-    with pytest.raises(ValueError, match="inner_loop.max_pair_tokens=64 leaves 4 tokens"):
-        runner_for(tiny)._pieces("some text", 4)
+def test_a_pair_budget_too_small_for_the_recall_request_is_one_clear_error(tiny, env):
+    runner = runner_for(tiny, supervision="transcript")
+    # The chat-formatted recall request and the answer turn's margin of 8, plus 4 tokens of text.
+    small = len(runner.sampler.prompt_ids(answer_messages(RECALL_REQUEST))) + 8 + 4
+    runner.fast.config = dataclasses.replace(runner.fast.config, max_pair_tokens=small)
+    with pytest.raises(ValueError, match=f"inner_loop.max_pair_tokens={small} leaves 4 tokens"):
+        runner.run(env, [env.task(0)])
 
 
 # ---- continual evaluation ------------------------------------------------------------------------------------
