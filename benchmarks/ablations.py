@@ -31,7 +31,7 @@ from tmem_rl.extraction import answer_messages
 from tmem_rl.memory import FastWeightConfig, FastWeights
 from tmem_rl.models import DEFAULT_MODEL, load_policy
 from tmem_rl.records import QAPair
-from tmem_rl.rollout import SUPERVISIONS
+from tmem_rl.episode import SUPERVISIONS
 
 from _quick import parse_args  # noqa: E402  (benchmarks/ is on the path when a script here runs)
 

@@ -27,12 +27,12 @@ import time
 import torch
 from transformers import AutoModelForCausalLM
 
-import tmem_rl.rollout as rollout
+import tmem_rl.episode.memory as episode_memory
 from tmem_rl.chat import left_padded
 from tmem_rl.decoding import StaticDecoder
 from tmem_rl.memory import FastWeightConfig, FastWeights
 from tmem_rl.models import FIXTURE_TOKENIZER, load_tokenizer
-from tmem_rl.rollout import EpisodeConfig, EpisodeRunner
+from tmem_rl.episode import EpisodeConfig, EpisodeRunner
 
 from _quick import parse_args  # noqa: E402  (benchmarks/ is on the path when a script here runs)
 from grpo_step import STREAM, BenchEnv, fixed_pairs  # noqa: E402
@@ -92,7 +92,7 @@ def episode(model, tokenizer, chunks, rollouts: int, args) -> dict:
     env = BenchEnv(chunks)
     if device.type == "cuda":
         runner.run(env, [env.task(0)] * rollouts)  # warm-up: kernels, allocator, graph capture
-    decoder = runner.static_decoder
+    decoder = runner.sampler.static_decoder
     decoder.timed, decoder.calls, decoder.captures = True, [], 0
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
@@ -211,8 +211,8 @@ def main(argv: list[str] | None = None) -> None:
     with torch.device(args.device):  # built where it runs: no random init of billions of weights on a CPU first
         model = AutoModelForCausalLM.from_config(config, dtype=getattr(torch, args.dtype)).eval()
     tokenizer = load_tokenizer(FIXTURE_TOKENIZER)
-    original = rollout.parse_qa_pairs
-    rollout.parse_qa_pairs = fixed_pairs(args.pairs)
+    original = episode_memory.parse_qa_pairs
+    episode_memory.parse_qa_pairs = fixed_pairs(args.pairs)
     results = {"shape": args.shape, "device": args.device, "dtype": args.dtype, "layers": config.num_hidden_layers,
                "threads": torch.get_num_threads(), "l_max": args.l_max, "pairs_per_extraction": args.pairs,
                "extraction_tokens": args.extraction_tokens, "answer_tokens": args.answer_tokens, "quick": args.quick,
@@ -232,7 +232,7 @@ def main(argv: list[str] | None = None) -> None:
                 results["episodes"].append(row)
                 print(json.dumps(row), flush=True)
     finally:
-        rollout.parse_qa_pairs = original
+        episode_memory.parse_qa_pairs = original
     results["decode_step"] = decode_step_comparison(model, tokenizer, args.decode_rows, args.l_max,
                                                    args.decode_tokens)
     print(json.dumps(results))

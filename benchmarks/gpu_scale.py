@@ -44,7 +44,7 @@ from pathlib import Path
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM
 
-import tmem_rl.rollout as rollout
+import tmem_rl.episode.memory as episode_memory
 from tmem_rl.models import FIXTURE_TOKENIZER, load_tokenizer
 from tmem_rl.recipes import load_recipe
 from tmem_rl.trainers.grpo import GRPOTrainer
@@ -180,8 +180,8 @@ def grpo_part(args, device: str) -> dict:
                        "for time and memory)",
         "steps": [],
     }
-    original_parser = rollout.parse_qa_pairs
-    rollout.parse_qa_pairs = fixed_pairs(episode.max_pairs)
+    original_parser = episode_memory.parse_qa_pairs
+    episode_memory.parse_qa_pairs = fixed_pairs(episode.max_pairs)
     try:  # a failure keeps the steps measured before it, and says where it happened
         with tempfile.TemporaryDirectory() as out:
             outer.output_dir = out
@@ -198,7 +198,7 @@ def grpo_part(args, device: str) -> dict:
             clock.wrap(trainer, "_backward", "backward")
             clock.wrap(trainer.accelerator, "clip_grad_norm_", "grad_clip")
             clock.wrap(trainer.optimizer, "step", "optimizer_step")
-            decoder = trainer.runner.static_decoder
+            decoder = trainer.runner.sampler.static_decoder
             if decoder is not None:  # splits each call into prefill and decode steps
                 decoder.timed = True
             for step in range(outer.max_steps):
@@ -213,7 +213,7 @@ def grpo_part(args, device: str) -> dict:
         if device.startswith("cuda"):
             result["peak_memory_gib_at_error"] = gib(torch.cuda.max_memory_allocated())
     finally:
-        rollout.parse_qa_pairs = original_parser
+        episode_memory.parse_qa_pairs = original_parser
     if result["steps"]:  # the last: the first step also warms up kernels and the allocator
         result["seconds_per_step"] = result["steps"][-1]["seconds"]
         result["tokens_per_s"] = result["steps"][-1]["tokens_per_s"]
@@ -223,7 +223,7 @@ def grpo_part(args, device: str) -> dict:
 
 
 def grpo_step_record(trainer: GRPOTrainer, clock: PhaseClock, step: int, device: str) -> dict:
-    decoder = trainer.runner.static_decoder
+    decoder = trainer.runner.sampler.static_decoder
     if decoder is not None:
         decoder.calls = []
     with clock.phase("rollout"):

@@ -32,13 +32,13 @@ import torch
 from accelerate import Accelerator
 from transformers import AutoModelForCausalLM, TrainerCallback
 
-import tmem_rl.rollout as rollout
+import tmem_rl.episode.memory as episode_memory
 from tmem_rl.envs.base import Environment, Task
 from tmem_rl.records import ParseRecord, QAPair
 from tmem_rl.extraction import answer_messages
 from tmem_rl.memory import FastWeightConfig
 from tmem_rl.models import FIXTURE_TOKENIZER, load_tokenizer
-from tmem_rl.rollout import EpisodeConfig
+from tmem_rl.episode import EpisodeConfig
 from tmem_rl.trainers.grpo import GRPOConfig, GRPOTrainer
 
 from _quick import parse_args  # noqa: E402  (benchmarks/ is on the path when a script here runs)
@@ -93,14 +93,14 @@ def tmem_run(model_fn, tokenizer, args, extraction: bool, fast_weights: bool = T
                                 grounding=False, decoder=args.decoder)
         trainer = GRPOTrainer(cfg, model_fn(), tokenizer, env, FastWeightConfig(num_layers=min(4, args.layers)),
                               episode, accelerator=Accelerator(cpu=not args.device.startswith("cuda")))
-        original = rollout.parse_qa_pairs
-        rollout.parse_qa_pairs = fixed_pairs(args.pairs)
+        original = episode_memory.parse_qa_pairs
+        episode_memory.parse_qa_pairs = fixed_pairs(args.pairs)
         if not fast_weights:
             trainer.fast.absorb = lambda *a, **k: {}
         try:
             history = trainer.train()
         finally:
-            rollout.parse_qa_pairs = original
+            episode_memory.parse_qa_pairs = original
     timed = history[1:] or history  # the first step warms up allocators and kernels
     return sum(h["completion_tokens"] for h in timed) / sum(h["step_seconds"] for h in timed)
 

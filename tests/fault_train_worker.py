@@ -15,7 +15,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 from tmem_rl.envs import make_env  # noqa: E402
 from tmem_rl.memory import FastWeightConfig  # noqa: E402
 from tmem_rl.models import FIXTURE_TOKENIZER, tiny_model  # noqa: E402
-from tmem_rl.rollout import EpisodeConfig  # noqa: E402
+from tmem_rl.episode import EpisodeConfig  # noqa: E402
 from tmem_rl.trainers.grpo import GRPOConfig, GRPOTrainer  # noqa: E402
 
 

@@ -12,7 +12,7 @@ from tmem_rl.errors import InputError
 from tmem_rl.memory import FastWeightConfig
 from tmem_rl.models import FIXTURE_TOKENIZER, load_policy, load_tokenizer, tiny_model
 from tmem_rl.records import QAPair
-from tmem_rl.rollout import EpisodeConfig
+from tmem_rl.episode import EpisodeConfig
 
 ROOT = Path(__file__).resolve().parents[1]
 FACTS = [
@@ -31,17 +31,17 @@ TOKENIZER = load_tokenizer(FIXTURE_TOKENIZER)
 
 def scripted(agent: TMEMAgent) -> TMEMAgent:
     """The agent with a policy whose extractions are fixed (answers still come from the model)."""
-    real_generate = agent.runner.generate
+    real_generate = agent.runner.sampler.generate
     agent.prompts = []
 
-    def generate(prompts, slots, max_new_tokens, sample, temperature, stopping=None):
+    def generate(prompts, slots, max_new_tokens, sample, temperature, stop_strings=None, stopping=None):
         if max_new_tokens != agent.config.max_extraction_tokens:
             return real_generate(prompts, slots, max_new_tokens, sample, temperature)
         agent.prompts += [agent.tokenizer.decode(p) for p in prompts]
         ids = agent.tokenizer(EXTRACTION, add_special_tokens=False)["input_ids"] + [agent.tokenizer.eos_token_id]
         return [list(ids) for _ in prompts]
 
-    agent.runner.generate = generate
+    agent.runner.sampler.generate = generate
     return agent
 
 
@@ -380,8 +380,8 @@ def test_several_questions_are_answered_in_one_batch_as_each_alone(tiny):
     agent.read(TEXT_ONE)
     questions = ["Where does Maya live?", "What is the name of Leo's dog?", "Who is Maya?"]
     calls = []
-    original = agent.runner.generate
-    agent.runner.generate = lambda prompts, *a, **k: calls.append(len(prompts)) or original(prompts, *a, **k)
+    original = agent.runner.sampler.generate
+    agent.runner.sampler.generate = lambda prompts, *a, **k: calls.append(len(prompts)) or original(prompts, *a, **k)
     together = agent.answer(questions)
     assert calls == [3] and isinstance(together, list) and len(together) == 3
     assert all(isinstance(a, str) for a in together) and isinstance(agent.answer(questions[0]), str)

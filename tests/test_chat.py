@@ -11,7 +11,7 @@ from tmem_rl.extraction import answer_messages
 from tmem_rl.memory import FastWeightConfig, FastWeights
 from tmem_rl.memory.inner_loop import format_pair
 from tmem_rl.records import QAPair
-from tmem_rl.rollout import EpisodeConfig, EpisodeRunner
+from tmem_rl.episode import EpisodeConfig, EpisodeRunner
 
 from test_rollout import ScriptedRunner
 
@@ -60,7 +60,7 @@ def test_prompts_and_absorbed_pairs_share_one_rendering(qwen3_style, env):
     # A pair is learned behind exactly the prompt the agent answers from.
     question = "What did Maya say?"
     ids, labels = format_pair(tok, QAPair(question, "hello there"), 256, seen["prompt_fn"], seen["kwargs"])
-    prompt = runner.prompt_ids(answer_messages(env.answer_prompt(question, "")))
+    prompt = runner.sampler.prompt_ids(answer_messages(env.answer_prompt(question, "")))
     assert ids[: len(prompt)] == prompt and all(label == -100 for label in labels[: len(prompt)])
     assert tok.decode([t for t in labels if t != -100]).startswith("hello there")
 
@@ -69,7 +69,7 @@ def test_thinking_can_be_switched_back_on(qwen3_style, env):
     model, tok = qwen3_style
     runner = EpisodeRunner(model, tok, None, EpisodeConfig(memory="none",
                                                              chat_template_kwargs={"enable_thinking": True}))
-    ids = runner.prompt_ids(answer_messages("Question: where?"))
+    ids = runner.sampler.prompt_ids(answer_messages("Question: where?"))
     assert tok.decode(ids).endswith("<|im_start|>assistant\n")
 
 
@@ -86,29 +86,29 @@ def test_reasoning_text_is_not_the_answer():
 def test_generation_stops_at_every_eos_of_the_generation_config(tiny):
     model, tok = tiny
     runner = EpisodeRunner(model, tok, None, EpisodeConfig(memory="none"))
-    prompt = runner.prompt_ids(answer_messages("Question: where does Maya live?"))
-    free = runner.generate([prompt], [-1], 8, sample=False, temperature=1.0)[0]
+    prompt = runner.sampler.prompt_ids(answer_messages("Question: where does Maya live?"))
+    free = runner.sampler.generate([prompt], [-1], 8, sample=False, temperature=1.0)[0]
     stop = next(t for t in free[2:] if t not in free[:2] and t != tok.eos_token_id)
     model.generation_config.eos_token_id = [tok.eos_token_id, stop]
     runner = EpisodeRunner(model, tok, None, EpisodeConfig(memory="none"))
     assert stop_token_ids(model, tok) == [tok.eos_token_id, stop]
-    stopped = runner.generate([prompt], [-1], 8, sample=False, temperature=1.0)[0]
+    stopped = runner.sampler.generate([prompt], [-1], 8, sample=False, temperature=1.0)[0]
     assert stopped == free[: free.index(stop) + 1]
 
 
 def test_sampling_uses_the_runner_generator_and_leaves_the_global_rng_alone(tiny):
     model, tok = tiny
     runner = EpisodeRunner(model, tok, None, EpisodeConfig(memory="none", seed=5))
-    prompt = runner.prompt_ids(answer_messages("Question: where does Maya live?"))
+    prompt = runner.sampler.prompt_ids(answer_messages("Question: where does Maya live?"))
     torch.manual_seed(123)
     expected_next = torch.rand(3)
     torch.manual_seed(123)
     runner.reseed()
-    first = runner.generate([prompt] * 2, [-1, -1], 6, sample=True, temperature=1.0)
+    first = runner.sampler.generate([prompt] * 2, [-1, -1], 6, sample=True, temperature=1.0)
     assert torch.equal(torch.rand(3), expected_next), "sampling must not draw from the global RNG"
-    assert runner.generate([prompt] * 2, [-1, -1], 6, sample=True, temperature=1.0) != first, "a new call, new noise"
+    assert runner.sampler.generate([prompt] * 2, [-1, -1], 6, sample=True, temperature=1.0) != first, "a new call, new noise"
     runner.reseed()
-    assert runner.generate([prompt] * 2, [-1, -1], 6, sample=True, temperature=1.0) == first
+    assert runner.sampler.generate([prompt] * 2, [-1, -1], 6, sample=True, temperature=1.0) == first
     runner.config.seed = 6
     runner.reseed()
-    assert runner.generate([prompt] * 2, [-1, -1], 6, sample=True, temperature=1.0) != first
+    assert runner.sampler.generate([prompt] * 2, [-1, -1], 6, sample=True, temperature=1.0) != first

@@ -1,5 +1,6 @@
 """Continual learning (fast weights carried across episodes) and the inner loop's supervision ablations."""
 
+import dataclasses
 import json
 
 import pytest
@@ -12,13 +13,19 @@ from tmem_rl.evaluation.harness import EvalConfig, read_records, run_eval
 from tmem_rl.evaluation.methods import MethodSettings
 from tmem_rl.memory import FastWeightConfig, FastWeights
 from tmem_rl.models import FIXTURE_TOKENIZER, tiny_model
-from tmem_rl.rollout import RECALL_REQUEST, EpisodeConfig, EpisodeRunner
+from tmem_rl.episode import RECALL_REQUEST, EpisodeConfig, EpisodeRunner
+from tmem_rl.episode.memory import text_pieces
+from tmem_rl.extraction import answer_messages
 
 
 class ScriptedRunner(EpisodeRunner):
     """The real runner with fixed generated text: extractions write one grounded pair, summaries fixed notes."""
 
     notes = "Maya lives in Lisbon and has a dog called Biscuit."
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.sampler.generate = self.generate
 
     def generate(self, prompts, slots, max_new_tokens, sample, temperature, stop_strings=None, stopping=None):
         if max_new_tokens == self.config.max_extraction_tokens:
@@ -133,17 +140,21 @@ def test_an_unknown_supervision_is_refused():
 @pytest.mark.parametrize("text", ["日本語のテキスト" * 30, "🙂 " * 60, "word " * 200, "x" * 400])
 def test_text_pieces_fit_the_budget_and_never_split_a_character(tiny, text):
     runner = runner_for(tiny)
-    pieces = runner._pieces(text, 16)
-    assert all(runner._count_tokens(p) <= 16 for p in pieces)
+    pieces = text_pieces(text, 16, runner.sampler)
+    assert all(runner.sampler.count_tokens(p) <= 16 for p in pieces)
     assert "\ufffd" not in "".join(pieces)
     assert "".join("".join(pieces).split()) == "".join(text.split())
     if " " in text.strip():  # cut at spaces: every piece is whole words
         assert all(set(p.split()) <= set(text.split()) for p in pieces)
 
 
-def test_a_pair_budget_too_small_for_the_recall_request_is_one_clear_error(tiny):
-    with pytest.raises(ValueError, match="inner_loop.max_pair_tokens=64 leaves 4 tokens"):
-        runner_for(tiny)._pieces("some text", 4)
+def test_a_pair_budget_too_small_for_the_recall_request_is_one_clear_error(tiny, env):
+    runner = runner_for(tiny, supervision="transcript")
+    # The chat-formatted recall request and the answer turn's margin of 8, plus 4 tokens of text.
+    small = len(runner.sampler.prompt_ids(answer_messages(RECALL_REQUEST))) + 8 + 4
+    runner.fast.config = dataclasses.replace(runner.fast.config, max_pair_tokens=small)
+    with pytest.raises(ValueError, match=f"inner_loop.max_pair_tokens={small} leaves 4 tokens"):
+        runner.run(env, [env.task(0)])
 
 
 # ---- continual evaluation ------------------------------------------------------------------------------------

@@ -12,7 +12,7 @@ from tmem_rl.envs import make_env
 from tmem_rl.memory import FastWeightConfig, FastWeights
 from tmem_rl.models import tiny_model
 from tmem_rl.records import QAPair
-from tmem_rl.rollout import EpisodeConfig, EpisodeRunner, GumbelNoise, PairStopping, counter_seed
+from tmem_rl.episode import EpisodeConfig, EpisodeRunner, GumbelNoise, PairStopping, counter_seed
 
 
 @pytest.fixture(scope="module")

@@ -11,7 +11,7 @@ import torch
 
 from tmem_rl.envs import make_env
 from tmem_rl.memory import FastWeightConfig, FastWeights
-from tmem_rl.rollout import EpisodeBatch, EpisodeConfig
+from tmem_rl.episode import EpisodeBatch, EpisodeConfig
 
 from test_rollout import ScriptedRunner
 

@@ -18,7 +18,7 @@ from tmem_rl.errors import InputError
 from tmem_rl.memory import FastWeightConfig, FastWeights
 from tmem_rl.models import FIXTURE_TOKENIZER, tiny_model
 from tmem_rl.records import QAPair
-from tmem_rl.rollout import EpisodeConfig
+from tmem_rl.episode import EpisodeConfig
 from tmem_rl.trainers.grpo import GRPOConfig, GRPOTrainer
 
 WORKER = Path(__file__).parent / "fault_train_worker.py"

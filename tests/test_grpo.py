@@ -6,7 +6,7 @@ from tmem_rl.envs import make_env
 from tmem_rl.logprobs import completion_logprobs, load_snapshots, score_completions, segment_rows
 from tmem_rl.memory import FastWeightConfig, FastWeights
 from tmem_rl.models import FIXTURE_TOKENIZER, tiny_model
-from tmem_rl.rollout import AnsweredQuestion, EpisodeConfig, EpisodeRunner, Segment, Trajectory
+from tmem_rl.episode import AnsweredQuestion, EpisodeConfig, EpisodeRunner, Segment, Trajectory
 from tmem_rl.trainers.grpo import GRPOConfig, GRPOTrainer, group_advantages
 
 from test_rollout import ScriptedRunner
@@ -47,14 +47,14 @@ def test_recorded_logprobs_match_the_sampling_distribution(tiny, env):
     fast = FastWeights(model, 1, FastWeightConfig())
     fast.B[next(iter(fast.B))].normal_(0, 0.05)  # a live, non-zero delta
     runner = EpisodeRunner(model, tok, fast, EpisodeConfig(record_logprobs=True, do_sample=True, max_answer_tokens=6))
-    prompt = runner.prompt_ids([{"role": "user", "content": "Where does Maya live?"}])
+    prompt = runner.sampler.prompt_ids([{"role": "user", "content": "Where does Maya live?"}])
     torch.manual_seed(0)
     with torch.no_grad(), fast.use([0]):
         out = model.generate(input_ids=torch.tensor([prompt]), max_new_tokens=6, do_sample=True, top_k=0,
                              output_logits=True, return_dict_in_generate=True, pad_token_id=tok.pad_token_id)
     completion = out.sequences[0, len(prompt):].tolist()
     expected = [torch.log_softmax(l[0], -1)[t].item() for l, t in zip(out.logits, completion)]
-    recorded = runner._logprobs([prompt], [completion], [0], 1.0)[0]
+    recorded = runner.sampler.logprobs([prompt], [completion], [0], 1.0)[0]
     assert recorded == pytest.approx(expected, abs=1e-4)
 
 
@@ -314,7 +314,7 @@ def test_step_metrics_on_known_batches(tmp_path, env):
     assert metrics["answer_length_mean"] == pytest.approx(sum(answers) / 2)
     assert metrics["answer_length_max"] == max(answers)
     limit = trainer.runner.config.max_answer_tokens
-    ended = [t.segments[-1].completion_ids[-1] in trainer.runner.stop_ids for t in batch.trajectories]
+    ended = [t.segments[-1].completion_ids[-1] in trainer.runner.sampler.stop_ids for t in batch.trajectories]
     assert metrics["answer_clipped"] == pytest.approx(sum(n >= limit and not e for n, e in zip(answers, ended)) / 2)
     assert metrics["pairs_absorbed"] == 0.0  # a random model's extractions never parse
     batch.trajectories[1].reward = 1.0

@@ -20,7 +20,7 @@ from tmem_rl.memory import FastWeightConfig, FastWeights
 from tmem_rl.memory.fast_weights import damaged, leaked
 from tmem_rl.models import load_trained_policy, tiny_model
 from tmem_rl.records import QAPair
-from tmem_rl.rollout import EpisodeConfig, EpisodeRunner
+from tmem_rl.episode import EpisodeConfig, EpisodeRunner
 from tmem_rl.trainers.warm_start import (IGNORE, WarmStartConfig, extraction_sft_examples, extraction_windows,
                                         warm_start)
 
@@ -94,12 +94,12 @@ def test_warm_start_examples_train_only_the_ideal_extraction_as_the_agent_prompt
     runner = EpisodeRunner(model, tok, None, EpisodeConfig(l_max=56, memory="none"))
     task = env.task(0)
     window = extraction_windows(tok, task, 56)[0]
-    prompt = runner.prompt_ids(extraction_messages(task.question, window, [], 3, False), prefill=EXTRACTION_PREFILL)
+    prompt = runner.sampler.prompt_ids(extraction_messages(task.question, window, [], 3, False), prefill=EXTRACTION_PREFILL)
     first = examples[0]
     assert first["input_ids"][: len(prompt)] == prompt
     assert all(label == IGNORE for label in first["labels"][: len(prompt)])
     completion = first["input_ids"][len(prompt):]
-    assert first["labels"][len(prompt):] == completion and completion[-1] in runner.stop_ids
+    assert first["labels"][len(prompt):] == completion and completion[-1] in runner.sampler.stop_ids
     record = parse_qa_pairs(tok.decode(completion, skip_special_tokens=True), prefilled=True, source=window)
     assert record.pairs and record.pairs[0] == QAPair(task.question, task.answers[0])
     assert not record.dropped
@@ -167,7 +167,7 @@ def test_reference_extractor_absorbs_the_ideal_extraction_and_generates_nothing(
     for g, task in enumerate(tasks):
         window = extraction_windows(tok, task, 56)[0]
         expected = [p for p in task.reference_pairs if p.output in window][:3]
-        assert episode.pairs[g] == expected and expected[0] == QAPair(task.question, task.answers[0])
+        assert episode.rollouts[g].pairs == expected and expected[0] == QAPair(task.question, task.answers[0])
         assert not episode.trajectories[g].segments, "nothing is generated for a reference extraction"
         assert fast.versions[g] == 1
     locomo = make_env("locomo", data="tests/fixtures/locomo_tiny.json")

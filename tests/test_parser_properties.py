@@ -269,7 +269,7 @@ def scripted_runner():
         from tmem_rl.envs import make_env
         from tmem_rl.memory import FastWeightConfig, FastWeights
         from tmem_rl.models import tiny_model
-        from tmem_rl.rollout import EpisodeConfig
+        from tmem_rl.episode import EpisodeConfig
 
         model, tok = tiny_model(num_layers=2)
         fast = FastWeights(model, 1, FastWeightConfig(num_layers=1, lr=0.05, epochs=1))

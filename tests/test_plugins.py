@@ -20,7 +20,7 @@ import pytest
 from tmem_rl import envs
 from tmem_rl.envs import BUILTIN_ENVS, Action, ActionKind, InputError, env_sources, make_env
 from tmem_rl.memory import FastWeightConfig, FastWeights
-from tmem_rl.rollout import EpisodeConfig, EpisodeRunner
+from tmem_rl.episode import EpisodeConfig, EpisodeRunner
 
 ROOT = Path(__file__).resolve().parents[1]
 PLUGIN = ROOT / "tests" / "fixtures" / "tmem_plugin_example"

@@ -7,7 +7,7 @@ from tmem_rl.records import QAPair
 from tmem_rl.extraction import answer_messages
 from tmem_rl.memory import FastWeightConfig, FastWeights
 from tmem_rl.models import load_policy
-from tmem_rl.rollout import EpisodeConfig, EpisodeRunner
+from tmem_rl.episode import EpisodeConfig, EpisodeRunner
 
 pytestmark = pytest.mark.slow
 

@@ -88,7 +88,7 @@ def test_train_entry_point_runs_checkpoints_and_resumes(tmp_path, monkeypatch):
     """...with a curriculum: step 1 reads streams of 1 distractor line, the rest (the resumed step too) 4."""
     from tmem_rl.cli import main
     from tmem_rl.models import tiny_model
-    from tmem_rl.rollout import EpisodeRunner
+    from tmem_rl.episode import EpisodeRunner
 
     lines_read = []
     original = EpisodeRunner.run
@@ -137,7 +137,7 @@ def test_learning_recipe_trains_only_on_its_train_split_and_eval_takes_the_held_
     from tmem_rl.envs.split import TaskSplit
     from tmem_rl.evaluation.harness import read_records
     from tmem_rl.models import tiny_model
-    from tmem_rl.rollout import EpisodeRunner
+    from tmem_rl.episode import EpisodeRunner
 
     model, tok = tiny_model(num_layers=4)  # the recipe adapts the last 4 layers
     model.save_pretrained(tmp_path / "tiny")

@@ -10,7 +10,7 @@ from tmem_rl.envs.base import ContractError, Environment, Question, Task
 from tmem_rl.metrics.qa import token_f1
 from tmem_rl.memory import FastWeightConfig, FastWeights
 from tmem_rl.models import tiny_model
-from tmem_rl.rollout import EpisodeBatch, EpisodeConfig, EpisodeRunner
+from tmem_rl.episode import EpisodeBatch, EpisodeConfig, EpisodeRunner
 
 
 class ScriptedRunner(EpisodeRunner):
@@ -18,6 +18,10 @@ class ScriptedRunner(EpisodeRunner):
 
     extraction_text = ' {"instruction": "What did Maya say?", "output": "hello there"}]'
     answer_text = "hello there"
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.sampler.generate = self.generate
 
     def generate(self, prompts, slots, max_new_tokens, sample, temperature, stop_strings=None, stopping=None):
         text = self.extraction_text if max_new_tokens == self.config.max_extraction_tokens else self.answer_text
@@ -136,12 +140,13 @@ class ForcedRunner(EpisodeRunner):
     def __init__(self, *args, extractions: list[list[int]], **kwargs):
         super().__init__(*args, **kwargs)
         self.extractions = extractions
+        self.sampler_generate, self.sampler.generate = self.sampler.generate, self.generate
 
     def generate(self, prompts, slots, max_new_tokens, sample, temperature, stop_strings=None, stopping=None):
         answer = self.tokenizer("x", add_special_tokens=False)["input_ids"] + [self.tokenizer.eos_token_id]
         scripts = [self.extractions[g] if stopping is not None else answer for g in slots]
         with forced(self.model, scripts, then=self.tokenizer.eos_token_id):
-            return super().generate(prompts, slots, max_new_tokens, sample, temperature, stop_strings, stopping)
+            return self.sampler_generate(prompts, slots, max_new_tokens, sample, temperature, stop_strings, stopping)
 
 
 @pytest.mark.parametrize("decoder, stop", [("generate", True), ("static", True), ("generate", False)])

@@ -8,7 +8,8 @@ from tmem_rl.envs.base import Environment, Task
 from tmem_rl.logprobs import segment_rows
 from tmem_rl.memory import FastWeightConfig, FastWeights
 from tmem_rl.metrics.qa import token_f1
-from tmem_rl.rollout import EpisodeConfig, EpisodeRunner
+from tmem_rl.episode import EpisodeConfig, EpisodeRunner
+from tmem_rl.episode.sampler import through_closing_tag
 
 TOOLS = {"search": "search the notes"}
 
@@ -87,6 +88,7 @@ class ScriptedToolRunner(EpisodeRunner):
         super().__init__(*args, **kwargs)
         self.script = {g: list(actions) for g, actions in script.items()}
         self.calls = []
+        self.sampler.generate = self.generate
 
     def generate(self, prompts, slots, max_new_tokens, sample, temperature, stop_strings=None, stopping=None):
         if max_new_tokens == self.config.max_action_tokens:
@@ -420,18 +422,17 @@ def test_rewards_the_environment_gives_on_extractions_and_tool_calls_add_to_the_
 
 def test_an_action_turn_ends_at_its_first_closing_tag_and_keeps_a_generated_end_token(tiny):
     model, tok = tiny
-    runner = EpisodeRunner(model, tok, None, EpisodeConfig(memory="none"))
     closing = ["</search>", "</answer>"]
     ids = lambda text: tok(text, add_special_tokens=False)["input_ids"]  # noqa: E731
     eos = tok.eos_token_id
     # Padding after a stop (here the pad is the end token) is not part of the action.
-    cut = runner._through_action(ids("search>velmora founding</search>") + [eos, eos, eos], closing)
+    cut = through_closing_tag(tok, ids("search>velmora founding</search>") + [eos, eos, eos], closing)
     assert tok.decode(cut).endswith("</search>") and eos not in cut
     # The first closing tag of any kind ends the turn, as a stop string does, even when a later call would parse.
-    cut = runner._through_action(ids("search>a</answer><search>b</search>"), closing)
+    cut = through_closing_tag(tok, ids("search>a</answer><search>b</search>"), closing)
     # (a token may run past the tag: "><" is one token here, and a stop string ends after it too)
     assert "</answer>" in tok.decode(cut) and "search>b" not in tok.decode(cut)
     assert "</answer>" not in tok.decode(cut[:-1])
     # No tag: the completion is kept as generated, its end token too.
-    assert runner._through_action([eos], closing) == [eos]
-    assert runner._through_action(ids("hello") + [eos], closing) == ids("hello") + [eos]
+    assert through_closing_tag(tok, [eos], closing) == [eos]
+    assert through_closing_tag(tok, ids("hello") + [eos], closing) == ids("hello") + [eos]

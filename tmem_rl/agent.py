@@ -4,7 +4,7 @@
     agent.read(text)                      # extracts QA pairs and absorbs them whenever the context passes L_max
     agent.answer("Where does Maya live?")  # base + fast weights, with the working context in the prompt
 
-The agent is one rollout of the episode runner (`tmem_rl.rollout.EpisodeRunner`, one fast-weight slot) that never
+The agent is one rollout of the episode runner (`tmem_rl.episode.EpisodeRunner`, one fast-weight slot) that never
 ends: every `read` continues the same episode, so fast weights, pairs and the working context accumulate until
 `reset`. This module also owns the settings file an exported model folder carries (`fast_weights.json`).
 """
@@ -30,7 +30,7 @@ from tmem_rl.memory.config import FastWeightConfig
 from tmem_rl.memory.fast_weights import FastWeights
 from tmem_rl.models import DEFAULT_MODEL, check_safetensors, load_policy, load_trained_policy
 from tmem_rl.records import QAPair
-from tmem_rl.rollout import EpisodeConfig, EpisodeRunner
+from tmem_rl.episode import EpisodeConfig, EpisodeRunner
 
 SETTINGS_FILE = "fast_weights.json"
 SETTINGS_FORMAT = "tmem_rl.agent/1"
@@ -206,12 +206,12 @@ class TMEMAgent:
     @property
     def pairs(self) -> list[QAPair]:
         """Every pair absorbed since the last reset, in order."""
-        return list(self.episode.pairs[0])
+        return list(self.episode.rollouts[0].pairs)
 
     @property
     def context(self) -> list[str]:
         """The working context: chunks read since the last extraction."""
-        return list(self.episode.context[0])
+        return list(self.episode.rollouts[0].pieces)
 
     @property
     def config(self) -> EpisodeConfig:
@@ -231,11 +231,11 @@ class TMEMAgent:
         chunks = self.split(text) if isinstance(text, str) else list(text)
         if not all(isinstance(c, str) for c in chunks):
             raise TypeError("TMEMAgent.read: expected a string or a list of strings")
-        already = len(self.episode.pairs[0])
+        already = len(self.episode.rollouts[0].pairs)
         self.runner.read(self.stream, [_text_task(chunks, question or "")], episode=self.episode)
         trajectory = self.episode.trajectories[0]
-        report = ReadReport(pairs=self.episode.pairs[0][already:], extractions=list(trajectory.extractions),
-                            chunks=len(chunks), context_tokens=self.episode.context_tokens[0])
+        report = ReadReport(pairs=self.episode.rollouts[0].pairs[already:], extractions=list(trajectory.extractions),
+                            chunks=len(chunks), context_tokens=self.episode.rollouts[0].tokens)
         # The agent reads without end: the prompts and per-version snapshots kept for the outer loop would only
         # grow. Only the live snapshot is needed to go on.
         trajectory.extractions.clear()
@@ -252,7 +252,7 @@ class TMEMAgent:
         if not questions:
             return []
         tasks = [_text_task((), q) for q in questions]
-        context = "\n".join(self.episode.context[0])
+        context = self.episode.rollouts[0].window()
         answers = [out.text for out in self.runner.answer(self.stream, [0] * len(tasks), tasks,
                                                           [context] * len(tasks))]
         return answers[0] if isinstance(question, str) else answers
@@ -292,9 +292,9 @@ class TMEMAgent:
         self.fast.save(path / FAST_WEIGHTS_DIR)
         memory = {
             "format": MEMORY_FORMAT,
-            "pairs": [p.to_dict() for p in self.episode.pairs[0]],
-            "context": self.episode.context[0],
-            "context_tokens": self.episode.context_tokens[0],
+            "pairs": [p.to_dict() for p in self.episode.rollouts[0].pairs],
+            "context": self.episode.rollouts[0].pieces,
+            "context_tokens": self.episode.rollouts[0].tokens,
         }
         (path / MEMORY_FILE).write_text(json.dumps(memory, indent=2, ensure_ascii=False) + "\n")
         return path
@@ -325,8 +325,8 @@ class TMEMAgent:
         self.fast.restore({key: tensors[key] for key in self.fast.trainable()}, [0])
         self.fast.versions[0] = int(meta["versions"][0])
         self.fast.absorbed_answers[0] = [p.output for p in pairs]
-        self.episode.pairs[0] = pairs
-        self.episode.context[0], self.episode.context_tokens[0] = context, context_tokens
+        rollout = self.episode.rollouts[0]
+        rollout.pairs, rollout.pieces, rollout.tokens = pairs, context, context_tokens
         self._keep_live_snapshot()
 
     def _check_settings(self, meta_path: Path, meta: dict) -> None:
@@ -367,7 +367,7 @@ class TMEMAgent:
         # runner names it, and nothing older is needed.
         self.episode.snapshots.clear()
         if self.fast.versions[0]:
-            self.episode.snapshots[self.runner._snapshot_key(0)] = self.fast.snapshot([0])
+            self.episode.snapshots[self.runner.snapshot_key(0)] = self.fast.snapshot([0])
 
 
 def _overridden(config, override, section: str):

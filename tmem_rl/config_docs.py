@@ -62,7 +62,7 @@ def reference_sections() -> list[ConfigSection]:
     from tmem_rl.evaluation.methods import MethodSettings
     from tmem_rl.memory import FastWeightConfig
     from tmem_rl.recipes import EnvSection, ModelSection, TrainRecipe
-    from tmem_rl.rollout import EpisodeConfig
+    from tmem_rl.episode import EpisodeConfig
     from tmem_rl.trainers.grpo import GRPOConfig
     from tmem_rl.trainers.ppo import PPOConfig
     from tmem_rl.trainers.warm_start import WarmStartConfig
@@ -82,7 +82,7 @@ def reference_sections() -> list[ConfigSection]:
                       "and their inner update; the defaults are the paper's. `tmem-rl eval` and `TMEMAgent` take "
                       "the same settings (`--recipe`, `--inner-lr`, `--inner-epochs`; `fast_weights=`)."),
         ConfigSection("episode: EpisodeConfig", EpisodeConfig,
-                      "The recipe's `episode:` section (`tmem_rl.rollout.EpisodeConfig`): how an episode reads, "
+                      "The recipe's `episode:` section (`tmem_rl.episode.EpisodeConfig`): how an episode reads, "
                       "acts, extracts and answers. In training, `outer_loop` sets the sampling (`temperature`, "
                       "`top_p`, `top_k`) and caps the generation budgets at `outer_loop.max_completion_length`. "
                       "`TMEMAgent` takes the reading fields (`episode=`; an export's `fast_weights.json`)."),

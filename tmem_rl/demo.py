@@ -21,7 +21,7 @@ from tmem_rl.errors import InputError
 from tmem_rl.envs import make_env
 from tmem_rl.memory import FastWeightConfig, FastWeights
 from tmem_rl.models import DEFAULT_MODEL, load_policy
-from tmem_rl.rollout import EpisodeBatch, EpisodeConfig, EpisodeRunner
+from tmem_rl.episode import EpisodeBatch, EpisodeConfig, EpisodeRunner
 
 
 @dataclass

@@ -251,7 +251,7 @@ def _model_card(trained: TrainedCheckpoint, fmt: str, eval_summary: dict | None,
 
 def _settings(trained: TrainedCheckpoint):
     from tmem_rl.memory import FastWeightConfig
-    from tmem_rl.rollout import EpisodeConfig
+    from tmem_rl.episode import EpisodeConfig
 
     run = trained.run
     try:

@@ -22,7 +22,7 @@ from tmem_rl.config_types import type_name, value_fits
 from tmem_rl.errors import InputError
 from tmem_rl.memory import FastWeightConfig
 from tmem_rl.models import DEFAULT_MODEL
-from tmem_rl.rollout import EpisodeConfig
+from tmem_rl.episode import EpisodeConfig
 from tmem_rl.trainers.grpo import GRPOConfig, GRPOTrainer
 from tmem_rl.trainers.ppo import PPOConfig, PPOTrainer
 

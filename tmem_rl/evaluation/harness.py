@@ -39,7 +39,7 @@ from tmem_rl.evaluation.methods import METHODS, Answered, MethodSettings, TMEMRe
 from tmem_rl.memory import FastWeightConfig, FastWeights
 from tmem_rl.metrics.qa import normalize_answer
 from tmem_rl.models import DEFAULT_MODEL, check_checkpoint_fits, load_policy, load_trained_policy
-from tmem_rl.rollout import EpisodeConfig, EpisodeRunner
+from tmem_rl.episode import EpisodeConfig, EpisodeRunner
 
 EPISODE_UNITS = ("question", "conversation")
 DEFAULT_L_MAX = EpisodeConfig.l_max  # the paper's LoCoMo budget, for environments that name none

@@ -35,7 +35,7 @@ from tmem_rl.envs.base import Environment, Task
 from tmem_rl.errors import InputError, did_you_mean
 from tmem_rl.extraction import summary_messages
 from tmem_rl.retrieval import bm25_top_k
-from tmem_rl.rollout import EpisodeRunner
+from tmem_rl.episode import EpisodeRunner
 
 
 @dataclass
@@ -197,9 +197,9 @@ class Summary(MemoryMethod):
                     due.append(g)  # the stream's tail
             if not due:
                 continue
-            prompts = [self.runner.prompt_ids(summary_messages(readings[g].question, notes[g], "\n".join(windows[g]),
+            prompts = [self.runner.sampler.prompt_ids(summary_messages(readings[g].question, notes[g], "\n".join(windows[g]),
                                                                budget)) for g in due]
-            outputs = self.runner.generate(prompts, [-1] * len(due), budget, False, 1.0)
+            outputs = self.runner.sampler.generate(prompts, [-1] * len(due), budget, False, 1.0)
             for g, ids in zip(due, outputs):
                 notes[g] = self.tokenizer.decode(ids, skip_special_tokens=True).strip()
                 windows[g], used[g] = [], 0
@@ -218,11 +218,11 @@ class TMEM(MemoryMethod):
         episode = self.runner.read(self.env, readings)
         contexts, extras = [], []
         for g, qs in enumerate(questions):
-            residual = "\n".join(episode.context[g])
-            contexts.append([self.with_explicit(episode.pairs[g], q, residual) for q in qs])
+            residual = episode.rollouts[g].window()
+            contexts.append([self.with_explicit(episode.rollouts[g].pairs, q, residual) for q in qs])
             extras.append({
                 "extractions": episode.trajectories[g].extractions,
-                "pairs_absorbed": len(episode.pairs[g]),
+                "pairs_absorbed": len(episode.rollouts[g].pairs),
                 "fast_weight_version": self.runner.fast.versions[g],
             })
         return list(range(len(readings))), contexts, extras

@@ -41,7 +41,7 @@ from tmem_rl.logprobs import (
     segment_rows,
 )
 from tmem_rl.memory import FastWeightConfig, FastWeights
-from tmem_rl.rollout import SEGMENT_KINDS, EpisodeBatch, EpisodeConfig, EpisodeRunner, Segment, Trajectory
+from tmem_rl.episode import SEGMENT_KINDS, EpisodeBatch, EpisodeConfig, EpisodeRunner, Segment, Trajectory
 from tmem_rl.trainers.checkpoints import (METRICS, TRACKER_RUN, checkpoint_folders, existing_run, latest_good_checkpoint,
                                           check_allowed_keys, new_settings, prune_checkpoints, recipe_changes,
                                           recipe_hash, remove_run, set_aside_newer,
@@ -360,8 +360,8 @@ class GRPOTrainer:
         # extract and absorb independently (different numbers of forward passes) without collectives.
         with unwrap_model_for_generation(self.model, self.accelerator):
             batch = self.runner.run(self.env, tasks)
-        if self.runner.static_decoder is not None:  # its KV caches are not needed while the policy trains
-            self.runner.static_decoder.release()
+        if self.runner.sampler.static_decoder is not None:  # its KV caches are not needed while the policy trains
+            self.runner.sampler.static_decoder.release()
         return batch
 
     def rewards(self, trajectories: list[Trajectory]) -> tuple[torch.Tensor, dict[str, float]]:
@@ -669,7 +669,7 @@ class GRPOTrainer:
             lengths = [len(s.completion_ids) for s in segments]
             # An action ends at its closing tag as well as at an end token.
             closing = closing_tags(self.env.tools) if self.env.tools else []
-            ended = [bool(s.completion_ids) and s.completion_ids[-1] in self.runner.stop_ids
+            ended = [bool(s.completion_ids) and s.completion_ids[-1] in self.runner.sampler.stop_ids
                      or any(tag in s.text for tag in closing) for s in segments]
             stats[f"{kind}_length_mean"] = mean(lengths)
             stats[f"{kind}_length_max"] = float(max(lengths, default=0))

@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from tmem_rl.logprobs import SegmentRows, TokenScores, score_completions
-from tmem_rl.rollout import Trajectory
+from tmem_rl.episode import Trajectory
 from tmem_rl.trainers.grpo import GRPOConfig, GRPOTrainer, TrainingSegment
 
 ADVANTAGE_LEVELS = ("segment", "token")

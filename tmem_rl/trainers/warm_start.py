@@ -21,7 +21,7 @@ from tmem_rl.envs.base import Environment, Task
 from tmem_rl.errors import InputError
 from tmem_rl.extraction import EXTRACTION_PREFILL, extraction_messages, reference_supervision
 from tmem_rl.records import QAPair
-from tmem_rl.rollout import EpisodeConfig
+from tmem_rl.episode import EpisodeConfig
 
 IGNORE = -100
 
