@@ -397,7 +397,7 @@ def test_checkpoint_export_and_agent_run_the_inner_loop_and_episode_training_ran
     from tmem_rl.evaluation.harness import TRAINED, EvalConfig, make_runner
     from tmem_rl.memory import FastWeights
     from tmem_rl.memory.fast_weights import INIT_FILE
-    from tmem_rl.models import load_trained_policy
+    from tmem_rl.checkpoint_reader import load_trained_policy
 
     trainer, checkpoint = train_one_step(tmp_path / "run", base_folder, use_peft=False, nudge=False, max_steps=2,
                                          save_steps=2, reward_weights={"alternating": 1.0}, temperature=0.7)

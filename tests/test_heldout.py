@@ -18,7 +18,8 @@ from tmem_rl.evaluation.methods import MethodSettings
 from tmem_rl.extraction import EXTRACTION_PREFILL, extraction_messages, parse_qa_pairs
 from tmem_rl.memory import FastWeightConfig, FastWeights
 from tmem_rl.memory.fast_weights import damaged, leaked
-from tmem_rl.models import load_trained_policy, tiny_model
+from tmem_rl.checkpoint_reader import load_trained_policy
+from tmem_rl.models import tiny_model
 from tmem_rl.records import QAPair
 from tmem_rl.episode import EpisodeConfig, EpisodeRunner
 from tmem_rl.trainers.warm_start import (IGNORE, WarmStartConfig, extraction_sft_examples, extraction_windows,

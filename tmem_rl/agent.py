@@ -28,7 +28,8 @@ from tmem_rl.envs.base import Environment, Task
 from tmem_rl.errors import InputError
 from tmem_rl.memory.config import FastWeightConfig
 from tmem_rl.memory.fast_weights import FastWeights
-from tmem_rl.models import DEFAULT_MODEL, check_safetensors, load_policy, load_trained_policy
+from tmem_rl.checkpoint_reader import load_trained_policy
+from tmem_rl.models import DEFAULT_MODEL, check_safetensors, load_policy
 from tmem_rl.records import QAPair
 from tmem_rl.episode import EpisodeConfig, EpisodeRunner
 

@@ -127,7 +127,8 @@ def compare_extractors(config: DemoConfig, model, tokenizer, out: Path) -> dict:
     from tmem_rl.agent import read_agent_settings
     from tmem_rl.envs.split import split_env
     from tmem_rl.extractors import extractor_info, extractor_path
-    from tmem_rl.models import load_trained_policy, public_name
+    from tmem_rl.checkpoint_reader import load_trained_policy
+    from tmem_rl.models import public_name
 
     folder, info = extractor_path(config.extractor), extractor_info(config.extractor)
     fast_config, episode, settings = read_agent_settings(folder)

@@ -28,6 +28,7 @@ from pathlib import Path
 import torch
 import yaml
 
+from tmem_rl.checkpoint_reader import TrainedCheckpoint, _run_record, checkpoint_base, load_checkpoint
 from tmem_rl.errors import InputError
 
 FORMATS = ("merged", "adapter")
@@ -39,109 +40,6 @@ VERIFY_MESSAGES = [
     [{"role": "user", "content": "Where does Maya live, and since when?"}],
     [{"role": "user", "content": "Summarise: the meeting moved to Tuesday because the room was booked."}],
 ]
-
-
-@dataclass
-class TrainedCheckpoint:
-    """A checkpoint's trained policy (unmerged under LoRA), its tokenizer and the settings it was trained with."""
-
-    folder: Path
-    model: torch.nn.Module
-    tokenizer: object
-    run: dict
-    base_model: str
-    is_adapter: bool
-
-
-def _run_record(folder: Path) -> dict:
-    path = folder / "run.json"
-    if not path.is_file():
-        raise InputError(f"checkpoint {folder}: no run.json (the settings the run was trained with); export "
-                         "needs a checkpoint written by tmem-rl train")
-    try:
-        record = json.loads(path.read_text())
-    except (UnicodeDecodeError, ValueError) as err:
-        raise InputError(f"checkpoint {path}: not readable JSON ({err})") from None
-    if not isinstance(record, dict):
-        raise InputError(f"checkpoint {path}: expected a JSON object")
-    return record
-
-
-def consolidated_state_dict(folder: Path) -> dict[str, torch.Tensor]:
-    """The full model's weights of a checkpoint, whichever way the run saved them."""
-    if (folder / "model.safetensors").is_file():
-        from safetensors.torch import load_file
-
-        from tmem_rl.models import check_safetensors
-
-        check_safetensors(folder)
-        state = load_file(str(folder / "model.safetensors"))
-    elif (folder / "pytorch_model.bin").is_file():
-        state = torch.load(folder / "pytorch_model.bin", map_location="cpu", weights_only=True)
-    elif (folder / "pytorch_model").is_dir():  # DeepSpeed: every rank's ZeRO shard, gathered into fp32 tensors
-        from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
-
-        state = get_fp32_state_dict_from_zero_checkpoint(str(folder), tag="pytorch_model")
-    else:
-        raise InputError(f"checkpoint {folder}: no weights (expected model.safetensors, pytorch_model.bin or a "
-                         "DeepSpeed pytorch_model/ folder)")
-    # DDP-wrapped names carry "module."; the PPO value head is not part of the language model.
-    state = {k.removeprefix("module."): v for k, v in state.items()}
-    return {k: v for k, v in state.items() if not k.startswith("value_head.")}
-
-
-def load_checkpoint(checkpoint: str | Path, base: str | None = None) -> TrainedCheckpoint:
-    """The trained policy of a `tmem-rl train` checkpoint, in float32 on the CPU."""
-    from transformers import AutoConfig, AutoModelForCausalLM
-
-    from tmem_rl.models import check_safetensors, load_policy, load_tokenizer
-    from tmem_rl.trainers.checkpoints import verified_checkpoint
-
-    folder = verified_checkpoint(checkpoint)
-    run = _run_record(folder)
-    adapter = folder / "adapter"
-    if (adapter / "adapter_config.json").is_file():
-        from peft import PeftModel
-
-        if "DEEPSPEED" in str(run.get("distributed_type", "")):
-            raise InputError(f"checkpoint {folder}: a LoRA run under DeepSpeed saved its adapter from partitioned "
-                             "parameters; export is not supported for it (train LoRA under DDP)")
-        base_name = checkpoint_base(folder, run, base)
-        if not base_name:
-            raise InputError(f"checkpoint {folder}: its base model is not recorded; pass --base NAME_OR_FOLDER")
-        check_safetensors(adapter)
-        model, tokenizer = load_policy(base_name, dtype=torch.float32)
-        try:
-            model = PeftModel.from_pretrained(model, str(adapter))
-        except (RuntimeError, ValueError, KeyError) as err:  # shapes of another base
-            raise InputError(f"checkpoint {folder}: its adapter does not fit base {base_name} "
-                             f"({' '.join(str(err).split())[:200]})") from None
-        model.eval()
-        return TrainedCheckpoint(folder, model, tokenizer, run, base_name, is_adapter=True)
-    if not (folder / "hf" / "config.json").is_file():
-        raise InputError(f"checkpoint {folder}: no hf/config.json (the model's architecture)")
-    config = AutoConfig.from_pretrained(str(folder / "hf"))
-    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
-    state = consolidated_state_dict(folder)
-    missing, unexpected = model.load_state_dict(state, strict=False)
-    tied = {"lm_head.weight"} if getattr(config, "tie_word_embeddings", False) else set()
-    if set(missing) - tied or unexpected:
-        raise InputError(f"checkpoint {folder}: its weights do not fit hf/config.json (missing "
-                         f"{sorted(set(missing) - tied)[:3]}, unexpected {sorted(unexpected)[:3]})")
-    model.tie_weights()
-    model.eval()
-    return TrainedCheckpoint(folder, model, load_tokenizer(folder / "hf"), run, checkpoint_base(folder, run, base),
-                             is_adapter=False)
-
-
-def checkpoint_base(folder: Path, run: dict, base: str | None = None) -> str:
-    """The base model of a checkpoint: `base` when given, else the one its run recorded, else its adapter's."""
-    from tmem_rl.models import adapter_base
-
-    if base or run.get("base_model"):
-        return base or run["base_model"]
-    adapter = folder / "adapter"
-    return (adapter_base(adapter) if (adapter / "adapter_config.json").is_file() else None) or ""
 
 
 @torch.no_grad()

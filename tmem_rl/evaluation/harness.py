@@ -38,7 +38,8 @@ from tmem_rl.evaluation.continual import (PHASES, check_continual, continual_sum
 from tmem_rl.evaluation.methods import METHODS, Answered, MethodSettings, TMEMReference, check_methods
 from tmem_rl.memory import FastWeightConfig, FastWeights
 from tmem_rl.metrics.qa import normalize_answer
-from tmem_rl.models import DEFAULT_MODEL, check_checkpoint_fits, load_policy, load_trained_policy
+from tmem_rl.checkpoint_reader import load_trained_policy
+from tmem_rl.models import DEFAULT_MODEL, check_checkpoint_fits, load_policy
 from tmem_rl.episode import EpisodeConfig, EpisodeRunner
 
 EPISODE_UNITS = ("question", "conversation")
