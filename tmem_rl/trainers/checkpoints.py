@@ -1,5 +1,6 @@
 """Checkpoint folders of `tmem-rl train`: a manifest written last, finding the newest good one, pruning, the
-metrics log cut back to a checkpoint's step on resume, and the recipe a resume must match.
+metrics log cut back to a checkpoint's step on resume, the recipe a resume must match, and a trainer's own
+checkpoint I/O (`TrainerCheckpoints`).
 
 A checkpoint is `<output_dir>/checkpoint-<step>/`. Its `manifest.json` lists every other file with its size and
 SHA-256 and is written after all of them, so a folder without it, or whose files no longer match it (a partial
@@ -8,16 +9,22 @@ copy, a corrupt disk, a kill in the middle of a save), is recognised as bad and 
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import os
 import re
 import shutil
 import warnings
+from dataclasses import asdict
 from pathlib import Path
 from typing import Iterable
 
+from accelerate.utils import DistributedType
+
+from tmem_rl.episode.config import EpisodeConfig
 from tmem_rl.errors import InputError
+from tmem_rl.memory.config import FastWeightConfig
 
 MANIFEST = "manifest.json"
 METRICS = "metrics.jsonl"
@@ -238,3 +245,177 @@ def check_allowed_keys(allowed: Iterable[str], saved: dict, current: dict) -> No
     for key in allowed:
         if key not in known:
             raise InputError(f"--allow-recipe-change {key}: no such recipe key{did_you_mean(key, sorted(known))}")
+
+
+class TrainerCheckpoints:
+    """A trainer's checkpoint I/O: save, find, check and load. Mixed into `GRPOTrainer`, whose accelerator,
+    config, fast weights, runner, policy, step and history it reads."""
+
+    def save_checkpoint(self) -> Path:
+        """Model (only the trained parameters under LoRA), optimizer, scheduler, RNG states, the step (the data
+        position), what export needs (run.json, the fast weights' A, the model config and tokenizer under hf/) and,
+        last, a manifest of every file's size and hash. Written to a temporary folder and renamed into place."""
+        acc = self.accelerator
+        final = Path(self.config.output_dir) / f"checkpoint-{self.step}"
+        staging = final.with_name(final.name + ".tmp")
+        if acc.is_main_process and staging.exists():
+            shutil.rmtree(staging)
+        acc.wait_for_everyone()
+        acc.save_state(str(staging))
+        acc.wait_for_everyone()  # every process has written its shard and RNG state before the rename
+        if acc.is_main_process:
+            (staging / "trainer_state.json").write_text(json.dumps({"step": self.step, "history": self.history}))
+            (staging / "run.json").write_text(json.dumps(self.run_record(), indent=2, default=str))
+            # The A the fast weights were built with, from the initial weights: eval, export and the agent would
+            # otherwise recompute it from the trained ones.
+            self.fast.save_init(staging)
+            self.policy.config.save_pretrained(staging / "hf")
+            self.tokenizer.save_pretrained(staging / "hf")
+            if self.config.use_peft:
+                self.policy.save_pretrained(staging / "adapter")
+            write_manifest(staging, self.step)
+            if final.exists():
+                shutil.rmtree(final)
+            staging.rename(final)
+            if self.config.save_total_limit:
+                prune_checkpoints(self.config.output_dir, self.config.save_total_limit, self.step)
+        acc.wait_for_everyone()
+        return final
+
+    def run_record(self) -> dict:
+        """The settings a checkpoint was trained with, for export and for running it as an agent."""
+        base = self.run_info.get("base_model") or getattr(self.policy.config, "name_or_path", "") or ""
+        return {**self.run_info, "base_model": base, "algorithm": type(self.config).__name__,
+                "distributed_type": str(self.accelerator.distributed_type),
+                "step": self.step, "use_peft": self.config.use_peft, "outer_loop": asdict(self.config),
+                "recipe_sha256": recipe_hash(self.recipe_record()),
+                "fast_weights": self.fast_config.to_dict(),
+                # What the runner ran with (budgets capped, the outer loop's sampling), which export and the agent
+                # take; it is reseeded every step, so the seed recorded is the one given.
+                "episode": asdict(dataclasses.replace(self.runner.config, seed=self.episode_config.seed)),
+                "episode_as_given": asdict(self.episode_config)}
+
+    def latest_checkpoint(self) -> Path | None:
+        """The newest checkpoint that passes its manifest, chosen on the main process for all of them."""
+        from accelerate.utils import broadcast_object_list
+
+        found = [str(latest_good_checkpoint(self.config.output_dir) or "")] if self.accelerator.is_main_process else [""]
+        if self.accelerator.num_processes > 1:
+            broadcast_object_list(found)
+        return Path(found[0]) if found[0] else None
+
+    def load_checkpoint(self, path: Path | None = None, allow_recipe_change: Iterable[str] = ()) -> None:
+        """Load `path`, else the newest good checkpoint; checkpoints that are all unusable are an error rather than
+        a silent restart, and so is one trained with another recipe (dotted keys other than FREE_KEYS and
+        `allow_recipe_change`)."""
+        path = path or self.latest_checkpoint()
+        if path is None:
+            found = [p.name for p in checkpoint_folders(self.config.output_dir)]
+            if found:
+                raise InputError(f"{self.config.output_dir}: no usable checkpoint to resume from ({', '.join(found)} "
+                                 "failed their manifest, see the warnings); pass --overwrite to start over")
+            if self.accelerator.is_main_process:
+                warnings.warn(f"--resume: {self.config.output_dir} holds no checkpoint to resume from; starting a "
+                              "fresh run", stacklevel=3)
+            return
+        self._check_recipe(path, allow_recipe_change)
+        if self._trainable_only():
+            self._check_trainable_keys(path)
+        try:
+            state = json.loads((path / "trainer_state.json").read_text())
+            step, history = int(state["step"]), list(state["history"])
+            self.accelerator.load_state(str(path))
+        except Exception as err:  # a checkpoint of another model or recipe: name it, not the library's internals
+            detail = str(err).strip().splitlines()[0][:300] if str(err).strip() else ""
+            raise InputError(f"checkpoint {path} does not fit this run ({type(err).__name__}: {detail})") from err
+        self.step = step
+        self.history = history
+
+    def recipe_record(self) -> dict:
+        """What a resume must match, under the recipe's section names: the recipe when run_info carries one, else
+        the trainer's own settings. JSON types, as run.json holds them."""
+        record = self.run_info.get("recipe") or {"outer_loop": asdict(self.config),
+                                                 "inner_loop": self.fast_config.to_dict(),
+                                                 "episode": asdict(self.episode_config)}
+        return json.loads(json.dumps(record, default=str))
+
+    def _check_recipe(self, path: Path, allowed: Iterable[str]) -> None:
+        """A resume continues the run the checkpoint belongs to: a changed setting (a lora_r whose shapes would
+        not load, an environment whose questions differ, a max_steps that stretches the schedule) must be named."""
+        try:
+            run = json.loads((path / "run.json").read_text())
+            saved = run.get("recipe") or {"outer_loop": run["outer_loop"], "inner_loop": run["fast_weights"],
+                                          "episode": run["episode_as_given"]}  # a run without a recipe
+        except (OSError, ValueError, KeyError, AttributeError) as err:
+            raise InputError(f"checkpoint {path}: run.json does not hold the settings it was trained with "
+                             f"({type(err).__name__}: {err})") from err
+        current, allowed = self.recipe_record(), list(allowed)
+        check_allowed_keys(allowed, saved, current)
+        defaults = json.loads(json.dumps({"outer_loop": asdict(type(self.config)()),
+                                          "inner_loop": FastWeightConfig().to_dict(),
+                                          "episode": asdict(EpisodeConfig())}, default=str))
+        added = new_settings(saved, current, defaults)
+        if added and self.accelerator.is_main_process:
+            warnings.warn(f"checkpoint {path} predates the settings {', '.join(added)}: resuming with their "
+                          "defaults", stacklevel=3)
+        changes = recipe_changes(saved, current, allowed, defaults)
+        if changes:
+            shown = ", ".join(f"{key} ({old} -> {new})" for key, old, new in changes[:8])
+            more = f" and {len(changes) - 8} more" if len(changes) > 8 else ""
+            raise InputError(f"checkpoint {path} was trained with another recipe: {shown}{more}; pass "
+                             f"--allow-recipe-change {','.join(key for key, _, _ in changes)} to resume with these "
+                             "changes, or --overwrite to start over")
+
+    def _trainable_only(self) -> bool:
+        """Checkpoints hold only the trained parameters (LoRA runs outside DeepSpeed / FSDP)."""
+        return self.config.use_peft and self.accelerator.distributed_type not in (DistributedType.DEEPSPEED,
+                                                                                  DistributedType.FSDP)
+
+    def _check_trainable_keys(self, path: Path) -> None:
+        """Loading only the trained parameters is not strict: a checkpoint of another adapter would load nothing
+        and raise nothing. Its names must be exactly this run's trainable parameters."""
+        from safetensors import safe_open
+
+        weights = path / "model.safetensors"
+        if not weights.is_file():
+            raise InputError(f"checkpoint {path}: no model.safetensors (the trained parameters)")
+        with safe_open(str(weights), framework="pt") as f:
+            saved = {_own_name(key) for key in f.keys()}
+        expected = {name for name, p in self.policy.named_parameters() if p.requires_grad}
+        if saved != expected:
+            raise InputError(f"checkpoint {path} does not fit this run: its trained parameters differ (missing "
+                             f"{sorted(expected - saved)[:2]}, unexpected {sorted(saved - expected)[:2]})")
+
+    def _weights_to_save(self, models, weights, output_dir) -> None:
+        """Accelerate save hook: each model's state dict under its own names, not its wrapper's; under LoRA only
+        the trained parameters (adapter, value head), the frozen base being the recipe's model."""
+        for i, model in enumerate(models):
+            model = self.accelerator.unwrap_model(model)
+            state = self.accelerator.get_state_dict(model)
+            if self._trainable_only():
+                trainable = {name for name, p in model.named_parameters() if p.requires_grad}
+                state = {k: v for k, v in state.items() if k in trainable}
+            weights[i] = state
+
+    def _load_weights(self, models, input_dir) -> None:
+        """Accelerate load hook: the weights into the unwrapped model, by the names _weights_to_save gave them
+        (all of them unless only the trained parameters were saved: _check_trainable_keys compared those)."""
+        from safetensors.torch import load_file
+
+        for i, model in enumerate(models):
+            model = self.accelerator.unwrap_model(model)
+            name = "model.safetensors" if i == 0 else f"model_{i}.safetensors"
+            state = {_own_name(k): v for k, v in load_file(str(Path(input_dir) / name)).items()}
+            missing, unexpected = model.load_state_dict(state, strict=False)
+            # Safetensors keeps one of each set of tied weights (embeddings and LM head): the others are loaded.
+            tensors = model.state_dict()
+            loaded = {tensors[k].data_ptr() for k in state}
+            missing = [k for k in missing if tensors[k].data_ptr() not in loaded]
+            if unexpected or (missing and not self._trainable_only()):
+                raise RuntimeError(f"{name}: missing {missing[:2]}, unexpected {unexpected[:2]}")
+        models.clear()  # loaded: Accelerate would load them again under the wrapper's names
+
+
+def _own_name(key: str) -> str:
+    """A weight's name in the model itself: checkpoints written before names were saved that way carry DDP's."""
+    return key.removeprefix("module.")

@@ -14,7 +14,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import random
-import shutil
 import time
 import warnings
 from contextlib import nullcontext
@@ -42,10 +41,8 @@ from tmem_rl.logprobs import (
 )
 from tmem_rl.memory import FastWeightConfig, FastWeights
 from tmem_rl.episode import SEGMENT_KINDS, EpisodeBatch, EpisodeConfig, EpisodeRunner, Segment, Trajectory
-from tmem_rl.trainers.checkpoints import (METRICS, TRACKER_RUN, checkpoint_folders, existing_run, latest_good_checkpoint,
-                                          check_allowed_keys, new_settings, prune_checkpoints, recipe_changes,
-                                          recipe_hash, remove_run, set_aside_newer,
-                                          truncate_metrics, write_manifest, write_recipe)
+from tmem_rl.trainers.checkpoints import (METRICS, TRACKER_RUN, TrainerCheckpoints, existing_run, remove_run,
+                                          set_aside_newer, truncate_metrics, write_recipe)
 
 LOSS_TYPES = ("grpo", "bnpo", "dapo", "dr_grpo")
 RewardFunc = Callable[..., list[float]]
@@ -205,7 +202,7 @@ def valid_extraction_reward(trajectories: list[dict], **_) -> list[float]:
     return out
 
 
-class GRPOTrainer:
+class GRPOTrainer(TrainerCheckpoints):
     segment_type: type[TrainingSegment] = TrainingSegment
 
     def __init__(
@@ -229,29 +226,46 @@ class GRPOTrainer:
         self.env = self.final_env = env
         self.curriculum = list(curriculum)
         self.reward_funcs = {"valid_extraction": valid_extraction_reward, **(reward_funcs or {})}
-        unknown = [k for k in config.reward_weights if k != "outcome" and k not in self.reward_funcs]
-        if unknown:
-            raise InputError(f"reward_weights names unknown reward functions {unknown}; "
-                             f"available: outcome, {', '.join(self.reward_funcs)}")
         self.accelerator = accelerator or Accelerator(cpu=not torch.cuda.is_available(),
                                                       mixed_precision=config.mixed_precision,
                                                       log_with=config.report_to or None,
                                                       project_dir=config.output_dir)
-        acc = self.accelerator
-        if config.questions_per_step % acc.num_processes:
+        local_rollouts = self._check_settings()
+        set_seed(config.seed)
+        model, policy = self._setup_model(model, local_rollouts, fast_config or FastWeightConfig())
+        optimizer, scheduler = self._setup_optimizer(policy)
+        self._prepare(model, optimizer, scheduler)
+        self.runner = self._setup_runner(episode_config or EpisodeConfig())
+        self.step = 0
+        self.history: list[dict] = []
+        Path(config.output_dir).mkdir(parents=True, exist_ok=True)
+
+    def _check_settings(self) -> int:
+        """Settings that cannot work together, refused before anything is built; the rollouts per process."""
+        config, processes = self.config, self.accelerator.num_processes
+        unknown = [k for k in config.reward_weights if k != "outcome" and k not in self.reward_funcs]
+        if unknown:
+            raise InputError(f"reward_weights names unknown reward functions {unknown}; "
+                             f"available: outcome, {', '.join(self.reward_funcs)}")
+        if config.questions_per_step % processes:
             raise InputError(f"questions_per_step={config.questions_per_step} does not divide among "
-                             f"{acc.num_processes} processes")
-        local_rollouts = config.questions_per_step // acc.num_processes * config.num_generations
+                             f"{processes} processes")
+        local_rollouts = config.questions_per_step // processes * config.num_generations
         if config.num_mini_batches > local_rollouts:
             raise InputError(f"num_mini_batches={config.num_mini_batches} but each process has {local_rollouts} "
                              "rollouts per step: a mini-batch holds whole rollouts")
         for stage, stage_env in [*((f"curriculum stage {i} of ", e) for i, (_, e) in enumerate(self.curriculum)),
-                                 ("", env)]:
+                                 ("", self.env)]:
             if config.questions_per_step > len(stage_env):
                 raise InputError(f"questions_per_step={config.questions_per_step} but {stage}environment "
                                  f"{stage_env.name!r} has {len(stage_env)} tasks: every process must get its share "
                                  "of distinct questions")
-        set_seed(config.seed)
+        return local_rollouts
+
+    def _setup_model(self, model, local_rollouts: int, fast_config: FastWeightConfig):
+        """The slow weights (a LoRA on the model when use_peft), the fast weights of the rollouts and of the
+        update's replay, the KL reference and the value head. Returns (model to prepare, unwrapped policy)."""
+        config = self.config
         if config.use_peft:
             from peft import LoraConfig, get_peft_model
 
@@ -259,7 +273,6 @@ class GRPOTrainer:
                                                      lora_dropout=config.lora_dropout,
                                                      target_modules=config.lora_target_modules))
         policy = model
-        fast_config = fast_config or FastWeightConfig()
         self.fast_config = fast_config
         # Fast weights are built on the model before wrapping, so their SVD sees the initial weights and hooks sit
         # on the modules that every wrapper calls; they follow the model to whatever device `prepare` puts it on.
@@ -274,6 +287,11 @@ class GRPOTrainer:
         self.value_head = self.make_value_head(policy)
         if self.value_head is not None:
             policy.value_head = self.value_head  # a submodule, so that wrappers (DDP) and checkpoints include it
+        return model, policy
+
+    def _setup_optimizer(self, policy):
+        """The optimizer over the trainable parameters and its schedule, in optimizer steps."""
+        config = self.config
         params = [p for p in policy.parameters() if p.requires_grad]
         low_precision = sorted({str(p.dtype) for p in params if p.dtype in (torch.bfloat16, torch.float16)})
         if low_precision and not config.use_peft:
@@ -281,7 +299,7 @@ class GRPOTrainer:
                 f"full fine-tuning of {', '.join(low_precision)} weights: optimizer steps of lr "
                 f"{config.learning_rate:g} mostly round away in {low_precision[0]}. Load the model in float32 "
                 "(model.dtype: float32) and set outer_loop.mixed_precision: bf16 for fp32 master weights with bf16 "
-                "compute.", stacklevel=2)
+                "compute.", stacklevel=3)
         if config.optim == "sgd":
             optimizer = torch.optim.SGD(params, lr=config.learning_rate, weight_decay=config.weight_decay)
         else:
@@ -289,6 +307,12 @@ class GRPOTrainer:
         updates = self.updates_per_step
         scheduler = get_scheduler(config.lr_scheduler_type, optimizer, num_warmup_steps=config.warmup_steps * updates,
                                   num_training_steps=config.max_steps * updates)
+        return optimizer, scheduler
+
+    def _prepare(self, model, optimizer, scheduler) -> None:
+        """Model, optimizer and schedule through Accelerate (DDP, DeepSpeed or one process), checkpoints named as
+        the model names its weights, and every fast-weight buffer on the model's device."""
+        acc = self.accelerator
         self.model, self.optimizer, self.scheduler = acc.prepare(model, optimizer, scheduler)
         if isinstance(self.scheduler, AcceleratedScheduler):
             # Accelerate assumes per-process batches that grow with the process count, and steps a prepared
@@ -308,8 +332,11 @@ class GRPOTrainer:
         for fast in (self.fast, self.replay, getattr(self, "reference_replay", None)):
             if fast is not None:
                 fast.follow_model()
-        # The trainer's sampling settings on a copy: the caller's EpisodeConfig stays as it was given.
-        given = episode_config or EpisodeConfig()
+
+    def _setup_runner(self, given: EpisodeConfig) -> EpisodeRunner:
+        """The episode runner with the trainer's sampling settings, on a copy: the caller's EpisodeConfig stays as
+        it was given."""
+        config = self.config
         if given.carry_fast_weights:  # a group's rollouts would start from different histories, never checkpointed
             raise InputError("episode.carry_fast_weights is for evaluation (tmem-rl eval --continual); training "
                              "starts every episode from the base model")
@@ -322,10 +349,7 @@ class GRPOTrainer:
             max_action_tokens=min(given.max_action_tokens, config.max_completion_length),
             summary_tokens=min(given.summary_tokens, config.max_completion_length),
         )
-        self.runner = EpisodeRunner(self.policy, tokenizer, self.fast, episode_config)
-        self.step = 0
-        self.history: list[dict] = []
-        Path(config.output_dir).mkdir(parents=True, exist_ok=True)
+        return EpisodeRunner(self.policy, self.tokenizer, self.fast, episode_config)
 
     def make_value_head(self, policy):
         """GRPO needs no critic."""
@@ -738,177 +762,6 @@ class GRPOTrainer:
         if acc.is_main_process:
             plot_rewards(metrics_path, Path(cfg.output_dir) / "reward_curve.png")
         return self.history
-
-    # ---- checkpoints ---------------------------------------------------------------------------------------
-
-    def save_checkpoint(self) -> Path:
-        """Model (only the trained parameters under LoRA), optimizer, scheduler, RNG states, the step (the data
-        position), what export needs (run.json, the fast weights' A, the model config and tokenizer under hf/) and,
-        last, a manifest of every file's size and hash. Written to a temporary folder and renamed into place."""
-        acc = self.accelerator
-        final = Path(self.config.output_dir) / f"checkpoint-{self.step}"
-        staging = final.with_name(final.name + ".tmp")
-        if acc.is_main_process and staging.exists():
-            shutil.rmtree(staging)
-        acc.wait_for_everyone()
-        acc.save_state(str(staging))
-        acc.wait_for_everyone()  # every process has written its shard and RNG state before the rename
-        if acc.is_main_process:
-            (staging / "trainer_state.json").write_text(json.dumps({"step": self.step, "history": self.history}))
-            (staging / "run.json").write_text(json.dumps(self.run_record(), indent=2, default=str))
-            # The A the fast weights were built with, from the initial weights: eval, export and the agent would
-            # otherwise recompute it from the trained ones.
-            self.fast.save_init(staging)
-            self.policy.config.save_pretrained(staging / "hf")
-            self.tokenizer.save_pretrained(staging / "hf")
-            if self.config.use_peft:
-                self.policy.save_pretrained(staging / "adapter")
-            write_manifest(staging, self.step)
-            if final.exists():
-                shutil.rmtree(final)
-            staging.rename(final)
-            if self.config.save_total_limit:
-                prune_checkpoints(self.config.output_dir, self.config.save_total_limit, self.step)
-        acc.wait_for_everyone()
-        return final
-
-    def run_record(self) -> dict:
-        """The settings a checkpoint was trained with, for export and for running it as an agent."""
-        base = self.run_info.get("base_model") or getattr(self.policy.config, "name_or_path", "") or ""
-        return {**self.run_info, "base_model": base, "algorithm": type(self.config).__name__,
-                "distributed_type": str(self.accelerator.distributed_type),
-                "step": self.step, "use_peft": self.config.use_peft, "outer_loop": asdict(self.config),
-                "recipe_sha256": recipe_hash(self.recipe_record()),
-                "fast_weights": self.fast_config.to_dict(),
-                # What the runner ran with (budgets capped, the outer loop's sampling), which export and the agent
-                # take; it is reseeded every step, so the seed recorded is the one given.
-                "episode": asdict(dataclasses.replace(self.runner.config, seed=self.episode_config.seed)),
-                "episode_as_given": asdict(self.episode_config)}
-
-    def latest_checkpoint(self) -> Path | None:
-        """The newest checkpoint that passes its manifest, chosen on the main process for all of them."""
-        from accelerate.utils import broadcast_object_list
-
-        found = [str(latest_good_checkpoint(self.config.output_dir) or "")] if self.accelerator.is_main_process else [""]
-        if self.accelerator.num_processes > 1:
-            broadcast_object_list(found)
-        return Path(found[0]) if found[0] else None
-
-    def load_checkpoint(self, path: Path | None = None, allow_recipe_change: Iterable[str] = ()) -> None:
-        """Load `path`, else the newest good checkpoint; checkpoints that are all unusable are an error rather than
-        a silent restart, and so is one trained with another recipe (dotted keys other than FREE_KEYS and
-        `allow_recipe_change`)."""
-        path = path or self.latest_checkpoint()
-        if path is None:
-            found = [p.name for p in checkpoint_folders(self.config.output_dir)]
-            if found:
-                raise InputError(f"{self.config.output_dir}: no usable checkpoint to resume from ({', '.join(found)} "
-                                 "failed their manifest, see the warnings); pass --overwrite to start over")
-            if self.accelerator.is_main_process:
-                warnings.warn(f"--resume: {self.config.output_dir} holds no checkpoint to resume from; starting a "
-                              "fresh run", stacklevel=3)
-            return
-        self._check_recipe(path, allow_recipe_change)
-        if self._trainable_only():
-            self._check_trainable_keys(path)
-        try:
-            state = json.loads((path / "trainer_state.json").read_text())
-            step, history = int(state["step"]), list(state["history"])
-            self.accelerator.load_state(str(path))
-        except Exception as err:  # a checkpoint of another model or recipe: name it, not the library's internals
-            detail = str(err).strip().splitlines()[0][:300] if str(err).strip() else ""
-            raise InputError(f"checkpoint {path} does not fit this run ({type(err).__name__}: {detail})") from err
-        self.step = step
-        self.history = history
-
-    def recipe_record(self) -> dict:
-        """What a resume must match, under the recipe's section names: the recipe when run_info carries one, else
-        the trainer's own settings. JSON types, as run.json holds them."""
-        record = self.run_info.get("recipe") or {"outer_loop": asdict(self.config),
-                                                 "inner_loop": self.fast_config.to_dict(),
-                                                 "episode": asdict(self.episode_config)}
-        return json.loads(json.dumps(record, default=str))
-
-    def _check_recipe(self, path: Path, allowed: Iterable[str]) -> None:
-        """A resume continues the run the checkpoint belongs to: a changed setting (a lora_r whose shapes would
-        not load, an environment whose questions differ, a max_steps that stretches the schedule) must be named."""
-        try:
-            run = json.loads((path / "run.json").read_text())
-            saved = run.get("recipe") or {"outer_loop": run["outer_loop"], "inner_loop": run["fast_weights"],
-                                          "episode": run["episode_as_given"]}  # a run without a recipe
-        except (OSError, ValueError, KeyError, AttributeError) as err:
-            raise InputError(f"checkpoint {path}: run.json does not hold the settings it was trained with "
-                             f"({type(err).__name__}: {err})") from err
-        current, allowed = self.recipe_record(), list(allowed)
-        check_allowed_keys(allowed, saved, current)
-        defaults = json.loads(json.dumps({"outer_loop": asdict(type(self.config)()),
-                                          "inner_loop": FastWeightConfig().to_dict(),
-                                          "episode": asdict(EpisodeConfig())}, default=str))
-        added = new_settings(saved, current, defaults)
-        if added and self.accelerator.is_main_process:
-            warnings.warn(f"checkpoint {path} predates the settings {', '.join(added)}: resuming with their "
-                          "defaults", stacklevel=3)
-        changes = recipe_changes(saved, current, allowed, defaults)
-        if changes:
-            shown = ", ".join(f"{key} ({old} -> {new})" for key, old, new in changes[:8])
-            more = f" and {len(changes) - 8} more" if len(changes) > 8 else ""
-            raise InputError(f"checkpoint {path} was trained with another recipe: {shown}{more}; pass "
-                             f"--allow-recipe-change {','.join(key for key, _, _ in changes)} to resume with these "
-                             "changes, or --overwrite to start over")
-
-    def _trainable_only(self) -> bool:
-        """Checkpoints hold only the trained parameters (LoRA runs outside DeepSpeed / FSDP)."""
-        return self.config.use_peft and self.accelerator.distributed_type not in (DistributedType.DEEPSPEED,
-                                                                                  DistributedType.FSDP)
-
-    def _check_trainable_keys(self, path: Path) -> None:
-        """Loading only the trained parameters is not strict: a checkpoint of another adapter would load nothing
-        and raise nothing. Its names must be exactly this run's trainable parameters."""
-        from safetensors import safe_open
-
-        weights = path / "model.safetensors"
-        if not weights.is_file():
-            raise InputError(f"checkpoint {path}: no model.safetensors (the trained parameters)")
-        with safe_open(str(weights), framework="pt") as f:
-            saved = {_own_name(key) for key in f.keys()}
-        expected = {name for name, p in self.policy.named_parameters() if p.requires_grad}
-        if saved != expected:
-            raise InputError(f"checkpoint {path} does not fit this run: its trained parameters differ (missing "
-                             f"{sorted(expected - saved)[:2]}, unexpected {sorted(saved - expected)[:2]})")
-
-    def _weights_to_save(self, models, weights, output_dir) -> None:
-        """Accelerate save hook: each model's state dict under its own names, not its wrapper's; under LoRA only
-        the trained parameters (adapter, value head), the frozen base being the recipe's model."""
-        for i, model in enumerate(models):
-            model = self.accelerator.unwrap_model(model)
-            state = self.accelerator.get_state_dict(model)
-            if self._trainable_only():
-                trainable = {name for name, p in model.named_parameters() if p.requires_grad}
-                state = {k: v for k, v in state.items() if k in trainable}
-            weights[i] = state
-
-    def _load_weights(self, models, input_dir) -> None:
-        """Accelerate load hook: the weights into the unwrapped model, by the names _weights_to_save gave them
-        (all of them unless only the trained parameters were saved: _check_trainable_keys compared those)."""
-        from safetensors.torch import load_file
-
-        for i, model in enumerate(models):
-            model = self.accelerator.unwrap_model(model)
-            name = "model.safetensors" if i == 0 else f"model_{i}.safetensors"
-            state = {_own_name(k): v for k, v in load_file(str(Path(input_dir) / name)).items()}
-            missing, unexpected = model.load_state_dict(state, strict=False)
-            # Safetensors keeps one of each set of tied weights (embeddings and LM head): the others are loaded.
-            tensors = model.state_dict()
-            loaded = {tensors[k].data_ptr() for k in state}
-            missing = [k for k in missing if tensors[k].data_ptr() not in loaded]
-            if unexpected or (missing and not self._trainable_only()):
-                raise RuntimeError(f"{name}: missing {missing[:2]}, unexpected {unexpected[:2]}")
-        models.clear()  # loaded: Accelerate would load them again under the wrapper's names
-
-
-def _own_name(key: str) -> str:
-    """A weight's name in the model itself: checkpoints written before names were saved that way carry DDP's."""
-    return key.removeprefix("module.")
 
 
 def plot_rewards(metrics_path: Path, out: Path) -> None:
