@@ -54,6 +54,9 @@ QUICK = {"episodes": 2, "seeds": [0], "steps": 1, "warm_examples": 4, "baselines
 BASELINES = ("none", "full-context", "summary", "retrieval")
 
 
+# The collapse guard's max_probe_leak on real conversations: more than half the probes damaged rolls back.
+TRANSFER_GUARD = 0.5
+
 def evaluate(recipe, out: Path, episodes: int, methods: list[str], model: str, checkpoint: str | None = None,
              **episode) -> dict:
     config = eval_config(recipe, str(out), methods=methods, model=model, max_questions=episodes, greedy=True,
@@ -79,31 +82,32 @@ def transfer_row(summary: dict, records: list[dict], row: str) -> dict:
 
 
 def transfer_check(recipe, out: Path, data: str, l_max: int, base_model: str, start_model: str,
-                   checkpoints: dict[int, Path]) -> dict:
+                   checkpoints: dict[int, Path], guard: float = TRANSFER_GUARD) -> dict:
     """Every question of the real LoCoMo conversations in `data`, one conversation-unit episode each (the questions
     unknown while reading, as in `dialogues`), greedy, official metric, the collapse guard on: the base model's no
     memory, BM25 retrieval and TMEM (with the worked example it needs), the warm-started and each trained policy's
-    TMEM."""
-    guard = dataclasses.replace(recipe.inner_loop, max_probe_leak=0.5)
+    TMEM. `guard`: the collapse guard's max_probe_leak; another than the default writes to folders named by it."""
+    tag = "" if guard == TRANSFER_GUARD else f"_guard{guard:g}"
+    fast_weights = dataclasses.replace(recipe.inner_loop, max_probe_leak=guard)
 
     def run(path: Path, methods: list[str], model: str, checkpoint: Path | None = None, **episode) -> dict:
         config = eval_config(recipe, str(path), env="locomo", env_kwargs={}, data=data, split="all",
                              heldout_fraction=0.0, episode_unit="conversation", l_max=l_max, methods=methods,
-                             model=model, greedy=True, resume=True, fast_weights=guard,
+                             model=model, greedy=True, resume=True, fast_weights=fast_weights,
                              checkpoint=str(checkpoint) if checkpoint else None, evaluate_base=checkpoint is None)
         config.episode_kwargs.update(episode)
         summary = run_eval(config)
         return {"summary": summary, "records": read_records(path / "results.jsonl")}
 
     rows = {}
-    base = run(out / "transfer_base", ["none", "retrieval", "tmem"], base_model, examples=True)
+    base = run(out / f"transfer{tag}_base", ["none", "retrieval", "tmem"], base_model, examples=True)
     for method in ("none", "retrieval", "tmem"):
         rows[f"base {method}"] = transfer_row(base["summary"], base["records"], method)
     if start_model != base_model:
-        warm = run(out / "transfer_warm", ["tmem"], start_model)
+        warm = run(out / f"transfer{tag}_warm", ["tmem"], start_model)
         rows["warm-started tmem"] = transfer_row(warm["summary"], warm["records"], "tmem")
     for seed, checkpoint in checkpoints.items():
-        trained = run(out / f"transfer_seed{seed}", ["tmem"], start_model, checkpoint)
+        trained = run(out / f"transfer{tag}_seed{seed}", ["tmem"], start_model, checkpoint)
         rows[f"trained tmem, seed {seed}"] = transfer_row(trained["summary"], trained["records"], "tmem@trained")
     return rows
 
@@ -173,6 +177,9 @@ def main(argv: list[str] | None = None) -> dict:
                              "warm-started and trained extractors")
     parser.add_argument("--transfer-l-max", type=int, default=512,
                         help="working-context budget on the real conversations (hundreds of turns)")
+    parser.add_argument("--transfer-guard", type=float, default=TRANSFER_GUARD, metavar="SHARE",
+                        help="the collapse guard's max_probe_leak on the real conversations: an absorb that damages "
+                             "more than this share of the six probe answers is rolled back")
     parser.add_argument("--warm-examples", type=int, default=128,
                         help="cap on SFT examples (each ~28 s per batch of 8 on 2 CPU cores)")
     parser.add_argument("--baselines", nargs="*", default=list(BASELINES),
@@ -280,7 +287,8 @@ def main(argv: list[str] | None = None) -> dict:
     })
     if args.transfer:
         result["transfer"] = transfer_check(recipe, out, args.transfer, args.transfer_l_max, base_name, start_model,
-                                            finals)
+                                            finals, args.transfer_guard)
+        result["transfer_guard"] = args.transfer_guard
     result["minutes"] = (time.perf_counter() - started) / 60
     (out / "learning_curve.json").write_text(json.dumps(result) + "\n")
     print(json.dumps(result))
