@@ -53,9 +53,9 @@ QUICK = {"episodes": 2, "seeds": [0], "steps": 1, "warm_examples": 4, "baselines
          "overrides": ["outer_loop.num_generations=2"]}
 BASELINES = ("none", "full-context", "summary", "retrieval")
 
-
 # The collapse guard's max_probe_leak on real conversations: more than half the probes damaged rolls back.
 TRANSFER_GUARD = 0.5
+
 
 def evaluate(recipe, out: Path, episodes: int, methods: list[str], model: str, checkpoint: str | None = None,
              **episode) -> dict:
