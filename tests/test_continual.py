@@ -13,19 +13,17 @@ from tmem_rl.evaluation.harness import EvalConfig, read_records, run_eval
 from tmem_rl.evaluation.methods import MethodSettings
 from tmem_rl.memory import FastWeightConfig, FastWeights
 from tmem_rl.models import FIXTURE_TOKENIZER, tiny_model
-from tmem_rl.episode import RECALL_REQUEST, EpisodeConfig, EpisodeRunner
+from tmem_rl.episode import RECALL_REQUEST, EpisodeConfig
 from tmem_rl.episode.memory import text_pieces
 from tmem_rl.extraction import answer_messages
 
+from test_rollout import ScriptedGeneration
 
-class ScriptedRunner(EpisodeRunner):
+
+class ScriptedRunner(ScriptedGeneration):
     """The real runner with fixed generated text: extractions write one grounded pair, summaries fixed notes."""
 
     notes = "Maya lives in Lisbon and has a dog called Biscuit."
-
-    def __init__(self, *args, **kwargs):
-        super().__init__(*args, **kwargs)
-        self.sampler.generate = self.generate
 
     def generate(self, prompts, slots, max_new_tokens, sample, temperature, stop_strings=None, stopping=None):
         if max_new_tokens == self.config.max_extraction_tokens:

@@ -13,15 +13,20 @@ from tmem_rl.models import tiny_model
 from tmem_rl.episode import EpisodeBatch, EpisodeConfig, EpisodeRunner
 
 
-class ScriptedRunner(EpisodeRunner):
+class ScriptedGeneration(EpisodeRunner):
+    """The real runner whose sampler generates through the subclass's `generate` (a test's policy); the sampler's
+    own stays at hand as `sampler_generate`."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.sampler_generate, self.sampler.generate = self.sampler.generate, self.generate
+
+
+class ScriptedRunner(ScriptedGeneration):
     """The real runner with a policy whose text is fixed, so the control flow can be checked exactly."""
 
     extraction_text = ' {"instruction": "What did Maya say?", "output": "hello there"}]'
     answer_text = "hello there"
-
-    def __init__(self, *args, **kwargs):
-        super().__init__(*args, **kwargs)
-        self.sampler.generate = self.generate
 
     def generate(self, prompts, slots, max_new_tokens, sample, temperature, stop_strings=None, stopping=None):
         text = self.extraction_text if max_new_tokens == self.config.max_extraction_tokens else self.answer_text
@@ -134,13 +139,12 @@ def test_same_seed_same_trajectory(tiny, env):
 # ---- extractions that stop once their pairs are written --------------------------------------------------------
 
 
-class ForcedRunner(EpisodeRunner):
+class ForcedRunner(ScriptedGeneration):
     """The real runner and decoders, with each rollout's extraction text forced token by token (answers: "x")."""
 
     def __init__(self, *args, extractions: list[list[int]], **kwargs):
         super().__init__(*args, **kwargs)
         self.extractions = extractions
-        self.sampler_generate, self.sampler.generate = self.sampler.generate, self.generate
 
     def generate(self, prompts, slots, max_new_tokens, sample, temperature, stop_strings=None, stopping=None):
         answer = self.tokenizer("x", add_special_tokens=False)["input_ids"] + [self.tokenizer.eos_token_id]

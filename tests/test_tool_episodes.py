@@ -8,8 +8,10 @@ from tmem_rl.envs.base import Environment, Task
 from tmem_rl.logprobs import segment_rows
 from tmem_rl.memory import FastWeightConfig, FastWeights
 from tmem_rl.metrics.qa import token_f1
-from tmem_rl.episode import EpisodeConfig, EpisodeRunner
+from tmem_rl.episode import EpisodeConfig
 from tmem_rl.episode.sampler import through_closing_tag
+
+from test_rollout import ScriptedGeneration
 
 TOOLS = {"search": "search the notes"}
 
@@ -79,7 +81,7 @@ class NotesEnv(Environment):
         return {"reward": f1, "f1": f1, "em": float(f1 == 1.0)}
 
 
-class ScriptedToolRunner(EpisodeRunner):
+class ScriptedToolRunner(ScriptedGeneration):
     """The real runner with a scripted policy: each rollout's actions in order, a fixed extraction."""
 
     extraction_text = ' {"instruction": "What is the code of Alpha?", "output": "4417"}]'
@@ -88,7 +90,6 @@ class ScriptedToolRunner(EpisodeRunner):
         super().__init__(*args, **kwargs)
         self.script = {g: list(actions) for g, actions in script.items()}
         self.calls = []
-        self.sampler.generate = self.generate
 
     def generate(self, prompts, slots, max_new_tokens, sample, temperature, stop_strings=None, stopping=None):
         if max_new_tokens == self.config.max_action_tokens:

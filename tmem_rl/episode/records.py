@@ -80,9 +80,11 @@ class Trajectory:
         answered = self.answered
         self.prediction = answered[0].prediction
         self.reward = sum(a.reward for a in answered) / len(answered) + self.shaping_reward
+        if len(answered) == 1:
+            self.metrics = dict(answered[0].metrics)
+            return
         shared = [k for k in answered[0].metrics if all(isinstance(a.metrics.get(k), numbers.Real) for a in answered)]
-        self.metrics = (dict(answered[0].metrics) if len(answered) == 1
-                        else {k: sum(a.metrics[k] for a in answered) / len(answered) for k in shared})
+        self.metrics = {k: sum(a.metrics[k] for a in answered) / len(answered) for k in shared}
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

@@ -197,9 +197,11 @@ class Summary(MemoryMethod):
                     due.append(g)  # the stream's tail
             if not due:
                 continue
-            prompts = [self.runner.sampler.prompt_ids(summary_messages(readings[g].question, notes[g], "\n".join(windows[g]),
-                                                               budget)) for g in due]
-            outputs = self.runner.sampler.generate(prompts, [-1] * len(due), budget, False, 1.0)
+            sampler = self.runner.sampler
+            prompts = [sampler.prompt_ids(summary_messages(readings[g].question, notes[g], "\n".join(windows[g]),
+                                                           budget))
+                       for g in due]
+            outputs = sampler.generate(prompts, [-1] * len(due), budget, False, 1.0)
             for g, ids in zip(due, outputs):
                 notes[g] = self.tokenizer.decode(ids, skip_special_tokens=True).strip()
                 windows[g], used[g] = [], 0
