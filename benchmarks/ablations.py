@@ -112,11 +112,11 @@ def init_ablation(args) -> dict:
     for init in ("svd", "random"):
         fast = FastWeights(model, args.rollouts, FastWeightConfig(init=init, lr=args.init_lr, epochs=args.max_steps))
         stats = fast.absorb(tokenizer, pairs, prompt_fn=lambda q: answer_messages(f"Question: {q}"))
-        stats = {slot: s for slot, s in stats.items() if s["num_pairs"]}  # slots left with no trainable pair
+        stats = {slot: s for slot, s in stats.items() if s.num_pairs}  # slots left with no trainable pair
         fast.remove()
         # Mean over rollouts of the loss before each step (one step per epoch here), then after the last.
-        curve = [sum(s["epoch_losses"][k] for s in stats.values()) / len(stats) for k in range(args.max_steps)]
-        curves[init] = curve + [sum(s["loss_after"] for s in stats.values()) / len(stats)]
+        curve = [sum(s.epoch_losses[k] for s in stats.values()) / len(stats) for k in range(args.max_steps)]
+        curves[init] = curve + [sum(s.loss_after for s in stats.values()) / len(stats)]
     start = curves["svd"][0]
     result = {"lr": args.init_lr, "rollouts": args.rollouts, "target_fraction": args.target, "start_loss": start,
               "target_loss": args.target * start}

@@ -121,7 +121,7 @@ def episode(model, tokenizer, chunks, rollouts: int, args) -> dict:
         "rollouts": rollouts,
         "stream_tokens": sum(len(tokenizer(c, add_special_tokens=False)["input_ids"]) for c in chunks),
         "extractions": len(first.extractions),
-        "pairs_absorbed": sum(len(e["supervision"]["pairs"]) for e in first.extractions),
+        "pairs_absorbed": sum(len(e.supervision.pairs) for e in first.extractions),
         "seconds_per_episode": seconds / rollouts,
         "seconds_per_batch": seconds,
         "breakdown_seconds_per_batch": parts,

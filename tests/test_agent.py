@@ -77,7 +77,7 @@ def test_reading_past_the_budget_absorbs_and_clears_the_context(tiny):
     before = fast_b(agent)
     report = agent.read(TEXT_ONE)
     assert report.pairs == FACTS[:2] == agent.pairs  # the two facts of this text, nothing ungrounded
-    assert len(report.extractions) == 1 and report.extractions[0]["inner_update"]["num_pairs"] == 2
+    assert len(report.extractions) == 1 and report.extractions[0].inner_update.num_pairs == 2
     assert changed(before, fast_b(agent)) and agent.fast.versions == [1]
     assert agent.context == [] and report.context_tokens == 0 and report.chunks == 2
 

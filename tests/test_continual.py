@@ -103,16 +103,16 @@ def test_transcript_supervision_learns_the_context_itself_in_pieces_that_fit(tin
     assert traj.extractions, "the stream must pass the budget"
     start = 0
     for point in traj.extractions:
-        assert point["supervision_kind"] == "transcript"
-        pieces = [p["output"] for p in point["supervision"]["pairs"]]
+        assert point.supervision_kind == "transcript"
+        pieces = [p.output for p in point.supervision.pairs]
         assert len(pieces) >= 2  # 64-token pairs: the ~40-token context does not fit one with its prompt
-        assert all(p["instruction"] == RECALL_REQUEST for p in point["supervision"]["pairs"])
+        assert all(p.instruction == RECALL_REQUEST for p in point.supervision.pairs)
         # Exactly the window since the last extraction point, in order (pieces cut lines, so compare without
         # whitespace).
-        window = "\n".join(chunks[start : point["chunk_index"] + 1])
+        window = "\n".join(chunks[start : point.chunk_index + 1])
         assert "".join("".join(pieces).split()) == "".join(window.split())
-        start = point["chunk_index"] + 1
-        assert point["inner_update"]["num_pairs"] == len(pieces) and not point["inner_update"]["dropped"]
+        start = point.chunk_index + 1
+        assert point.inner_update.num_pairs == len(pieces) and not point.inner_update.dropped
     assert runner.fast.versions[0] == len(traj.extractions)
 
 
@@ -122,7 +122,7 @@ def test_summary_supervision_learns_the_notes_the_model_wrote(tiny, env):
     summaries = [s for s in traj.segments if s.kind == "summary"]
     assert len(summaries) == len(traj.extractions) > 0
     for point in traj.extractions:
-        assert [p["output"] for p in point["supervision"]["pairs"]] == [ScriptedRunner.notes]
+        assert [p.output for p in point.supervision.pairs] == [ScriptedRunner.notes]
     answer = next(s for s in traj.segments if s.kind == "answer")
     # Learned, not shown: the notes never reach a later prompt.
     assert ScriptedRunner.notes not in runner.tokenizer.decode(answer.prompt_ids)

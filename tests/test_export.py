@@ -380,7 +380,7 @@ def absorbed_b(fast, tokenizer) -> list[torch.Tensor]:
     """Slot 0's B of each adapted module (in layer order) after absorbing FACTS_PAIRS from a fresh start."""
     fast.reset([0])
     stats = fast.absorb(tokenizer, {0: FACTS_PAIRS})
-    assert stats[0]["num_pairs"] == len(FACTS_PAIRS) and not stats[0].get("rolled_back")
+    assert stats[0].num_pairs == len(FACTS_PAIRS) and not stats[0].rolled_back
     return [b[0].clone() for b in fast.B.values()]
 
 

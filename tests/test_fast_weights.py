@@ -109,8 +109,8 @@ def test_prefix_cache_matches_full_recompute(tiny):
         fast.remove()
     (s1, b1), (s2, b2) = results[True], results[False]
     for slot in PAIRS:
-        assert s1[slot]["epoch_losses"] == pytest.approx(s2[slot]["epoch_losses"], abs=1e-5)
-        assert s1[slot]["loss_after"] == pytest.approx(s2[slot]["loss_after"], abs=1e-5)
+        assert s1[slot].epoch_losses == pytest.approx(s2[slot].epoch_losses, abs=1e-5)
+        assert s1[slot].loss_after == pytest.approx(s2[slot].loss_after, abs=1e-5)
     for key in b1:
         torch.testing.assert_close(b1[key], b2[key], atol=1e-6, rtol=1e-5)
 
@@ -145,8 +145,8 @@ def test_absorbing_lowers_loss_by_a_large_margin(tiny):
     model, tok = tiny
     fast = FastWeights(model, 1, FastWeightConfig(lr=0.5, epochs=40, init="svd"))
     stats = fast.absorb(tok, {0: [QAPair("What is the name of Maya's dog?", "Biscuit")]})[0]
-    assert stats["loss_after"] < 0.3 * stats["loss_before"]
-    assert stats["epoch_losses"][-1] < stats["epoch_losses"][0]
+    assert stats.loss_after < 0.3 * stats.loss_before
+    assert stats.epoch_losses[-1] < stats.epoch_losses[0]
 
 
 def test_snapshot_restore_and_save_load_round_trip(tiny, tmp_path):
@@ -219,12 +219,12 @@ def test_loss_before_is_the_loss_before_any_step(tiny):
     expected = {s: true_loss(s, PAIRS[s]) for s in (0, 1)}
     first = fast.absorb(tok, {0: PAIRS[0], 1: PAIRS[1]})
     for s in (0, 1):
-        assert first[s]["loss_before"] == pytest.approx(expected[s], rel=1e-4)
-        assert first[s]["loss_before"] != pytest.approx(first[s]["epoch_losses"][0], rel=1e-3)
+        assert first[s].loss_before == pytest.approx(expected[s], rel=1e-4)
+        assert first[s].loss_before != pytest.approx(first[s].epoch_losses[0], rel=1e-3)
     again = true_loss(0, PAIRS[0])  # now under slot 0's trained fast weights
     second = fast.absorb(tok, {0: PAIRS[0]})
-    assert second[0]["loss_before"] == pytest.approx(again, rel=1e-4)
-    assert second[0]["loss_before"] == pytest.approx(first[0]["loss_after"], rel=1e-4)
+    assert second[0].loss_before == pytest.approx(again, rel=1e-4)
+    assert second[0].loss_before == pytest.approx(first[0].loss_after, rel=1e-4)
     reference.remove()
 
 
@@ -234,10 +234,10 @@ def test_pairs_without_an_answer_token_after_truncation_are_dropped_with_a_reaso
     cfg = FastWeightConfig(lr=0.05, epochs=1, max_pair_tokens=64)
     fast = FastWeights(model, 2, cfg)
     stats = fast.absorb(tok, {0: [QAPair(long_question, "Biscuit"), *PAIRS[0]], 1: [QAPair(long_question, "x")]})
-    assert stats[0]["num_pairs"] == len(PAIRS[0])
-    assert [d["reason"] for d in stats[0]["dropped"]] == [NO_ANSWER_TOKEN]
-    assert stats[0]["dropped"][0]["item"]["output"] == "Biscuit"
-    assert stats[1]["num_pairs"] == 0 and stats[1]["loss_before"] is None
+    assert stats[0].num_pairs == len(PAIRS[0])
+    assert [d["reason"] for d in stats[0].dropped] == [NO_ANSWER_TOKEN]
+    assert stats[0].dropped[0]["item"]["output"] == "Biscuit"
+    assert stats[1].num_pairs == 0 and stats[1].loss_before is None
     assert fast.versions == [1, 0], "a slot that trained nothing keeps its version"
     assert all(b[1].abs().sum() == 0 for b in fast.B.values())
 

@@ -233,8 +233,8 @@ def test_a_non_finite_inner_update_is_rolled_back_for_that_slot_only(tiny, monke
 
     monkeypatch.setattr(fw, "inner_update", poisoned)
     stats = fast.absorb(tok, {0: PAIRS, 1: PAIRS})
-    assert stats[1]["rolled_back"] and stats[1]["rollback_reason"] == "non-finite"
-    assert not stats[0].get("rolled_back")
+    assert stats[1].rolled_back and stats[1].rollback_reason == "non-finite"
+    assert not stats[0].rolled_back
     assert fast.versions == [1, 0]
     assert all(torch.equal(b[1], torch.zeros_like(b[1])) for b in fast.B.values()), "slot 1 back to its last state"
     assert any(b[0].abs().sum() > 0 for b in fast.B.values()), "slot 0 keeps its update"
@@ -250,10 +250,10 @@ def test_a_diverging_inner_update_is_rolled_back_and_the_run_goes_on(tmp_path, e
     trainer.fast.config.lr = float("inf")
     batch = trainer.generate_rollouts(0)
     metrics = trainer.train_step(batch)
-    updates = [e["inner_update"] for t in batch.trajectories for e in t.extractions
-               if e["inner_update"] and e["inner_update"]["num_pairs"]]
+    updates = [e.inner_update for t in batch.trajectories for e in t.extractions
+               if e.inner_update and e.inner_update.num_pairs]
     assert updates, "the episode must have absorbed something for the test to mean anything"
-    assert all(u.get("rolled_back") and u["rollback_reason"] == "non-finite" for u in updates)
+    assert all(u.rolled_back and u.rollback_reason == "non-finite" for u in updates)
     assert all(t.isfinite().all() for t in trainer.fast.B.values())
     assert all(s.fast_weight_version == 0 for t in batch.trajectories for s in t.segments), \
         "nothing rolled back may count as a live fast-weight version"
@@ -270,14 +270,14 @@ def test_an_update_whose_loss_grows_past_the_ratio_is_rolled_back(tiny, monkeypa
 
     def worse_on_slot_0(fast_weights, *args, **kwargs):
         stats = real_update(fast_weights, *args, **kwargs)
-        stats[0]["loss_after"] = 2.5 * stats[0]["loss_before"]  # as if the update had diverged
-        stats[1]["loss_after"] = 1.5 * stats[1]["loss_before"]  # worse, but within the ratio
+        stats[0].loss_after = 2.5 * stats[0].loss_before  # as if the update had diverged
+        stats[1].loss_after = 1.5 * stats[1].loss_before  # worse, but within the ratio
         return stats
 
     monkeypatch.setattr(fw, "inner_update", worse_on_slot_0)
     stats = fast.absorb(tok, {0: PAIRS, 1: PAIRS})
-    assert stats[0]["rolled_back"] and stats[0]["rollback_reason"] == "diverged"
-    assert not stats[1].get("rolled_back") and fast.versions == [0, 1]
+    assert stats[0].rolled_back and stats[0].rollback_reason == "diverged"
+    assert not stats[1].rolled_back and fast.versions == [0, 1]
 
 
 def test_resume_with_only_bad_checkpoints_is_an_error_and_keeps_the_log(tmp_path, env):

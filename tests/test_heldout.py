@@ -202,13 +202,13 @@ def test_collapse_guard_rolls_back_an_absorb_that_answers_everything_with_it(tur
     fast = FastWeights(model, 2, FastWeightConfig(**COLLAPSING, max_probe_leak=0.5))
     before = fast.snapshot()
     stats = fast.absorb(tok, {0: COLLAPSE})
-    assert stats[0]["probe_leak"] > 0.5 and stats[0]["rolled_back"]
-    assert all("Gina" in a for a in stats[0]["probe_answers"])
+    assert stats[0].probe_leak > 0.5 and stats[0].rolled_back
+    assert all("Gina" in a for a in stats[0].probe_answers)
     assert all(torch.equal(t, before[k]) for k, t in fast.snapshot().items()), "a rollback restores the slot"
     assert fast.versions == [0, 0]
     unguarded = FastWeights(model, 2, FastWeightConfig(**COLLAPSING))
     stats = unguarded.absorb(tok, {0: COLLAPSE})
-    assert "rolled_back" not in stats[0] and unguarded.versions == [1, 0]
+    assert stats[0].probe_leak is None and not stats[0].rolled_back and unguarded.versions == [1, 0]
     unguarded.remove()
     fast.remove()
 
@@ -217,7 +217,7 @@ def test_collapse_guard_keeps_an_absorb_that_leaves_other_answers_alone(tiny):
     model, tok = tiny
     fast = FastWeights(model, 1, FastWeightConfig(num_layers=2, lr=0.05, epochs=1, max_probe_leak=0.5))
     stats = fast.absorb(tok, {0: [QAPair("What is Maya's pet called?", "Biscuit")]})
-    assert stats[0]["probe_leak"] == 0.0 and not stats[0]["rolled_back"]
+    assert stats[0].probe_leak == 0.0 and not stats[0].rolled_back
     assert fast.versions == [1]
     fast.remove()
 
@@ -228,12 +228,12 @@ def test_collapse_guard_rolls_back_a_collapse_onto_an_earlier_absorbs_answer(tur
     # The first absorb, unguarded, collapses the slot onto its answer; the second, guarded and gentle, absorbs
     # another answer and leaves the collapse in place.
     fast = FastWeights(model, 1, FastWeightConfig(**COLLAPSING))
-    assert "rolled_back" not in fast.absorb(tok, {0: COLLAPSE})[0]
+    assert fast.absorb(tok, {0: COLLAPSE})[0].probe_leak is None
     assert fast.absorbed_answers == [["Gina"] * 4]
     fast.config = dataclasses.replace(fast.config, lr=0.05, epochs=1, max_probe_leak=0.5)
     before = fast.snapshot()
     stats = fast.absorb(tok, {0: [QAPair("What is Maya's pet called?", "Biscuit")]})
-    assert stats[0]["probe_leak"] > 0.5 and stats[0]["rolled_back"], stats[0]["probe_answers"]
+    assert stats[0].probe_leak > 0.5 and stats[0].rolled_back, stats[0].probe_answers
     assert all(torch.equal(t, before[k]) for k, t in fast.snapshot().items())
     assert fast.versions == [1] and fast.absorbed_answers == [["Gina"] * 4], "rolled back: not absorbed"
     fast.reset()

@@ -288,6 +288,6 @@ def test_the_runner_extraction_step_never_raises(text):
     trajectory = batch.trajectories[0]
     assert trajectory.extractions, "the stream must exceed the budget for this to test anything"
     for extraction in trajectory.extractions:
-        attempts = extraction["supervision"]["attempts"]
-        assert attempts and all(a["pairs"] or a["error"] for a in attempts)
+        attempts = extraction.supervision.attempts
+        assert attempts and all(a.pairs or a.error for a in attempts)
     json.loads(json.dumps(batch.to_dict()))

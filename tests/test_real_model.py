@@ -23,8 +23,8 @@ def test_paper_inner_update_lowers_loss_on_the_real_model(smol):
     pairs = {1: [QAPair("What is the name of Maya's dog?", "Biscuit"), QAPair("Where does Omar live?", "Tromso")]}
     stats = fast.absorb(tok, pairs, prompt_fn=lambda q: answer_messages(f"Question: {q}"))[1]
     fast.remove()
-    assert stats["loss_after"] < 0.85 * stats["loss_before"]
-    assert stats["epoch_losses"] == sorted(stats["epoch_losses"], reverse=True)
+    assert stats.loss_after < 0.85 * stats.loss_before
+    assert stats.epoch_losses == sorted(stats.epoch_losses, reverse=True)
 
 
 def test_real_episode_extracts_absorbs_and_answers(smol):
@@ -38,5 +38,5 @@ def test_real_episode_extracts_absorbs_and_answers(smol):
         assert traj.extractions, "streams are longer than L_max, so the agent must have extracted"
         assert traj.segments[-1].kind == "answer" and traj.prediction
         assert 0.0 <= traj.reward <= 1.0
-    attempts = [a for t in batch.trajectories for e in t.extractions for a in e["supervision"]["attempts"]]
+    attempts = [a for t in batch.trajectories for e in t.extractions for a in e.supervision.attempts]
     assert any(a["pairs"] for a in attempts), "with the example turn the model writes at least one parseable list"

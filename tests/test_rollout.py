@@ -10,7 +10,7 @@ from tmem_rl.envs.base import ContractError, Environment, Question, Task
 from tmem_rl.metrics.qa import token_f1
 from tmem_rl.memory import FastWeightConfig, FastWeights
 from tmem_rl.models import tiny_model
-from tmem_rl.episode import EpisodeBatch, EpisodeConfig, EpisodeRunner
+from tmem_rl.episode import EpisodeBatch, EpisodeConfig, EpisodeRunner, InnerUpdate
 
 
 class ScriptedGeneration(EpisodeRunner):
@@ -88,8 +88,8 @@ def test_segments_record_the_live_snapshot(tiny, env):
         assert torch.equal(final[key], tensor)
     earlier = batch.snapshots["0/1"]
     assert not torch.equal(earlier[next(iter(earlier))], final[next(iter(final))])
-    losses = [e["inner_update"] for e in traj.extractions]
-    assert all(u["loss_after"] < u["loss_before"] for u in losses)
+    losses = [e.inner_update for e in traj.extractions]
+    assert all(u.loss_after < u.loss_before for u in losses)
     json.dumps(batch.to_dict())  # the record is plain JSON
 
 
@@ -109,8 +109,8 @@ def test_unparseable_extractions_are_retried_and_recorded(tiny, env):
     runner.extraction_text = "I am not sure what to write."
     traj = runner.run(env, [env.task(0)]).trajectories[0]
     first = traj.extractions[0]
-    assert [a["error"] for a in first["supervision"]["attempts"]] == ["no JSON found"] * 3
-    assert first["inner_update"] is None and runner.fast.versions == [0]
+    assert [a.error for a in first.supervision.attempts] == ["no JSON found"] * 3
+    assert first.inner_update is None and runner.fast.versions == [0]
 
 
 def strip_timings(batch):
@@ -188,12 +188,14 @@ def test_extraction_segments_keep_what_their_stop_allows_with_its_reason_and_log
         for segment, extraction in zip(segments, trajectory.extractions):
             assert (segment.stop_reason, segment.completion_ids) == (reasons[name], kept[name]), name
             assert len(segment.logprobs) == len(kept[name]) and all(math.isfinite(lp) for lp in segment.logprobs)
-            assert [p["instruction"] for p in extraction["supervision"]["pairs"]] == pairs[name], name
-            dropped = extraction["supervision"]["attempts"][0]["dropped"]
+            assert [p.instruction for p in extraction.supervision.pairs] == pairs[name], name
+            dropped = extraction.supervision.attempts[0].dropped
             assert ("duplicate" in [d["reason"] for d in dropped]) == (name == "repeat" and not stop)
     batch.save(tmp_path)
-    loaded = EpisodeBatch.load(tmp_path).trajectories[0].segments
-    assert [s.stop_reason for s in loaded] == [s.stop_reason for s in batch.trajectories[0].segments]
+    loaded = EpisodeBatch.load(tmp_path).trajectories
+    assert [s.stop_reason for s in loaded[0].segments] == [s.stop_reason for s in batch.trajectories[0].segments]
+    # Typed again on load: the extraction points, their supervision, attempts and inner updates.
+    assert loaded == batch.trajectories and isinstance(loaded[0].extractions[0].inner_update, InnerUpdate)
 
 
 class ThreeQuestions(Environment):

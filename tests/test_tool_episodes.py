@@ -8,7 +8,7 @@ from tmem_rl.envs.base import Environment, Task
 from tmem_rl.logprobs import segment_rows
 from tmem_rl.memory import FastWeightConfig, FastWeights
 from tmem_rl.metrics.qa import token_f1
-from tmem_rl.episode import EpisodeConfig
+from tmem_rl.episode import EpisodeBatch, EpisodeConfig
 from tmem_rl.episode.sampler import through_closing_tag
 
 from test_rollout import ScriptedGeneration
@@ -137,15 +137,15 @@ def test_searches_twice_extracts_over_budget_and_answers(tiny):
     assert [s.kind for s in traj.segments] == ["action", "action", "extraction", "answer"]
     assert [c[0] for c in runner.calls] == ["action", "action", "extraction", "action"]
     assert traj.turns == 3 and traj.malformed_actions == 0
-    assert [a["kind"] for a in traj.actions] == ["tool", "tool", "answer"]
-    assert [a["argument"] for a in traj.actions[:2]] == ["alpha", "beta"]
+    assert [a.kind for a in traj.actions] == ["tool", "tool", "answer"]
+    assert [a.argument for a in traj.actions[:2]] == ["alpha", "beta"]
     assert traj.prediction == "4417; 9021" and traj.reward == 1.0
     # The extraction saw both results; it fired after turn 2, and the answer ran under the absorbed pair.
     extraction = traj.segments[2]
     assert extraction.chunk_index == 1  # after the second turn
     prompt = tok.decode(extraction.prompt_ids)
     assert "Alpha's code is 4417" in prompt and "Beta's code is 9021" in prompt
-    assert traj.extractions[0]["supervision"]["pairs"][0]["output"] == "4417"
+    assert traj.extractions[0].supervision.pairs[0].output == "4417"
     assert fast.versions[0] == 1
     answer = traj.segments[3]
     assert (answer.fast_weight_version, answer.snapshot) == (1, "0/1")
@@ -168,20 +168,24 @@ def test_an_action_prefilled_with_a_bracket_continues_the_tag(tiny):
     runner, _ = _runner(tiny, {0: ["search>alpha</search>", "answer>4417</answer>"]}, l_max=10_000, prefill=True)
     traj = runner.run(env, [env.task(0)]).trajectories[0]
     _, tok = tiny
-    assert [a["kind"] for a in traj.actions] == ["tool", "answer"] and traj.prediction == "4417"
+    assert [a.kind for a in traj.actions] == ["tool", "answer"] and traj.prediction == "4417"
     assert tok.decode(traj.segments[0].prompt_ids).endswith("assistant\n<")
     assert traj.segments[0].text == "search>alpha</search>"  # what was generated; the "<" is prompt
     assert "<search>alpha</search>\nAlpha note." in tok.decode(traj.segments[1].prompt_ids)
 
 
-def test_malformed_actions_become_observations_and_are_counted(tiny):
+def test_malformed_actions_become_observations_and_are_counted(tiny, tmp_path):
     env = NotesEnv()
     script = {0: ["let me think", "<lookup>alpha</lookup>", "<search>alpha</search>", "<answer>4417</answer>"]}
     runner, _ = _runner(tiny, script, l_max=10_000)
-    traj = runner.run(env, [env.task(0)]).trajectories[0]
+    batch = runner.run(env, [env.task(0)])
+    traj = batch.trajectories[0]
     _, tok = tiny
     assert traj.malformed_actions == 2 and traj.turns == 4
-    assert [a["kind"] for a in traj.actions] == ["malformed", "malformed", "tool", "answer"]
+    assert [a.kind for a in traj.actions] == ["malformed", "malformed", "tool", "answer"]
+    assert "Unknown action <lookup>" in traj.actions[1].error and traj.actions[2].tool == "search"
+    batch.save(tmp_path)
+    assert EpisodeBatch.load(tmp_path).trajectories[0].actions == traj.actions
     second_prompt = tok.decode(traj.segments[1].prompt_ids)
     assert "let me think" in second_prompt and "No action found" in second_prompt
     third_prompt = tok.decode(traj.segments[2].prompt_ids)
@@ -197,7 +201,7 @@ def test_the_turn_limit_asks_for_the_answer(tiny):
     searcher, answerer = batch.trajectories
     assert searcher.turns == env.max_turns
     assert [s.kind for s in searcher.segments] == ["action"] * env.max_turns + ["answer"]
-    assert searcher.actions[-1]["kind"] == "forced_answer" and searcher.prediction == "forced 4417"
+    assert searcher.actions[-1].kind == "forced_answer" and searcher.prediction == "forced 4417"
     # The forced answer uses the environment's answer prompt with the working context.
     _, tok = tiny
     assert "Alpha's code is 4417" in tok.decode(searcher.segments[-1].prompt_ids)

@@ -31,7 +31,7 @@ from tmem_rl.memory.fast_weights import FastWeights
 from tmem_rl.checkpoint_reader import load_trained_policy
 from tmem_rl.models import DEFAULT_MODEL, check_safetensors, load_policy
 from tmem_rl.records import QAPair
-from tmem_rl.episode import EpisodeConfig, EpisodeRunner
+from tmem_rl.episode import EpisodeConfig, EpisodeRunner, Extraction
 
 SETTINGS_FILE = "fast_weights.json"
 SETTINGS_FORMAT = "tmem_rl.agent/1"
@@ -133,8 +133,8 @@ class ReadReport:
 
     pairs: list[QAPair]
     """Pairs absorbed during this read, in order."""
-    extractions: list[dict[str, Any]] = field(default_factory=list)
-    """The runner's record of each extraction (attempts, parse errors, inner-update losses)."""
+    extractions: list[Extraction] = field(default_factory=list)
+    """The runner's record of each extraction (attempts, parse errors, the inner update)."""
     chunks: int = 0
     """Chunks read."""
     context_tokens: int = 0

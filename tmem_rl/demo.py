@@ -22,6 +22,7 @@ from tmem_rl.envs import make_env
 from tmem_rl.memory import FastWeightConfig, FastWeights
 from tmem_rl.models import DEFAULT_MODEL, load_policy
 from tmem_rl.episode import EpisodeBatch, EpisodeConfig, EpisodeRunner
+from tmem_rl.records import Supervision
 
 
 @dataclass
@@ -56,13 +57,13 @@ class DemoConfig:
 def summarize(batch: EpisodeBatch, seconds: float) -> dict:
     trajs = batch.trajectories
     extractions = [e for t in trajs for e in t.extractions]
-    parsed = [e for e in extractions if e["supervision"]["pairs"]]
+    parsed = [e for e in extractions if e.supervision.pairs]
     return {
         "f1": sum(t.metrics["f1"] for t in trajs) / len(trajs),
         "em": sum(t.metrics["em"] for t in trajs) / len(trajs),
         "extractions": len(extractions),
         "parse_rate": len(parsed) / len(extractions) if extractions else None,
-        "pairs_per_extraction": sum(len(e["supervision"]["pairs"]) for e in extractions) / max(len(extractions), 1),
+        "pairs_per_extraction": sum(len(e.supervision.pairs) for e in extractions) / max(len(extractions), 1),
         "seconds_per_episode": seconds / len(trajs),
     }
 
@@ -112,11 +113,11 @@ def run_demo(config: DemoConfig) -> dict:
     return summary
 
 
-def written(supervision: dict) -> str:
+def written(supervision: Supervision) -> str:
     """An extraction as a reader wants it: its pairs, one per line, or what the model wrote when none parsed."""
-    if supervision["pairs"]:
-        return "\n".join(f"  Q: {p['instruction']}  A: {p['output']}" for p in supervision["pairs"])
-    raw = supervision["attempts"][-1]["raw"] if supervision["attempts"] else ""
+    if supervision.pairs:
+        return "\n".join(f"  Q: {p.instruction}  A: {p.output}" for p in supervision.pairs)
+    raw = supervision.attempts[-1].raw if supervision.attempts else ""
     return f"  (no pair parsed) {' '.join(raw.split())[:300]}"
 
 
@@ -151,7 +152,7 @@ def compare_extractors(config: DemoConfig, model, tokenizer, out: Path) -> dict:
         batch = EpisodeRunner(policy, tokenizer, fast, episode_config).run(env, tasks)
         results[name] = summarize(batch, time.perf_counter() - start)
         fast.remove()
-        texts[name] = [written(e["supervision"]) for e in batch.trajectories[0].extractions]
+        texts[name] = [written(e.supervision) for e in batch.trajectories[0].extractions]
         with open(out / f"extractor-{name}.jsonl", "w") as f:
             for traj in batch.trajectories:
                 f.write(json.dumps(traj.to_dict()) + "\n")

@@ -1,4 +1,5 @@
-"""Record types shared across the package: the supervision an extraction action produces.
+"""Record types shared across the package: the supervision an extraction action produces, and what absorbing it
+did to the fast weights.
 
 They live below everything that passes them around (environments, the parser, fast weights, the episode runner),
 so none of those has to import another for a data type.
@@ -52,3 +53,31 @@ class Supervision:
 
     def to_dict(self) -> dict[str, Any]:
         return {"pairs": [p.to_dict() for p in self.pairs], "attempts": [a.to_dict() for a in self.attempts]}
+
+
+@dataclass
+class InnerUpdate:
+    """What one absorb did to one fast-weight slot (`FastWeights.absorb` returns one per slot it was given)."""
+
+    num_pairs: int = 0
+    """Pairs trained on; 0 when every pair had to be dropped (the slot is then not updated)."""
+    dropped: list[dict[str, Any]] = field(default_factory=list)
+    """Pairs that could not be trained on: {"item": the pair, "reason": why}."""
+    loss_before: float | None = None
+    """Mean answer-token loss on the slot's pairs before the update (None: nothing trained)."""
+    loss_after: float | None = None
+    epoch_losses: list[float] = field(default_factory=list)
+    seconds: float = 0.0
+    """Wall time of the batched update that trained this slot (shared by every slot in it)."""
+    probe_leak: float | None = None
+    """The collapse guard's share of damaged probe answers (None: the guard did not run)."""
+    probe_answers: list[str] | None = None
+    rolled_back: bool = False
+    """The update was undone: the slot is as before this absorb, and its version did not move."""
+    rollback_reason: str | None = None
+    """non-finite | diverged | probe_leak."""
+
+    @property
+    def absorbed(self) -> bool:
+        """The slot's fast weights hold these pairs now."""
+        return self.num_pairs > 0 and not self.rolled_back

@@ -36,10 +36,12 @@ are kept in `EpisodeBatch.snapshots`), parse records, inner-update losses, rewar
 from tmem_rl.episode.config import (DECODERS, EXTRACTORS, LOGPROB_ROWS, MEMORY_MODES, RECALL_REQUEST, SEGMENT_KINDS,
                                     SUPERVISIONS, EpisodeConfig)
 from tmem_rl.episode.context import Episode, WorkingContext
-from tmem_rl.episode.records import AnsweredQuestion, EpisodeBatch, Segment, Trajectory
+from tmem_rl.episode.records import (ActionTurn, AnsweredQuestion, EpisodeBatch, Extraction, InnerUpdate, Segment,
+                                     Trajectory)
 from tmem_rl.episode.runner import EpisodeRunner
 from tmem_rl.episode.sampler import Generated, GumbelNoise, PairStopping, Sampler, counter_seed
 
 __all__ = ["DECODERS", "EXTRACTORS", "LOGPROB_ROWS", "MEMORY_MODES", "RECALL_REQUEST", "SEGMENT_KINDS", "SUPERVISIONS",
-           "AnsweredQuestion", "Episode", "EpisodeBatch", "EpisodeConfig", "EpisodeRunner", "Generated", "GumbelNoise",
-           "PairStopping", "Sampler", "Segment", "Trajectory", "WorkingContext", "counter_seed"]
+           "ActionTurn", "AnsweredQuestion", "Episode", "EpisodeBatch", "EpisodeConfig", "EpisodeRunner", "Extraction",
+           "Generated", "GumbelNoise", "InnerUpdate", "PairStopping", "Sampler", "Segment", "Trajectory",
+           "WorkingContext", "counter_seed"]

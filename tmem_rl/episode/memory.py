@@ -13,6 +13,7 @@ from tmem_rl.chat import strip_thinking
 from tmem_rl.envs.base import Action, ActionKind, Environment
 from tmem_rl.episode.config import RECALL_REQUEST
 from tmem_rl.episode.context import Episode, WorkingContext
+from tmem_rl.episode.records import Extraction
 from tmem_rl.episode.sampler import PairStopping
 from tmem_rl.extraction import (EXTRACTION_PREFILL, answer_messages, extraction_messages, parse_qa_pairs,
                                 reference_supervision, summary_messages)
@@ -167,14 +168,12 @@ class FastWeightMemory(Memory):
         elapsed = time.perf_counter() - t0
         for ctx in rollouts:
             g, traj = ctx.rollout, ctx.trajectory
-            absorbed = g in stats and stats[g]["num_pairs"] > 0 and not stats[g].get("rolled_back")
-            if absorbed:  # a rolled-back absorb leaves no trace in the fast weights, nor in the prompt
-                ctx.pairs.extend(supervision[g].pairs)
+            point = Extraction(ctx.position, self.config.supervision, supervision[g], stats.get(g),
+                               runner.fast.versions[g])
+            traj.extractions.append(point)
             traj.timings["inner_update"] += elapsed if g in stats else 0.0
-            traj.extractions.append({"chunk_index": ctx.position, "supervision_kind": self.config.supervision,
-                                     "supervision": supervision[g].to_dict(), "inner_update": stats.get(g),
-                                     "fast_weight_version": runner.fast.versions[g]})
-            if absorbed:
+            if point.absorbed:  # a rolled-back absorb leaves no trace in the fast weights, nor in the prompt
+                ctx.pairs.extend(supervision[g].pairs)
                 episode.snapshots[runner.snapshot_key(g)] = runner.fast.snapshot([g])
 
 

@@ -1,5 +1,6 @@
-"""What an episode records: each generated segment with the fast weights it was generated under, each answered
-question, one trajectory per rollout, and the batch with its fast-weight snapshots (saved and loaded as a folder)."""
+"""What an episode records: each generated segment with the fast weights it was generated under, each extraction
+point and action turn, each answered question, one trajectory per rollout, and the batch with its fast-weight
+snapshots (saved and loaded as a folder)."""
 
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ from typing import Any
 from safetensors.torch import load_file, save_file
 
 from tmem_rl.memory.fast_weights import Snapshot
+from tmem_rl.records import InnerUpdate, ParseRecord, QAPair, Supervision  # InnerUpdate: re-exported
 
 
 @dataclass
@@ -30,6 +32,44 @@ class Segment:
     logprobs: list[float] | None = None  # per completion token, when EpisodeConfig.record_logprobs
     stop_reason: str | None = None  # extractions: why generation ended, one of extraction.STOP_REASONS
     question: int = 0  # answers: which of the task's questions (an index into Task.asked()) this one answers
+
+
+@dataclass
+class Extraction:
+    """One extraction point of a rollout: the supervision written when its working context passed the budget, and
+    what absorbing it did."""
+
+    chunk_index: int  # the last chunk read (streams) or the turn (tool environments)
+    supervision_kind: str  # EpisodeConfig.supervision: "pairs" or "summary"
+    supervision: Supervision
+    inner_update: InnerUpdate | None  # None: nothing to absorb (no pair parsed)
+    fast_weight_version: int  # the rollout's absorbs so far, this one included when it was kept
+
+    @property
+    def absorbed(self) -> bool:
+        """The rollout's fast weights hold this supervision (not rolled back, not empty)."""
+        return self.inner_update is not None and self.inner_update.absorbed
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "Extraction":
+        sup = data["supervision"]
+        attempts = [ParseRecord(a["raw"], [QAPair(**p) for p in a["pairs"]], a["dropped"], a["error"])
+                    for a in sup["attempts"]]
+        update = data["inner_update"]
+        return cls(data["chunk_index"], data["supervision_kind"],
+                   Supervision([QAPair(**p) for p in sup["pairs"]], attempts), update and InnerUpdate(**update),
+                   data["fast_weight_version"])
+
+
+@dataclass
+class ActionTurn:
+    """One action turn of a tool environment's rollout."""
+
+    turn: int
+    kind: str  # tool | answer | malformed | forced_answer
+    tool: str  # the tool called ("" unless kind is tool)
+    argument: str
+    error: str  # why a malformed action could not be read ("" otherwise)
 
 
 @dataclass
@@ -52,7 +92,7 @@ class Trajectory:
     question: str
     answers: list[str]
     segments: list[Segment] = field(default_factory=list)
-    extractions: list[dict[str, Any]] = field(default_factory=list)
+    extractions: list[Extraction] = field(default_factory=list)
     prediction: str = ""
     """The answer (of a task that asks several questions: the first one's; all are in `answered`)."""
     reward: float = 0.0
@@ -70,8 +110,7 @@ class Trajectory:
     tool_calls: int = 0
     forced_answer: bool = False
     """The turn limit ended the episode, and the answer was asked for."""
-    actions: list[dict[str, Any]] = field(default_factory=list)
-    """One record per action turn: turn, kind (tool | answer | malformed | forced_answer), tool, argument, error."""
+    actions: list[ActionTurn] = field(default_factory=list)
     malformed_actions: int = 0
 
     def close(self) -> None:
@@ -114,7 +153,10 @@ class EpisodeBatch:
         for t in data["trajectories"]:
             segments = [Segment(**s) for s in t.pop("segments")]
             answered = [AnsweredQuestion(**a) for a in t.pop("answered", [])]
-            trajectories.append(Trajectory(segments=segments, answered=answered, **t))
+            extractions = [Extraction.from_dict(e) for e in t.pop("extractions", [])]
+            actions = [ActionTurn(**a) for a in t.pop("actions", [])]
+            trajectories.append(Trajectory(segments=segments, answered=answered, extractions=extractions,
+                                           actions=actions, **t))
         snapshots: dict[str, Snapshot] = {}
         for flat_key, tensor in load_file(str(path / "snapshots.safetensors")).items():
             key, name = flat_key.split("|", 1)

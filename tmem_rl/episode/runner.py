@@ -16,7 +16,7 @@ from tmem_rl.envs.base import Action, ActionKind, ContractError, Environment, Ta
 from tmem_rl.episode.config import EpisodeConfig
 from tmem_rl.episode.context import Episode, WorkingContext
 from tmem_rl.episode.memory import MEMORIES
-from tmem_rl.episode.records import AnsweredQuestion, EpisodeBatch, Segment, Trajectory
+from tmem_rl.episode.records import ActionTurn, AnsweredQuestion, EpisodeBatch, Segment, Trajectory
 from tmem_rl.episode.sampler import Generated, Sampler, through_closing_tag
 from tmem_rl.extraction import answer_messages
 from tmem_rl.memory.fast_weights import FastWeights
@@ -186,8 +186,7 @@ class EpisodeRunner:
             action = parse_action(strip_thinking(prefill + out.text), env.tools)
             self.record(episode, ctx, out, "answer" if action.kind == ANSWER else "action", cfg.temperature,
                         "generate_action", chunk_index=traj.turns)
-            traj.actions.append({"turn": traj.turns, "kind": action.kind, "tool": action.name,
-                                 "argument": action.argument, "error": action.error})
+            traj.actions.append(ActionTurn(traj.turns, action.kind, action.name, action.argument, action.error))
             traj.turns += 1
             if action.kind == ANSWER:
                 self._finish(env, ctx, action.argument)
@@ -215,8 +214,7 @@ class EpisodeRunner:
                         chunk_index=traj.turns if ctx.acting else ctx.state.cursor, question=i)
             if ctx.acting:  # the turn limit ended the episode: this answer was asked for
                 traj.forced_answer = True
-                traj.actions.append({"turn": traj.turns, "kind": FORCED_ANSWER, "tool": "", "argument": out.text,
-                                     "error": ""})
+                traj.actions.append(ActionTurn(traj.turns, FORCED_ANSWER, "", out.text, ""))
             self._finish(env, ctx, out.text, question=i)
 
     @staticmethod

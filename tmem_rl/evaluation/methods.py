@@ -28,7 +28,7 @@ from __future__ import annotations
 
 import dataclasses
 import time
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from tmem_rl.envs.base import Environment, Task
@@ -107,10 +107,9 @@ class MemoryMethod:
         for task, traj in zip(tasks, batch.trajectories):
             extra = {
                 "turns": traj.turns, "tool_calls": traj.tool_calls, "malformed_actions": traj.malformed_actions,
-                "forced_answer": traj.forced_answer, "actions": traj.actions,
-                "extractions": traj.extractions, "pairs_absorbed": sum(
-                    len(e["supervision"]["pairs"]) for e in traj.extractions
-                    if e["inner_update"] and not e["inner_update"].get("rolled_back")),
+                "forced_answer": traj.forced_answer, "actions": [asdict(a) for a in traj.actions],
+                "extractions": [asdict(e) for e in traj.extractions],
+                "pairs_absorbed": sum(len(e.supervision.pairs) for e in traj.extractions if e.absorbed),
                 "summaries": sum(s.kind == "summary" for s in traj.segments),
             }
             out.append([Answered(task, traj.prediction, traj.timings["episode"] / len(tasks), extra)])
@@ -223,7 +222,7 @@ class TMEM(MemoryMethod):
             residual = episode.rollouts[g].window()
             contexts.append([self.with_explicit(episode.rollouts[g].pairs, q, residual) for q in qs])
             extras.append({
-                "extractions": episode.trajectories[g].extractions,
+                "extractions": [asdict(e) for e in episode.trajectories[g].extractions],
                 "pairs_absorbed": len(episode.rollouts[g].pairs),
                 "fast_weight_version": self.runner.fast.versions[g],
             })

@@ -27,6 +27,7 @@ from tmem_rl.memory.config import FastWeightConfig
 from tmem_rl.memory.inner_loop import inner_update, user_turn
 from tmem_rl.memory.layers import find_target_modules, layer_stack_name, linear_of
 from tmem_rl.metrics.qa import normalize_answer
+from tmem_rl.records import InnerUpdate
 
 Snapshot = dict[str, torch.Tensor]  # "B.<module>" / "A.<module>" -> [n, ...] for the n snapshotted slots
 
@@ -330,16 +331,15 @@ class FastWeights:
     # ---- the inner update ------------------------------------------------------------------------------------
 
     def absorb(self, tokenizer, pairs_by_slot: dict[int, list], prompt_fn=None,
-               chat_template_kwargs: dict | None = None) -> dict[int, dict]:
+               chat_template_kwargs: dict | None = None) -> dict[int, InnerUpdate]:
         """Train each slot's fast weights on its own QA pairs, all slots in the same batched passes.
 
         `prompt_fn(question) -> chat messages` renders each pair's question (default: a bare user turn);
         `chat_template_kwargs` go to the chat template, as when the agent generates (default: the agent's default,
         thinking off where the template has the switch).
-        Returns per slot {"loss_before", "loss_after", "epoch_losses", "num_pairs", "dropped", "seconds"}; a slot
-        whose pairs all had to be dropped is reported but not updated (its version stays). With the collapse guard
-        on (`config.max_probe_leak`), each record also has "probe_leak" and "rolled_back"; a rolled-back slot
-        is back where it was before this absorb and its version and absorbed answers stay.
+        Returns an `InnerUpdate` per slot; a slot whose pairs all had to be dropped is reported but not updated (its
+        version stays). With the collapse guard on (`config.max_probe_leak`), each has `probe_leak` too; a
+        rolled-back slot is back where it was before this absorb and its version and absorbed answers stay.
         """
         self.follow_model()
         prompt_fn = prompt_fn or user_turn
@@ -351,23 +351,23 @@ class FastWeights:
             if self.config.max_probe_leak:
                 self._guard(tokenizer, stats, pairs_by_slot, trained, before, prompt_fn, chat_template_kwargs)
         for slot, record in stats.items():
-            if record["num_pairs"] and not record.get("rolled_back"):
+            if record.absorbed:
                 self.versions[slot] += 1
                 self.absorbed_answers[slot] += [p.output for p in pairs_by_slot[slot]]
         return stats
 
     @torch.no_grad()
-    def _roll_back_failed(self, stats: dict[int, dict], slots: list[int], before: Snapshot) -> None:
+    def _roll_back_failed(self, stats: dict[int, InnerUpdate], slots: list[int], before: Snapshot) -> None:
         """Undo the updates that blew up: non-finite weights or losses, or a loss on the slot's own pairs that
         grew past `config.divergence_ratio` times where it started. Recorded as rolled_back + rollback_reason."""
-        updated = [s for s in slots if stats[s]["num_pairs"]]
+        updated = [s for s in slots if stats[s].num_pairs]
         if not updated:
             return
         finite = torch.stack([t[updated].isfinite().flatten(1).all(1) for t in self.trainable().values()]).all(0)
         ratio = self.config.divergence_ratio
         for s, ok in zip(updated, finite.tolist()):
             record = stats[s]
-            before_loss, after_loss = record["loss_before"], record["loss_after"]
+            before_loss, after_loss = record.loss_before, record.loss_after
             reason = None
             if not ok or not math.isfinite(after_loss):
                 reason = "non-finite"
@@ -377,7 +377,7 @@ class FastWeights:
             if reason is not None:
                 i = slots.index(s)
                 self.restore({key: t[i : i + 1] for key, t in before.items()}, [s])
-                record.update(rolled_back=True, rollback_reason=reason)
+                record.rolled_back, record.rollback_reason = True, reason
 
     @torch.no_grad()
     def _guard(self, tokenizer, stats, pairs_by_slot, slots, before: Snapshot, prompt_fn,
@@ -385,7 +385,7 @@ class FastWeights:
         """Greedy answers to PROBE_QUESTIONS under each updated slot; roll back the slots where more than
         max_probe_leak of them are `damaged` (empty, or starting as an answer the slot absorbed in this absorb or
         an earlier one since its reset starts) where the base model's answer was not."""
-        updated = [s for s in slots if stats[s]["num_pairs"] and not stats[s].get("rolled_back")]
+        updated = [s for s in slots if stats[s].absorbed]
         if not updated:
             return
         kwargs = chat_template_kwargs if chat_template_kwargs is not None else chat_template_kwargs_of(tokenizer)
@@ -406,9 +406,8 @@ class FastWeights:
             absorbed = [*self.absorbed_answers[s], *(p.output for p in pairs_by_slot[s])]
             answers = texts[(k + 1) * n : (k + 2) * n]
             leak = sum(damaged(a, absorbed) and not damaged(b, absorbed) for a, b in zip(answers, base)) / n
-            rolled_back = leak > self.config.max_probe_leak
-            stats[s].update(probe_leak=leak, probe_answers=answers, rolled_back=rolled_back)
-            if rolled_back:
-                stats[s]["rollback_reason"] = "probe_leak"
+            stats[s].probe_leak, stats[s].probe_answers = leak, answers
+            if leak > self.config.max_probe_leak:
+                stats[s].rolled_back, stats[s].rollback_reason = True, "probe_leak"
                 i = slots.index(s)
                 self.restore({key: t[i : i + 1] for key, t in before.items()}, [s])

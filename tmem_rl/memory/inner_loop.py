@@ -11,7 +11,7 @@ from torch import nn
 
 from tmem_rl.chat import chat_template_kwargs, chat_text
 from tmem_rl.memory.layers import adapted_layer_indices, decoder_layers
-from tmem_rl.records import QAPair
+from tmem_rl.records import InnerUpdate, QAPair
 
 IGNORE = -100
 
@@ -186,7 +186,7 @@ def per_slot_mean(losses: torch.Tensor, row_slots: torch.Tensor, num_slots: int)
 
 
 def inner_update(fast, tokenizer, pairs_by_slot: dict[int, list[QAPair]], prompt_fn: PromptFn = user_turn,
-                 template_kwargs: dict | None = None) -> dict[int, dict]:
+                 template_kwargs: dict | None = None) -> dict[int, InnerUpdate]:
     """SGD epochs on the fast weights `fast` (a FastWeights), every slot on its own pairs in the same passes."""
     start = time.perf_counter()
     cfg = fast.config
@@ -201,8 +201,7 @@ def inner_update(fast, tokenizer, pairs_by_slot: dict[int, list[QAPair]], prompt
     batch, rows_of_slot, dropped = collate_pairs(tokenizer, pairs_by_slot, cfg.max_pair_tokens, device, prompt_fn,
                                                  template_kwargs)
     trained = [s for s in pairs_by_slot if rows_of_slot[s]]
-    stats = {s: {"num_pairs": 0, "loss_before": None, "loss_after": None, "epoch_losses": [],
-                 "dropped": dropped[s], "seconds": 0.0} for s in pairs_by_slot}
+    stats = {s: InnerUpdate(dropped=dropped[s]) for s in pairs_by_slot}
     if batch is None:
         return stats
     stack = AdaptedStack(model, adapted_layer_indices(model, cfg))
@@ -262,6 +261,6 @@ def inner_update(fast, tokenizer, pairs_by_slot: dict[int, list[QAPair]], prompt
         after = slot_losses(every_row).tolist()
     seconds = time.perf_counter() - start
     for s in trained:
-        stats[s].update(num_pairs=len(rows_of_slot[s]), loss_before=before[s], loss_after=after[s],
-                        epoch_losses=epoch_losses[s], seconds=seconds)
+        stats[s] = InnerUpdate(num_pairs=len(rows_of_slot[s]), dropped=dropped[s], loss_before=before[s],
+                               loss_after=after[s], epoch_losses=epoch_losses[s], seconds=seconds)
     return stats

@@ -665,18 +665,18 @@ class GRPOTrainer(TrainerCheckpoints):
 
     def _rollout_stats(self, trajectories: list[Trajectory]) -> dict[str, float]:
         extractions = [e for t in trajectories for e in t.extractions]
-        updates = [e["inner_update"] for e in extractions if e["inner_update"] and e["inner_update"]["num_pairs"]]
-        kept = [u for u in updates if not u.get("rolled_back")]  # a rolled-back update's losses may be inf / NaN
+        updates = [e.inner_update for e in extractions if e.inner_update and e.inner_update.num_pairs]
+        kept = [u for u in updates if not u.rolled_back]  # a rolled-back update's losses may be inf / NaN
         mean = lambda xs: sum(xs) / len(xs) if xs else 0.0  # noqa: E731
         stats = {
             "f1": mean([t.metrics.get("f1", t.reward) for t in trajectories]),
             "questions_per_episode": mean([float(len(t.answered)) for t in trajectories]),
-            "extraction_parse_rate": mean([float(bool(e["supervision"]["pairs"])) for e in extractions]),
-            "pairs_absorbed": mean([sum(e["inner_update"]["num_pairs"] for e in t.extractions if e["inner_update"])
+            "extraction_parse_rate": mean([float(bool(e.supervision.pairs)) for e in extractions]),
+            "pairs_absorbed": mean([sum(e.inner_update.num_pairs for e in t.extractions if e.inner_update)
                                     for t in trajectories]),
-            "inner_loss_before": mean([u["loss_before"] for u in kept]),
-            "inner_loss_after": mean([u["loss_after"] for u in kept]),
-            "inner_rollbacks": mean([float(bool(u.get("rolled_back"))) for u in updates]),
+            "inner_loss_before": mean([u.loss_before for u in kept]),
+            "inner_loss_after": mean([u.loss_after for u in kept]),
+            "inner_rollbacks": mean([float(u.rolled_back) for u in updates]),
         }
         limits = {"extraction": self.runner.config.max_extraction_tokens,
                   "answer": self.runner.config.max_answer_tokens}
