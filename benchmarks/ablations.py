@@ -31,7 +31,7 @@ from tmem_rl.extraction import answer_messages
 from tmem_rl.memory import FastWeightConfig, FastWeights
 from tmem_rl.models import DEFAULT_MODEL, load_policy
 from tmem_rl.records import QAPair
-from tmem_rl.episode import SUPERVISIONS
+from tmem_rl.episode import SUPERVISIONS, EpisodeConfig
 
 from _quick import parse_args  # noqa: E402  (benchmarks/ is on the path when a script here runs)
 
@@ -61,9 +61,10 @@ def evaluate(args, out: Path, methods: list[str], **fields) -> dict:
     """One `tmem-rl eval` run -> each method's headline figures."""
     if out.exists():
         shutil.rmtree(out)
-    config = EvalConfig(out=str(out), model=args.model, methods=methods, greedy=True, device=args.device,
-                        max_extraction_tokens=args.max_extraction_tokens,
-                        episode_kwargs={"summary_tokens": args.summary_tokens, **fields.pop("episode_kwargs", {})},
+    episode = EpisodeConfig(do_sample=False, max_extraction_tokens=args.max_extraction_tokens,
+                            summary_tokens=args.summary_tokens, l_max=fields.pop("l_max"),
+                            **fields.pop("episode_kwargs", {}))
+    config = EvalConfig(out=str(out), model=args.model, methods=methods, device=args.device, episode=episode,
                         fast_weights=FastWeightConfig(lr=args.inner_lr, epochs=args.inner_epochs),
                         methods_settings=MethodSettings(answer_batch_size=args.batch_size), **fields)
     started = time.perf_counter()

@@ -59,9 +59,9 @@ TRANSFER_GUARD = 0.5
 
 def evaluate(recipe, out: Path, episodes: int, methods: list[str], model: str, checkpoint: str | None = None,
              **episode) -> dict:
-    config = eval_config(recipe, str(out), methods=methods, model=model, max_questions=episodes, greedy=True,
-                         resume=True, checkpoint=checkpoint, evaluate_base=checkpoint is None)
-    config.episode_kwargs.update(episode)
+    config = eval_config(recipe, str(out), methods=methods, model=model, max_questions=episodes, resume=True,
+                         checkpoint=checkpoint, evaluate_base=checkpoint is None)
+    config = dataclasses.replace(config, episode=dataclasses.replace(config.episode, do_sample=False, **episode))
     summary = run_eval(config)
     return {"summary": summary, "records": read_records(out / "results.jsonl")}
 
@@ -92,10 +92,11 @@ def transfer_check(recipe, out: Path, data: str, l_max: int, base_model: str, st
 
     def run(path: Path, methods: list[str], model: str, checkpoint: Path | None = None, **episode) -> dict:
         config = eval_config(recipe, str(path), env="locomo", env_kwargs={}, data=data, split="all",
-                             heldout_fraction=0.0, episode_unit="conversation", l_max=l_max, methods=methods,
-                             model=model, greedy=True, resume=True, fast_weights=fast_weights,
-                             checkpoint=str(checkpoint) if checkpoint else None, evaluate_base=checkpoint is None)
-        config.episode_kwargs.update(episode)
+                             heldout_fraction=0.0, episode_unit="conversation", methods=methods, model=model,
+                             resume=True, fast_weights=fast_weights, checkpoint=str(checkpoint) if checkpoint else None,
+                             evaluate_base=checkpoint is None)
+        config = dataclasses.replace(config, episode=dataclasses.replace(config.episode, l_max=l_max, do_sample=False,
+                                                                         **episode))
         summary = run_eval(config)
         return {"summary": summary, "records": read_records(path / "results.jsonl")}
 

@@ -8,6 +8,7 @@ import pytest
 
 from tmem_rl.envs import Task, make_env
 from tmem_rl.envs.context_learning import ContextLearningEnv, check_rubric, extract_numbers
+from tmem_rl.episode import EpisodeConfig
 from tmem_rl.errors import InputError
 from tmem_rl.extraction import fold, reference_supervision
 from tmem_rl.memory import FastWeightConfig
@@ -414,9 +415,8 @@ def test_eval_on_the_tiny_model_reports_rubrics_per_kind(tmp_path):
     env_kwargs = {"num_tasks": 2, "doc_words": SMALL, "kinds": kinds}  # ~1.4k tokens a stream
     summary = run_eval(EvalConfig(
         out=str(tmp_path), env="context_learning", env_kwargs=env_kwargs, model="tiny", methods=["none", "tmem"],
-        l_max=600, greedy=True, max_answer_tokens=6, max_extraction_tokens=8, device="cpu",
-        fast_weights=FastWeightConfig(epochs=1), methods_settings=MethodSettings(answer_batch_size=2),
-        episode_kwargs={"extraction_retries": 0},
+        episode=EpisodeConfig(l_max=600, max_answer_tokens=6, max_extraction_tokens=8, extraction_retries=0),
+        device="cpu", fast_weights=FastWeightConfig(epochs=1), methods_settings=MethodSettings(answer_batch_size=2),
     ))
     records = read_records(tmp_path / "results.jsonl")
     assert len(records) == 4

@@ -192,8 +192,9 @@ def tiny_path(tmp_path_factory):
 
 
 def continual_config(tiny_path, out, **overrides):
-    base = dict(out=str(out), env="facts", model=tiny_path, greedy=True, l_max=40, max_answer_tokens=4,
-                max_extraction_tokens=8, continual=True, methods=["tmem-reference"],
+    base = dict(out=str(out), env="facts", model=tiny_path,
+                episode=EpisodeConfig(l_max=40, max_answer_tokens=4, max_extraction_tokens=8),
+                continual=True, methods=["tmem-reference"],
                 env_kwargs={"num_tasks": 4, "num_facts": 3, "num_distractors": 8, "lines_per_chunk": 2},
                 fast_weights=FastWeightConfig(lr=0.05, epochs=2), device="cpu",
                 methods_settings=MethodSettings(answer_batch_size=2))

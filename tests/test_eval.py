@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 
 from tmem_rl.envs import make_env
+from tmem_rl.episode import EpisodeConfig
 from tmem_rl.envs.locomo import LocomoEnv
 from tmem_rl.errors import InputError
 from tmem_rl.evaluation import harness
@@ -32,11 +33,11 @@ def tiny_path(tmp_path_factory):
     return str(path)
 
 
-def config(tiny_path, out, **overrides):
-    base = dict(data=FIXTURE, out=str(out), model=tiny_path, greedy=True, l_max=120, max_answer_tokens=4,
-                max_extraction_tokens=12,
-                fast_weights=FastWeightConfig(epochs=1), methods_settings=MethodSettings(answer_batch_size=4),
-                episode_kwargs={"summary_tokens": 8})
+def config(tiny_path, out, l_max=120, **overrides):
+    base = dict(data=FIXTURE, out=str(out), model=tiny_path,
+                episode=EpisodeConfig(do_sample=False, l_max=l_max, max_answer_tokens=4, max_extraction_tokens=12,
+                                      summary_tokens=8),
+                fast_weights=FastWeightConfig(epochs=1), methods_settings=MethodSettings(answer_batch_size=4))
     base.update(overrides)
     return EvalConfig(**base)
 
@@ -58,7 +59,8 @@ def test_every_method_runs_end_to_end_in_question_mode(tiny_path, tmp_path):
         assert {"n", "skipped", "f1_by_category", "f1_1_4", "f1_1_5", "em", "seconds_per_episode"} <= set(s)
         assert s["n"] == 5 and s["skipped"] == len(LocomoEnv(FIXTURE).skipped) > 0
     saved = json.loads((tmp_path / "config.json").read_text())
-    assert saved["l_max"] == 120 and saved["fast_weights"]["rank"] == 6 and saved["greedy"] is True
+    assert saved["episode"]["l_max"] == 120 and saved["episode"]["do_sample"] is False
+    assert saved["fast_weights"]["rank"] == 6
     assert (tmp_path / "f1_by_category.png").stat().st_size > 1000
     assert "| tmem+explicit |" in (tmp_path / "summary.md").read_text()
 
@@ -201,21 +203,38 @@ def saved_run(out, cfg):
 
 def test_resume_with_other_settings_is_refused_before_anything_is_written(tmp_path):
     out = tmp_path / "run"
-    first = EvalConfig(data=FIXTURE, out=str(out), model="model-a", methods=["none"], l_max=120)
+    first = EvalConfig(data=FIXTURE, out=str(out), model="model-a", methods=["none"], episode={"l_max": 120})
     saved_run(out, first)
     saved = (out / "config.json").read_bytes(), (out / "results.jsonl").read_bytes()
-    other = dataclasses.replace(first, model="model-b", l_max=4096, resume=True,
-                                fast_weights=FastWeightConfig(epochs=2))
+    other = dataclasses.replace(first, model="model-b", episode=dataclasses.replace(first.episode, l_max=4096),
+                                resume=True, fast_weights=FastWeightConfig(epochs=2))
     with pytest.raises(InputError) as err:
         run_eval(other)
     message = str(err.value)
     assert "\n" not in message and str(out / "config.json") in message
     assert "model: saved 'model-a', now 'model-b'" in message
-    assert "l_max: saved 120, now 4096" in message and "fast_weights.epochs: saved 5, now 2" in message
+    assert "episode.l_max: saved 120, now 4096" in message and "fast_weights.epochs: saved 5, now 2" in message
     assert "--out" in message
     # Only the settings that change results are named; resume itself (and out, device) may differ.
-    assert set(re.findall(r"([\w.]+): saved", message)) == {"model", "l_max", "fast_weights.epochs"}
+    assert set(re.findall(r"([\w.]+): saved", message)) == {"model", "episode.l_max", "fast_weights.epochs"}
     assert ((out / "config.json").read_bytes(), (out / "results.jsonl").read_bytes()) == saved
+
+
+def test_a_run_saved_with_flat_episode_settings_resumes_and_refuses_a_change(tmp_path):
+    out = tmp_path / "run"
+    cfg = EvalConfig(data=FIXTURE, out=str(out), methods=["none"], episode={"l_max": 120, "max_pairs": 3})
+    saved_run(out, cfg)
+    # As a run before the episode settings were nested wrote config.json: flat, the others in episode_kwargs.
+    saved = json.loads((out / "config.json").read_text())
+    episode = saved.pop("episode")
+    saved.update(l_max=120, greedy=False, temperature=0.4, top_p=0.9, top_k=10, max_extraction_tokens=192,
+                 max_answer_tokens=50, seed=0, chat_template_kwargs=None, episode_kwargs={"max_pairs": 3})
+    assert episode["temperature"] == 0.4 and episode["max_answer_tokens"] == 50  # the values it ran at
+    (out / "config.json").write_text(json.dumps(saved))
+    check_resumable(out, dataclasses.replace(cfg, resume=True))  # no error
+    with pytest.raises(InputError, match=r"episode\.max_pairs: saved 3, now 8") as err:
+        check_resumable(out, dataclasses.replace(cfg, episode=dataclasses.replace(cfg.episode, max_pairs=8)))
+    assert set(re.findall(r"([\w.]+): saved", str(err.value))) == {"episode.max_pairs"}
 
 
 def test_resume_may_add_methods_and_questions_and_move_device(tmp_path):

@@ -414,8 +414,8 @@ def test_checkpoint_export_and_agent_run_the_inner_loop_and_episode_training_ran
     assert "fast-weight A diff 0 " in printed and ": ok" in printed
     agent = TMEMAgent.from_pretrained(str(tmp_path / "export"), device="cpu")
     model, _ = load_trained_policy(checkpoint, "")
-    config = EvalConfig(out=str(tmp_path / "eval"), checkpoint=str(checkpoint), device="cpu", l_max=60,
-                        fast_weights=trainer.fast_config)
+    config = EvalConfig(out=str(tmp_path / "eval"), checkpoint=str(checkpoint), device="cpu",
+                        episode={"l_max": 60}, fast_weights=trainer.fast_config)
     evaluated = make_runner(config, model, tok, 1, TRAINED).fast
     run = json.loads((checkpoint / "run.json").read_text())
     given = run["episode_as_given"]

@@ -294,7 +294,8 @@ def test_eval_of_a_checkpoint_against_the_base_on_held_out_facts_resumes(tiny_fo
     out = tmp_path / "eval"
     config = dict(out=str(out), env="facts", env_kwargs=FACTS, split="heldout", heldout_fraction=0.25,
                   model=str(tiny_folders / "base"), checkpoint=str(tiny_folders / "checkpoint-3"),
-                  methods=["none", "tmem", "tmem-reference"], greedy=True, l_max=56, max_extraction_tokens=8, max_answer_tokens=4,
+                  methods=["none", "tmem", "tmem-reference"],
+                  episode=EpisodeConfig(l_max=56, max_extraction_tokens=8, max_answer_tokens=4),
                   max_questions=5, fast_weights=FastWeightConfig(epochs=1, num_layers=2),
                   methods_settings=MethodSettings(answer_batch_size=4), device="cpu")
     summary = run_eval(EvalConfig(**config))

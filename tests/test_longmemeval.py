@@ -18,6 +18,7 @@ from tmem_rl.envs.longmemeval import (
     judge_prompt,
     load_longmemeval,
 )
+from tmem_rl.episode import EpisodeConfig
 from tmem_rl.errors import InputError
 from tmem_rl.evaluation.harness import EvalConfig, read_records, run_eval
 from tmem_rl.memory import FastWeightConfig
@@ -532,9 +533,9 @@ def test_a_file_that_is_not_a_list_of_items(tmp_path, content, message):
 
 def test_an_evaluation_on_the_tiny_model_scores_every_item_by_type(tmp_path):
     summary = run_eval(EvalConfig(
-        out=str(tmp_path), env="longmemeval", data=str(FIXTURE), model="tiny", methods=["none", "tmem"], l_max=64,
-        greedy=True, max_answer_tokens=4, max_extraction_tokens=12, fast_weights=FastWeightConfig(epochs=1),
-        device="cpu",
+        out=str(tmp_path), env="longmemeval", data=str(FIXTURE), model="tiny", methods=["none", "tmem"],
+        episode=EpisodeConfig(l_max=64, max_answer_tokens=4, max_extraction_tokens=12),
+        fast_weights=FastWeightConfig(epochs=1), device="cpu",
     ))
     records = read_records(tmp_path / "results.jsonl")
     categories = {t.task_id: t.metadata["category"] for t in env().tasks()}
@@ -553,8 +554,9 @@ def test_an_evaluation_on_the_tiny_model_scores_every_item_by_type(tmp_path):
 
 def test_an_evaluation_with_an_http_judge_reports_its_accuracy(tmp_path, fake_openai):
     summary = run_eval(EvalConfig(
-        out=str(tmp_path), env="longmemeval", data=str(FIXTURE), model="tiny", methods=["none"], greedy=True,
-        max_answer_tokens=4, device="cpu", per_category=1, env_kwargs={"judge_url": fake_openai},
+        out=str(tmp_path), env="longmemeval", data=str(FIXTURE), model="tiny", methods=["none"],
+        episode=EpisodeConfig(max_answer_tokens=4), device="cpu", per_category=1,
+        env_kwargs={"judge_url": fake_openai},
     ))
     records = read_records(tmp_path / "results.jsonl")
     assert len(records) == 6 and all(r["judge"] == 0.0 for r in records)  # the fake says yes to Blue Heron only

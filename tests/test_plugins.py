@@ -355,7 +355,7 @@ def test_eval_runs_methods_side_by_side_on_a_plugin_environment(plugin, tmp_path
     assert sorted((r["method"], r["question_id"]) for r in records) == [
         (method, f"notes-0-{i}") for method in ("none", "tmem") for i in (0, 1)]
     assert all(r["extractions"] for r in records if r["method"] == "tmem")
-    assert json.loads((out / "config.json").read_text())["l_max"] == 32
+    assert json.loads((out / "config.json").read_text())["episode"]["l_max"] == 32
     summary = json.loads((out / "summary.json").read_text())
     assert set(summary) == {"none", "tmem"} and summary["none"]["n"] == summary["tmem"]["n"] == 2
     assert summary["none"]["parse_rate"] is None and summary["tmem"]["parse_rate"] is not None

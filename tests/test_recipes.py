@@ -1,3 +1,4 @@
+import dataclasses
 import json
 from pathlib import Path
 
@@ -170,8 +171,13 @@ def test_learning_recipe_trains_only_on_its_train_split_and_eval_takes_the_held_
     assert {r["method"] for r in records} == {"tmem", "tmem@trained"}
     assert {r["question_id"] for r in records} <= heldout
     config = json.loads((evaluated / "config.json").read_text())
-    assert (config["split"], config["heldout_fraction"], config["l_max"], config["episode_kwargs"]["max_pairs"]) == (
-        "heldout", 0.25, 56, 3)
+    assert (config["split"], config["heldout_fraction"], config["episode"]["l_max"], config["episode"]["max_pairs"],
+            config["episode"]["do_sample"]) == ("heldout", 0.25, 56, 3, False)
+    # The whole episode section reaches the evaluation, the sampling as training samples (unless --greedy).
+    as_written = load_recipe(recipe_path)  # without the training run's overrides
+    assert config["episode"] == {**dataclasses.asdict(as_written.episode), "do_sample": False,
+                                 "temperature": as_written.outer_loop.temperature,
+                                 "top_p": as_written.outer_loop.top_p, "top_k": as_written.outer_loop.top_k}
     # The recipe's checkpoint on another environment: that environment's own tasks, the recipe's agent settings.
     other = tmp_path / "eval_locomo"
     assert main(["eval", "--recipe", recipe_path, "--env", "locomo", "--data", "tests/fixtures/locomo_tiny.json",
@@ -179,8 +185,8 @@ def test_learning_recipe_trains_only_on_its_train_split_and_eval_takes_the_held_
                  "--max-questions", "2", "--greedy", "--inner-epochs", "1", "--max-pairs", "2", "--out", str(other),
                  "--device", "cpu"]) == 0
     config = json.loads((other / "config.json").read_text())
-    assert (config["env"], config["env_kwargs"], config["split"], config["episode_kwargs"]["max_pairs"],
-            config["episode_kwargs"]["examples"], config["fast_weights"]["lr"]) == ("locomo", {}, "all", 2, False, 1e-3)
+    assert (config["env"], config["env_kwargs"], config["split"], config["episode"]["max_pairs"],
+            config["episode"]["examples"], config["fast_weights"]["lr"]) == ("locomo", {}, "all", 2, False, 1e-3)
     assert {r["method"] for r in read_records(other / "results.jsonl")} == {"tmem", "tmem@trained"}
 
 

@@ -316,9 +316,9 @@ def test_eval_runs_every_agent_method_through_the_turn_loop(registered_notes, tm
     from tmem_rl.evaluation.harness import EvalConfig, read_records, run_eval
 
     methods = ["none", "full-context", "summary", "tmem"]
-    config = EvalConfig(out=str(tmp_path), env=registered_notes, model="tiny", methods=methods, greedy=True,
-                        l_max=40, max_answer_tokens=8, max_extraction_tokens=16, device="cpu",
-                        episode_kwargs={"max_action_tokens": 8, "summary_tokens": 8})
+    config = EvalConfig(out=str(tmp_path), env=registered_notes, model="tiny", methods=methods, device="cpu",
+                        episode=EpisodeConfig(l_max=40, max_answer_tokens=8, max_extraction_tokens=16,
+                                              max_action_tokens=8, summary_tokens=8))
     summary = run_eval(config)
     assert list(summary) == methods
     records = read_records(tmp_path / "results.jsonl")
@@ -353,11 +353,12 @@ def test_eval_takes_the_environments_budget_unless_given(registered_notes, tmp_p
     from tmem_rl.evaluation import harness
 
     seen = []
-    monkeypatch.setattr(harness, "evaluate_policy", lambda config, *a, **k: seen.append(config.l_max))
+    monkeypatch.setattr(harness, "evaluate_policy", lambda config, *a, **k: seen.append(config.episode.l_max))
     monkeypatch.setattr(harness, "load_policy", lambda *a, **k: (None, None))
     monkeypatch.setattr(NotesEnv, "default_l_max", 8192)
     harness.run_eval(harness.EvalConfig(out=str(tmp_path / "a"), env=registered_notes, model="tiny"))
-    harness.run_eval(harness.EvalConfig(out=str(tmp_path / "b"), env=registered_notes, model="tiny", l_max=512))
+    harness.run_eval(harness.EvalConfig(out=str(tmp_path / "b"), env=registered_notes, model="tiny",
+                                        episode={"l_max": 512}))
     monkeypatch.setattr(NotesEnv, "default_l_max", None)
     harness.run_eval(harness.EvalConfig(out=str(tmp_path / "c"), env=registered_notes, model="tiny"))
     assert seen == [8192, 512, 4096]

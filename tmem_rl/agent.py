@@ -261,7 +261,7 @@ class TMEMAgent:
     def split(self, text: str) -> list[str]:
         """The chunks `read` makes of a string: its non-blank lines, each cut into pieces of at most L_max
         tokens, so that no single chunk overshoots the budget by more than itself."""
-        window = self.config.l_max
+        window = self.config.budget(self.stream)
         chunks = []
         for line in text.splitlines():
             if not line.strip():

@@ -7,17 +7,64 @@ import dataclasses
 import json
 import sys
 import traceback
+import types
+import typing
 from pathlib import Path
+from typing import Any
 
 
-def _add_dataclass_args(parser: argparse.ArgumentParser, cls) -> None:
+def _flag_kind(annotation) -> tuple[Any, dict[str, Any]]:
+    """argparse settings for a field's type: (type, extra add_argument keywords)."""
+    args = [a for a in typing.get_args(annotation) if a is not type(None)]
+    if typing.get_origin(annotation) in (typing.Union, types.UnionType) and len(args) == 1:
+        return _flag_kind(args[0])  # X | None: the flag gives an X
+    origin = typing.get_origin(annotation) or annotation
+    if origin is bool:
+        return None, {"action": argparse.BooleanOptionalAction}
+    if origin is dict:
+        return _json_object, {}
+    if origin in (list, tuple):
+        item = typing.get_args(annotation)[0]
+        return item, {"nargs": "+"}
+    return origin, {}
+
+
+def _add_dataclass_args(parser, cls, *, prefix: str = "", skip: tuple[str, ...] = (),
+                        names: dict[str, str] | None = None, given_only: bool = False, shown=None) -> None:
+    """One flag per field of dataclass `cls`, --<prefix><name> (or names[field]), its help the field's docstring.
+    given_only: the flag defaults to None (not given), so that a recipe's or the config's value stands unless the
+    flag is given; the help shows the value of `shown` (an instance), else the field's default."""
     from tmem_rl.config_docs import field_docs
 
-    docs = field_docs(cls)
+    docs, hints = field_docs(cls), typing.get_type_hints(cls)
     for f in dataclasses.fields(cls):
-        flag = "--" + f.name.replace("_", "-")
-        text = f"{docs[f.name]} " if f.name in docs else ""
-        parser.add_argument(flag, type=type(f.default), default=f.default, help=f"{text}(default: {f.default})")
+        if f.name in skip:
+            continue
+        name = (names or {}).get(f.name, prefix + f.name)
+        if shown is not None:
+            default = getattr(shown, f.name)
+        else:
+            default = f.default if f.default_factory is dataclasses.MISSING else f.default_factory()
+        kind, extra = _flag_kind(hints[f.name])
+        if kind is not None:
+            extra["type"] = kind
+        text = docs.get(f.name, "")
+        if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
+            extra["required"] = True
+        else:
+            text += f" (default: {default})"
+        parser.add_argument("--" + name.replace("_", "-"), dest=prefix + f.name,
+                            default=None if given_only else default, help=text.strip().replace("%", "%%"), **extra)
+
+
+def _given(args, cls, prefix: str = "", skip: tuple[str, ...] = ()) -> dict[str, Any]:
+    """The fields of `cls` whose flags were given."""
+    given = {}
+    for f in dataclasses.fields(cls):
+        value = getattr(args, prefix + f.name, None)
+        if f.name not in skip and value is not None:
+            given[f.name] = tuple(value) if isinstance(value, list) and isinstance(f.default, tuple) else value
+    return given
 
 
 def _json_object(text: str) -> dict:
@@ -30,43 +77,52 @@ def _json_object(text: str) -> dict:
     return value
 
 
+# EvalConfig's nested settings, each with its flags' prefix.
+EVAL_SECTIONS = (("episode", ""), ("fast_weights", "inner_"), ("methods_settings", ""))
+
+
+def _add_eval_args(ev: argparse.ArgumentParser) -> None:
+    from tmem_rl.evaluation.harness import SET_BY_METHODS, EvalConfig
+
+    shown = EvalConfig(out="")
+    ev.add_argument("--recipe", default=None,
+                    help="take the model, environment, split, inner loop and episode settings from a training "
+                         "recipe (flags given here still win)")
+    _add_dataclass_args(ev, EvalConfig, skip=tuple(name for name, _ in EVAL_SECTIONS), names={"methods": "method"},
+                        given_only=True, shown=shown)
+    ev.add_argument("--greedy", dest="do_sample", action="store_false", default=None,
+                    help="greedy decoding instead of the paper's sampling (--no-do-sample)")
+    ev.add_argument("--batch-size", dest="answer_batch_size", type=int, default=None,
+                    help="the same as --answer-batch-size")
+    titles = {"episode": "episode settings (EpisodeConfig; a recipe's episode section)",
+              "fast_weights": "inner loop (FastWeightConfig; a recipe's inner_loop section)",
+              "methods_settings": "baselines (MethodSettings)"}
+    for name, prefix in EVAL_SECTIONS:
+        value = getattr(shown, name)
+        _add_dataclass_args(ev.add_argument_group(titles[name]), type(value), prefix=prefix, skip=SET_BY_METHODS,
+                            given_only=True, shown=value)
+
+
 def _eval_config(args):
     """EvalConfig from `tmem-rl eval` flags, on top of a recipe's settings when --recipe is given."""
     from tmem_rl.evaluation.harness import EvalConfig
-    from tmem_rl.evaluation.methods import MethodSettings
-    from tmem_rl.memory import FastWeightConfig
 
-    settings = MethodSettings(**{k: v for k, v in (("context_budget", args.context_budget),
-                                                   ("retrieval_k", args.retrieval_k),
-                                                   ("answer_batch_size", args.batch_size)) if v is not None})
-    given = {k: v for k, v in (
-        ("model", args.model), ("l_max", args.l_max), ("device", args.device), ("split", args.split),
-        ("heldout_fraction", args.heldout_fraction), ("split_seed", args.split_seed),
-        ("chat_template_kwargs", args.chat_template_kwargs),
-    ) if v is not None}
-    common = dict(out=args.out, data=args.data, methods=args.method, max_questions=args.max_questions,
-                  per_category=args.per_category, sample_ids=args.sample_ids, episode_unit=args.episode_unit,
-                  greedy=args.greedy, resume=args.resume, methods_settings=settings, seed=args.seed,
-                  checkpoint=args.checkpoint, continual=args.continual)
-    inner = {k: v for k, v in (("lr", args.inner_lr), ("epochs", args.inner_epochs)) if v is not None}
+    own = _given(args, EvalConfig, skip=tuple(name for name, _ in EVAL_SECTIONS))
     if args.recipe:
         from tmem_rl.recipes import eval_config, load_recipe
 
         recipe = load_recipe(args.recipe)
-        config = eval_config(recipe, **common, **given)
-        if args.env and args.env != recipe.env.name:  # another environment: none of the recipe's env settings
-            config = dataclasses.replace(config, env=args.env, env_kwargs=dict(args.env_kwargs),
-                                         split=args.split or "all")
-        elif args.env_kwargs:
-            config.env_kwargs = {**config.env_kwargs, **args.env_kwargs}
-        if inner:
-            config.fast_weights = dataclasses.replace(config.fast_weights, **inner)
+        env, env_kwargs = own.pop("env", None), own.pop("env_kwargs", None)
+        config = eval_config(recipe, **own)
+        if env and env != recipe.env.name:  # another environment: none of the recipe's env settings
+            config = dataclasses.replace(config, env=env, env_kwargs=env_kwargs or {}, split=own.get("split", "all"))
+        elif env_kwargs:
+            config = dataclasses.replace(config, env_kwargs={**config.env_kwargs, **env_kwargs})
     else:
-        config = EvalConfig(env=args.env or "locomo", env_kwargs=args.env_kwargs,
-                            fast_weights=FastWeightConfig(**inner), **common, **given)
-    if args.max_pairs is not None:
-        config.episode_kwargs["max_pairs"] = args.max_pairs
-    return config
+        config = EvalConfig(**own)
+    nested = {name: dataclasses.replace(getattr(config, name), **_given(args, type(getattr(config, name)), prefix))
+              for name, prefix in EVAL_SECTIONS}
+    return dataclasses.replace(config, **nested)
 
 
 def _print_envs() -> None:
@@ -112,58 +168,11 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
 
     from tmem_rl.demo import DemoConfig
-    from tmem_rl.evaluation.methods import METHODS
 
     demo = sub.add_parser("demo", help="TMEM vs no memory on the facts environment with the default model")
     _add_dataclass_args(demo, DemoConfig)
     ev = sub.add_parser("eval", help="run memory methods side by side on a benchmark; JSONL + summary + table + chart")
-    ev.add_argument("--env", default=None, help="an environment name (default: the recipe's, else locomo); with "
-                                                "--recipe, another environment takes none of the recipe's env settings")
-    ev.add_argument("--data", default=None, help="benchmark file, for environments that read one (LoCoMo: the "
-                                                 "official locomo10.json)")
-    ev.add_argument("--env-kwargs", type=_json_object, default={},
-                    help='JSON for the environment\'s constructor, e.g. \'{"num_tasks": 512, "num_facts": 3}\'')
-    ev.add_argument("--recipe", default=None,
-                    help="take the model, environment, split, inner loop and episode settings from a training "
-                         "recipe (flags given here still win)")
-    ev.add_argument("--split", choices=["all", "train", "heldout"], default=None,
-                    help="side of the seeded task partition to evaluate (default: heldout with --recipe, else all)")
-    ev.add_argument("--heldout-fraction", type=float, default=None,
-                    help="share of tasks held out of training (default: the recipe's, else 0)")
-    ev.add_argument("--split-seed", type=int, default=None, help="seed of the train / held-out partition")
-    ev.add_argument("--checkpoint", default=None,
-                    help="a trained policy (tmem-rl train checkpoint, PEFT adapter or HF folder), evaluated after "
-                         "the base model on the same tasks")
-    ev.add_argument("--method", nargs="+", default=["tmem"], help=" ".join(METHODS))
-    ev.add_argument("--model", default=None,
-                    help="a known name (smollm2-135m-instruct, tiny), an HF folder or a hub id (default: the "
-                         "recipe's, else the default model)")
-    ev.add_argument("--max-questions", type=int, default=None, help="evaluate only the first N tasks (a task may ask several questions)")
-    ev.add_argument("--per-category", type=int, default=None, help="first N questions of each category")
-    ev.add_argument("--sample-ids", nargs="+", default=None, help="only these samples (LoCoMo: conversation ids; LongMemEval: question ids)")
-    ev.add_argument("--episode-unit", choices=["question", "conversation"], default="question",
-                    help="question: one episode per question (the stream read with it in mind); conversation: "
-                         "read each stream once, then answer all its questions from the same memory")
-    ev.add_argument("--greedy", action="store_true", help="deterministic decoding instead of the paper's sampling")
-    ev.add_argument("--continual", action="store_true",
-                    help="carry fast weights across a sequence of episodes (one per slot) and report forward "
-                         "transfer, retention and forgetting in continual.json")
-    ev.add_argument("--out", required=True, help="folder for results.jsonl, summary.json / .md and the chart")
-    ev.add_argument("--resume", action="store_true",
-                    help="continue an interrupted evaluation in --out with the same settings: every (method, "
-                         "question) already recorded is kept and not run again")
-    ev.add_argument("--l-max", type=int, default=None, help="working-context budget in tokens (default: the environment's own, e.g. search 8192, else the paper's LoCoMo 4096)")
-    ev.add_argument("--max-pairs", type=int, default=None, help="pairs asked for per extraction (default 8)")
-    ev.add_argument("--inner-lr", type=float, default=None, help="inner-loop SGD learning rate (default 5e-4)")
-    ev.add_argument("--inner-epochs", type=int, default=None, help="inner-loop epochs per extraction (default 5)")
-    ev.add_argument("--context-budget", type=int, default=None, help="full-context prompt budget in tokens")
-    ev.add_argument("--retrieval-k", type=int, default=None, help="chunks the retrieval baseline puts in the prompt")
-    ev.add_argument("--batch-size", type=int, default=None, help="streams read in lockstep and questions answered per batch (one fast-weight slot per stream)")
-    ev.add_argument("--seed", type=int, default=0, help="seeds sampling and the question order")
-    ev.add_argument("--device", default=None, help="cuda, cuda:1, cpu ... (default: cuda when available)")
-    ev.add_argument("--chat-template-kwargs", type=_json_object, default=None,
-                    help='JSON passed to the chat template, e.g. \'{"enable_thinking": true}\' '
-                         "(default: thinking off where the template has the switch)")
+    _add_eval_args(ev)
     train = sub.add_parser("train", help="train with a YAML recipe (GRPO); key=value overrides after the recipe")
     train.add_argument("recipe", help="a YAML recipe, e.g. recipes/quickstart_cpu.yaml")
     train.add_argument("overrides", nargs="*", help="dotted overrides, e.g. outer_loop.max_steps=2")
@@ -218,6 +227,88 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _demo(args) -> int:
+    from tmem_rl.demo import DemoConfig, format_table, run_demo
+
+    config = DemoConfig(**{f.name: getattr(args, f.name) for f in dataclasses.fields(DemoConfig)})
+    summary = run_demo(config)
+    print(json.dumps({k: v for k, v in summary.items() if k != "config"}, indent=2))
+    print()
+    print(format_table(summary))
+    print(f"\ntrajectories and summary written to {config.out}/")
+    return 0
+
+
+def _eval(args) -> int:
+    from tmem_rl.errors import InputError
+    from tmem_rl.evaluation.harness import run_eval
+
+    try:
+        config = _eval_config(args)
+    except InputError:
+        raise
+    except (TypeError, ValueError) as err:  # a settings class refused a flag's value
+        raise InputError(f"tmem-rl eval: {err}") from err
+    run_eval(config)
+    print((Path(config.out) / "summary.md").read_text().rstrip())
+    print(f"\nrecords, summary.json, summary.md and f1_by_category.png written to {config.out}/")
+    return 0
+
+
+def _train(args) -> int:
+    from tmem_rl.errors import InputError
+    from tmem_rl.recipes import load_recipe, run_recipe
+
+    allowed, overrides = args.allow_recipe_change, args.overrides
+    if allowed and not args.resume:
+        raise InputError("--allow-recipe-change applies only with --resume: it names recipe keys a resumed run "
+                         "may change")
+    history = run_recipe(load_recipe(args.recipe, overrides), resume=args.resume, overwrite=args.overwrite,
+                         allow_recipe_change=allowed)
+    if history:
+        print(json.dumps({k: float(f"{v:.4g}") for k, v in history[-1].items()}, indent=2))
+    return 0
+
+
+def _export(args) -> int:
+    from tmem_rl.export import export_checkpoint
+
+    result = export_checkpoint(args.checkpoint, args.out, args.format, verify=args.verify, base=args.base,
+                               eval_summary=args.eval, overwrite=args.overwrite,
+                               tolerance=args.verify_tolerance, adapter_of=args.adapter_of, rank=args.rank,
+                               adapter_dtype=args.adapter_dtype)
+    print(f"exported {args.checkpoint} ({result['format']}, base {result['base_model'] or 'none'}) to "
+          f"{result['out']}")
+    if result.get("note"):
+        print(f"note: {result['note']}")
+    if result.get("fit"):
+        fit = result["fit"]
+        print(f"adapter of {fit['base']}: rank {fit['rank']} over {fit['layers']} layers, largest share of a "
+              f"layer's difference left out {fit['max_residual']:.1e} (mean {fit['mean_residual']:.1e})")
+    if not args.verify:
+        return 0
+    verdict = "ok" if result["verified"] else "FAILED"
+    print(f"verify: max abs logit diff {result['max_logit_diff']:.3g}, fast-weight A diff "
+          f"{result['max_init_diff']:.3g} (tolerance {result['tolerance']:.3g}; the checkpoint's fp32 "
+          f"rounding noise {result['noise']:.3g}): {verdict}")
+    return 0 if result["verified"] else 1
+
+
+def _envs(args) -> int:
+    _print_envs()
+    return 0
+
+
+def _convert(args) -> int:
+    from tmem_rl.models import DEFAULT_MODEL, resolve_model_path
+
+    print(resolve_model_path(args.name or DEFAULT_MODEL))
+    return 0
+
+
+COMMANDS = {"demo": _demo, "eval": _eval, "train": _train, "export": _export, "envs": _envs, "convert": _convert}
+
+
 def _run(argv: list[str] | None) -> int:
     parser = build_parser()
     args, extra = parser.parse_known_args(argv)
@@ -226,70 +317,7 @@ def _run(argv: list[str] | None) -> int:
         extra = [a for a in extra if a not in args.overrides]
     if extra:
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
-    if args.command == "demo":
-        from tmem_rl.demo import DemoConfig, format_table, run_demo
-
-        config = DemoConfig(**{f.name: getattr(args, f.name) for f in dataclasses.fields(DemoConfig)})
-        summary = run_demo(config)
-        print(json.dumps({k: v for k, v in summary.items() if k != "config"}, indent=2))
-        print()
-        print(format_table(summary))
-        print(f"\ntrajectories and summary written to {config.out}/")
-    elif args.command == "eval":
-        from tmem_rl.evaluation.harness import run_eval
-
-        from tmem_rl.errors import InputError
-
-        try:
-            config = _eval_config(args)
-        except InputError:
-            raise
-        except (TypeError, ValueError) as err:  # a settings class refused a flag's value
-            raise InputError(f"tmem-rl eval: {err}") from err
-        run_eval(config)
-        print((Path(config.out) / "summary.md").read_text().rstrip())
-        print(f"\nrecords, summary.json, summary.md and f1_by_category.png written to {config.out}/")
-    elif args.command == "train":
-        from tmem_rl.errors import InputError
-        from tmem_rl.recipes import load_recipe, run_recipe
-
-        allowed, overrides = args.allow_recipe_change, args.overrides
-        if allowed and not args.resume:
-            raise InputError("--allow-recipe-change applies only with --resume: it names recipe keys a resumed run "
-                             "may change")
-        history = run_recipe(load_recipe(args.recipe, overrides), resume=args.resume, overwrite=args.overwrite,
-                             allow_recipe_change=allowed)
-        if history:
-            print(json.dumps({k: float(f"{v:.4g}") for k, v in history[-1].items()}, indent=2))
-    elif args.command == "export":
-        from tmem_rl.export import export_checkpoint
-
-        result = export_checkpoint(args.checkpoint, args.out, args.format, verify=args.verify, base=args.base,
-                                   eval_summary=args.eval, overwrite=args.overwrite,
-                                   tolerance=args.verify_tolerance, adapter_of=args.adapter_of, rank=args.rank,
-                                   adapter_dtype=args.adapter_dtype)
-        print(f"exported {args.checkpoint} ({result['format']}, base {result['base_model'] or 'none'}) to "
-              f"{result['out']}")
-        if result.get("note"):
-            print(f"note: {result['note']}")
-        if result.get("fit"):
-            fit = result["fit"]
-            print(f"adapter of {fit['base']}: rank {fit['rank']} over {fit['layers']} layers, largest share of a "
-                  f"layer's difference left out {fit['max_residual']:.1e} (mean {fit['mean_residual']:.1e})")
-        if args.verify:
-            verdict = "ok" if result["verified"] else "FAILED"
-            print(f"verify: max abs logit diff {result['max_logit_diff']:.3g}, fast-weight A diff "
-                  f"{result['max_init_diff']:.3g} (tolerance {result['tolerance']:.3g}; the checkpoint's fp32 "
-                  f"rounding noise {result['noise']:.3g}): {verdict}")
-            if not result["verified"]:
-                return 1
-    elif args.command == "envs":
-        _print_envs()
-    elif args.command == "convert":
-        from tmem_rl.models import DEFAULT_MODEL, resolve_model_path
-
-        print(resolve_model_path(args.name or DEFAULT_MODEL))
-    return 0
+    return COMMANDS[args.command](args)
 
 
 if __name__ == "__main__":

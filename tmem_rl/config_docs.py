@@ -80,12 +80,14 @@ def reference_sections() -> list[ConfigSection]:
         ConfigSection("inner_loop: FastWeightConfig", FastWeightConfig,
                       "The recipe's `inner_loop:` section (`tmem_rl.memory.FastWeightConfig`): the fast weights "
                       "and their inner update; the defaults are the paper's. `tmem-rl eval` and `TMEMAgent` take "
-                      "the same settings (`--recipe`, `--inner-lr`, `--inner-epochs`; `fast_weights=`)."),
+                      "the same settings (`--recipe`, or a flag `--inner-<field>` each, e.g. `--inner-lr`; "
+                      "`fast_weights=`)."),
         ConfigSection("episode: EpisodeConfig", EpisodeConfig,
                       "The recipe's `episode:` section (`tmem_rl.episode.EpisodeConfig`): how an episode reads, "
                       "acts, extracts and answers. In training, `outer_loop` sets the sampling (`temperature`, "
                       "`top_p`, `top_k`) and caps the generation budgets at `outer_loop.max_completion_length`. "
-                      "`TMEMAgent` takes the reading fields (`episode=`; an export's `fast_weights.json`)."),
+                      "`tmem-rl eval` takes them as `EvalConfig.episode` (a flag each: `--l-max`, `--max-pairs`, "
+                      "...), `TMEMAgent` the reading fields (`episode=`; an export's `fast_weights.json`)."),
         ConfigSection("outer_loop: GRPOConfig", GRPOConfig,
                       "The recipe's `outer_loop:` section with `algorithm: grpo` "
                       "(`tmem_rl.trainers.grpo.GRPOConfig`); [training.md](training.md) describes a step."),
@@ -99,7 +101,7 @@ def reference_sections() -> list[ConfigSection]:
                       "See [evaluation.md](evaluation.md)."),
         ConfigSection("tmem-rl eval: MethodSettings", MethodSettings,
                       "`EvalConfig.methods_settings` (`tmem_rl.evaluation.methods`); flags `--context-budget`, "
-                      "`--retrieval-k` and `--batch-size` (answer_batch_size)."),
+                      "`--retrieval-k` and `--answer-batch-size` (or `--batch-size`)."),
         ConfigSection("tmem-rl demo: DemoConfig", DemoConfig,
                       "Each field is a flag of `tmem-rl demo` (`--l-max`, `--inner-lr`, ...); `make demo` runs "
                       "the defaults. See [demo.md](demo.md)."),

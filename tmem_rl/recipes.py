@@ -295,21 +295,19 @@ def run_recipe(recipe: TrainRecipe, resume: bool = False, overwrite: bool = Fals
 
 
 def eval_config(recipe: TrainRecipe, out: str, **overrides):
-    """Evaluation settings matching a recipe: its model, environment and held-out side, inner loop, episode
-    settings and sampling (greedy=True overrides the sampling)."""
-    from tmem_rl.evaluation.harness import EvalConfig
+    """Evaluation settings matching a recipe: its model, environment and held-out side, inner loop, and its episode
+    section sampled as training samples (outer_loop's temperature, top_p, top_k; `overrides` win)."""
+    from tmem_rl.episode import EpisodeConfig
+    from tmem_rl.evaluation.harness import SET_BY_METHODS, EvalConfig
 
-    episode, outer = recipe.episode, recipe.outer_loop
+    outer = recipe.outer_loop
+    episode = dataclasses.replace(recipe.episode, do_sample=True, temperature=outer.temperature, top_p=outer.top_p,
+                                  top_k=outer.top_k,
+                                  **{name: getattr(EpisodeConfig(), name) for name in SET_BY_METHODS})
     fields = dict(
         out=out, env=recipe.env.name, env_kwargs=dict(recipe.env.kwargs), model=recipe.model.name,
         split="heldout" if recipe.env.heldout_fraction else "all", heldout_fraction=recipe.env.heldout_fraction,
-        split_seed=recipe.env.split_seed, fast_weights=recipe.inner_loop, l_max=episode.l_max,
-        max_extraction_tokens=episode.max_extraction_tokens, max_answer_tokens=episode.max_answer_tokens,
-        temperature=outer.temperature, top_p=outer.top_p, top_k=outer.top_k,
-        chat_template_kwargs=episode.chat_template_kwargs,
-        episode_kwargs={k: getattr(episode, k) for k in ("max_pairs", "extraction_retries", "prefill", "examples",
-                                                         "grounding", "retry_temperature", "max_action_tokens",
-                                                         "summary_tokens", "supervision")},
+        split_seed=recipe.env.split_seed, fast_weights=recipe.inner_loop, episode=episode,
     )
     fields.update({k: v for k, v in overrides.items() if v is not None})
     return EvalConfig(**fields)

@@ -252,8 +252,8 @@ class Environment(ABC):
     max_turns: int = 10
     """Actions a tool environment allows per episode; at the limit the runner asks for the answer."""
     default_l_max: int | None = None
-    """The working-context budget this environment is meant to run at: `tmem-rl eval` uses it when no --l-max is
-    given (training takes a recipe's episode.l_max)."""
+    """The working-context budget this environment is meant to run at: episodes use it when episode.l_max is not
+    set (`EpisodeConfig.budget`)."""
     summary_columns: tuple[str, ...] = ()
     """Figures of this environment's `summarize` that `tmem-rl eval` shows as columns of summary.md."""
 

@@ -14,12 +14,19 @@ SUPERVISIONS = ("qa_pairs", "transcript", "summary")
 LOGPROB_ROWS = 8
 # The fixed request that text supervision ("transcript", "summary") is trained as the answer to.
 RECALL_REQUEST = "Recall what you have read so far."
+# The paper's LoCoMo budget: the working context of an environment that names no budget of its own.
+DEFAULT_L_MAX = 4096
 
 
 @dataclass
 class EpisodeConfig:
-    l_max: int = 4096
-    """Working-context budget in tokens; exceeding it triggers an extraction action."""
+    """One set of defaults for training, evaluation and the agent. The sampling defaults are the paper's inference
+    settings (temperature 0.4, top_p 0.9, top_k 10; used when do_sample); training replaces them with
+    `outer_loop`'s and caps the budgets at its max_completion_length."""
+
+    l_max: int | None = None
+    """Working-context budget in tokens; exceeding it triggers an extraction action. None: the environment's own
+    (`Environment.default_l_max`, e.g. search 8192), else 4096, the paper's LoCoMo budget."""
     memory: str = "fast_weights"
     """What happens when the working context exceeds l_max. "fast_weights": extract and absorb, then clear.
     Baselines: "none" drops the context; "window" keeps the most recent whole chunks or turns that fit l_max (one
@@ -39,7 +46,7 @@ class EpisodeConfig:
     stop_extractions: bool = True
     """End each extraction once max_pairs pairs are written, a pair repeats an earlier one or the list closes
     (`Segment.stop_reason` says which); False: only at an end token or max_extraction_tokens."""
-    max_answer_tokens: int = 32
+    max_answer_tokens: int = 50
     """Generation budget of the answer."""
     max_action_tokens: int = 64
     """Generation budget of each action turn in a tool environment (the turn ends at its action's closing tag)."""
@@ -57,12 +64,12 @@ class EpisodeConfig:
     """Drop extracted pairs whose answer does not occur in the text that was read."""
     do_sample: bool = False
     """Sample every generated segment (the outer loop's rollouts); False: greedy decoding."""
-    temperature: float = 1.0
+    temperature: float = 0.4
     """Sampling temperature (also the temperature every recorded log-prob is taken at)."""
-    top_p: float = 1.0
+    top_p: float = 0.9
     """Nucleus sampling: keep the smallest set of tokens whose probability reaches top_p (1.0: all)."""
-    top_k: int = 0
-    """0: no top-k filtering."""
+    top_k: int = 10
+    """Top-k sampling (0: no top-k filtering)."""
     retry_temperature: float = 0.7
     """Temperature of retries, so that a greedy policy does not repeat a failed extraction verbatim."""
     record_logprobs: bool = False
@@ -92,11 +99,16 @@ class EpisodeConfig:
         for name in ("max_extraction_tokens", "max_answer_tokens", "max_action_tokens", "summary_tokens"):
             if getattr(self, name) < 1:
                 raise ValueError(f"EpisodeConfig.{name}={getattr(self, name)}: expected a positive token budget")
-        if self.l_max < 1:
-            raise ValueError(f"EpisodeConfig.l_max={self.l_max}: expected a positive token budget")
+        if self.l_max is not None and (not isinstance(self.l_max, int) or self.l_max < 1):
+            raise ValueError(f"EpisodeConfig.l_max={self.l_max!r}: expected a positive token budget (or None: the "
+                             "environment's own)")
         if self.max_pairs < 1:
             raise ValueError(f"EpisodeConfig.max_pairs={self.max_pairs}: expected at least 1 pair per extraction")
         if self.decoder not in DECODERS:
             raise ValueError(f"EpisodeConfig.decoder={self.decoder!r}: expected one of {DECODERS}")
         if self.extractor not in EXTRACTORS:
             raise ValueError(f"EpisodeConfig.extractor={self.extractor!r}: expected one of {EXTRACTORS}")
+
+    def budget(self, env) -> int:
+        """The working-context budget in `env`: l_max, else the environment's own, else DEFAULT_L_MAX."""
+        return self.l_max or getattr(env, "default_l_max", None) or DEFAULT_L_MAX

@@ -53,7 +53,7 @@ class Window(Memory):
 
     def over_budget(self, env, episode, over) -> None:
         for ctx in over:
-            ctx.keep_recent(self.config.l_max, self.runner.tokenizer)
+            ctx.keep_recent(self.config.budget(env), self.runner.tokenizer)
 
 
 class Summary(Memory):

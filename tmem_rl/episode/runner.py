@@ -162,7 +162,7 @@ class EpisodeRunner:
         return episode
 
     def _enforce_budget(self, env: Environment, episode: Episode, rollouts: list[WorkingContext]) -> None:
-        over = [ctx for ctx in rollouts if ctx.over(self.config.l_max)]
+        over = [ctx for ctx in rollouts if ctx.over(self.config.budget(env))]
         if over:
             self.memory.over_budget(env, episode, over)
 

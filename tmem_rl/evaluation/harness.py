@@ -43,7 +43,9 @@ from tmem_rl.models import DEFAULT_MODEL, check_checkpoint_fits, load_policy
 from tmem_rl.episode import EpisodeConfig, EpisodeRunner
 
 EPISODE_UNITS = ("question", "conversation")
-DEFAULT_L_MAX = EpisodeConfig.l_max  # the paper's LoCoMo budget, for environments that name none
+# Episode settings evaluation decides itself: each method sets the memory mode and the extractor, --continual
+# carries fast weights, and nothing records log-probs.
+SET_BY_METHODS = ("memory", "extractor", "carry_fast_weights", "record_logprobs")
 RESULTS = "results.jsonl"
 CONFIG = "config.json"
 TRAINED = "trained"
@@ -88,41 +90,38 @@ class EvalConfig:
     episode_unit: str = "question"
     """question: one episode per question, the question known while reading (the paper's protocol).
     conversation: one pass per conversation without the question, then all its questions answered from it."""
-    greedy: bool = False
-    """Greedy decoding instead of the paper's sampling (temperature / top_p / top_k)."""
     resume: bool = False
     """Continue an interrupted run in `out` with the same settings; recorded (method, question) rows are kept."""
-    # The paper's LoCoMo inference settings.
-    l_max: int | None = None
-    """Working-context budget in tokens (None: the environment's `default_l_max`, else 4096, the paper's LoCoMo
-    budget)."""
-    max_extraction_tokens: int = 192
-    """Generation budget of each extraction action."""
-    max_answer_tokens: int = 50
-    """Generation budget of each answer."""
-    temperature: float = 0.4
-    """Sampling temperature (unless greedy)."""
-    top_p: float = 0.9
-    """Nucleus sampling threshold (unless greedy)."""
-    top_k: int = 10
-    """Top-k sampling (unless greedy; 0: off)."""
+    episode: EpisodeConfig = field(default_factory=lambda: EpisodeConfig(do_sample=True))
+    """How each episode reads, extracts and answers (a recipe's `episode` section; a dict is read as changes to
+    this default). EpisodeConfig's defaults, but for sampling: evaluation samples at the paper's inference settings
+    unless do_sample is False (`--greedy`). Each method sets the memory mode itself."""
     fast_weights: FastWeightConfig = field(default_factory=FastWeightConfig)
     """The inner loop's settings (the `inner_loop` section of a recipe)."""
     methods_settings: MethodSettings = field(default_factory=MethodSettings)
     """Baselines' budgets and the batch size."""
-    episode_kwargs: dict[str, Any] = field(default_factory=dict)
-    """Further episode settings (max_pairs, extraction_retries, examples, ...), e.g. a training recipe's."""
-    chat_template_kwargs: dict[str, Any] | None = None
-    """Chat-template settings for every prompt (None: thinking off where the template has the switch)."""
     device: str = field(default_factory=lambda: "cuda" if torch.cuda.is_available() else "cpu")
     """Where the model runs (cuda when available, else cpu)."""
-    seed: int = 0
-    """Seeds sampling (the runner's generator) and the fast weights' random parts."""
     continual: bool = False
     """Continual learning: fast weights carried across a sequence of episodes, one sequence per slot, reported as
     forward transfer, retention and forgetting (tmem_rl.evaluation.continual). Fast-weight methods only."""
 
     def __post_init__(self):
+        nested = {f.name: f for f in dataclasses.fields(self)}
+        for name, cls in (("episode", EpisodeConfig), ("fast_weights", FastWeightConfig),
+                          ("methods_settings", MethodSettings)):
+            value = getattr(self, name)
+            if isinstance(value, dict):
+                setattr(self, name, dataclasses.replace(nested[name].default_factory(), **value))
+            elif not isinstance(value, cls):
+                raise InputError(f"EvalConfig.{name}: expected a {cls.__name__} or a dict of its fields, got "
+                                 f"{type(value).__name__}")
+        default = EpisodeConfig()
+        for name in SET_BY_METHODS:
+            if getattr(self.episode, name) != getattr(default, name):
+                raise InputError(f"EvalConfig.episode.{name}={getattr(self.episode, name)!r}: evaluation sets it "
+                                 f"itself (each --method its memory and extractor, --continual the carried fast "
+                                 f"weights); leave it at {getattr(default, name)!r}")
         check_methods(self.methods)
         if self.episode_unit not in EPISODE_UNITS:
             raise InputError(f"episode_unit={self.episode_unit!r}: expected one of {EPISODE_UNITS}")
@@ -130,15 +129,10 @@ class EvalConfig:
             raise InputError(f"split={self.split!r}: expected one of {SPLITS}")
         if self.split != "all" and not 0.0 < self.heldout_fraction < 1.0:
             raise InputError(f"split={self.split!r} needs heldout_fraction in (0, 1), got {self.heldout_fraction!r}")
-        limits = [("max_extraction_tokens", 1), ("max_answer_tokens", 1)]
-        if self.l_max is not None:
-            limits.append(("l_max", 1))
-        if self.max_questions is not None:  # negative, it would slice from the end (-1: all but the last question)
-            limits.append(("max_questions", 0))
-        for name, low in limits:
-            value = getattr(self, name)
-            if not isinstance(value, int) or isinstance(value, bool) or value < low:
-                raise InputError(f"{name}={value!r}: expected an integer >= {low}")
+        # Negative, it would slice from the end (-1: all but the last question).
+        if self.max_questions is not None and (not isinstance(self.max_questions, int)
+                                               or isinstance(self.max_questions, bool) or self.max_questions < 0):
+            raise InputError(f"max_questions={self.max_questions!r}: expected an integer >= 0")
 
     def environment(self) -> Environment:
         kwargs = dict(self.env_kwargs)
@@ -226,6 +220,23 @@ def _flat(value: Any, prefix: str = "") -> dict[str, Any]:
     return {prefix.rstrip("."): value}
 
 
+# config.json of a run written before EvalConfig held an EpisodeConfig: these settings were flat.
+_FLAT_EPISODE_SETTINGS = ("l_max", "max_extraction_tokens", "max_answer_tokens", "temperature", "top_p", "top_k",
+                          "chat_template_kwargs", "seed")
+
+
+def _episode_nested(saved: dict[str, Any]) -> dict[str, Any]:
+    """Saved settings with the episode's under "episode", as EvalConfig has them now."""
+    if "episode" in saved:
+        return saved
+    saved = dict(saved)
+    episode = dict(saved.pop("episode_kwargs", None) or {})
+    episode.update({key: saved.pop(key) for key in _FLAT_EPISODE_SETTINGS if key in saved})
+    if "greedy" in saved:
+        episode["do_sample"] = not saved.pop("greedy")
+    return {**saved, "episode": episode}
+
+
 def _shown(settings: dict[str, Any], key: str) -> str:
     return repr(settings[key]) if key in settings else "(not set)"
 
@@ -241,10 +252,13 @@ def check_resumable(out: Path, config: EvalConfig) -> None:
     if not isinstance(saved, dict):
         raise InputError(f"{path}: expected the settings of the run to resume as a JSON object, got "
                          f"{type(saved).__name__}; use a new --out")
-    old, new = _flat(saved), _flat(_saved_settings(config))
+    old, new = _flat(_episode_nested(saved)), _flat(_saved_settings(config))
+    # A setting the saved run does not name (added since) ran at its default.
+    defaults = _flat(_saved_settings(EvalConfig(out=config.out)))
     changed = [key for key in sorted(old.keys() | new.keys())
                if key not in RESUME_MAY_CHANGE and key.split(".")[0] not in RESUME_MAY_CHANGE
-               and not (key in old and key in new and old[key] == new[key])]
+               and not (key in old and key in new and old[key] == new[key])
+               and not (key not in old and key in defaults and new[key] == defaults[key])]
     if changed:
         listed = "; ".join(f"{k}: saved {_shown(old, k)}, now {_shown(new, k)}" for k in changed)
         raise InputError(f"{path}: --resume with settings other than the run's ({listed}); one run's summary must "
@@ -327,8 +341,8 @@ def run_eval(config: EvalConfig) -> dict[str, Any]:
     if has_results and not config.resume:
         raise InputError(f"{results_path} already has results; pass --resume to continue, or another --out")
     env = config.environment()
-    if config.l_max is None:
-        config = dataclasses.replace(config, l_max=env.default_l_max or DEFAULT_L_MAX)
+    # Recorded as used: config.json names the budget, and a resume compares it.
+    config = dataclasses.replace(config, episode=dataclasses.replace(config.episode, l_max=config.episode.budget(env)))
     check_applicable(config, env)
     if has_results:
         check_resumable(out, config)
@@ -341,9 +355,9 @@ def run_eval(config: EvalConfig) -> dict[str, Any]:
                          "--sample-ids, --split)")
     if config.continual:
         check_continual(config, env, tasks)
-    if TMEMReference.name in config.methods and config.episode_kwargs.get("supervision", "qa_pairs") != "qa_pairs":
+    if TMEMReference.name in config.methods and config.episode.supervision != "qa_pairs":
         raise InputError(f"method {TMEMReference.name} absorbs reference pairs; it does not apply with supervision="
-                         f"{config.episode_kwargs['supervision']!r}")
+                         f"{config.episode.supervision!r}")
     if TMEMReference.name in config.methods and not all(t.reference_pairs for t in tasks):
         raise InputError(f"method {TMEMReference.name} needs reference pairs, and environment {env.name!r} has "
                          "none; drop it from --method")
@@ -399,12 +413,7 @@ def make_runner(config: EvalConfig, model, tokenizer, slots: int, policy: str = 
     policy's fast weights take the A its training used, saved with the checkpoint."""
     init_from = config.checkpoint if policy == TRAINED else None
     fast = FastWeights(model, slots, config.fast_weights, init_from=init_from)
-    return EpisodeRunner(model, tokenizer, fast, EpisodeConfig(
-        l_max=config.l_max, max_extraction_tokens=config.max_extraction_tokens,
-        max_answer_tokens=config.max_answer_tokens, do_sample=not config.greedy,
-        temperature=config.temperature, top_p=config.top_p, top_k=config.top_k, seed=config.seed,
-        chat_template_kwargs=config.chat_template_kwargs, **config.episode_kwargs,
-    ))
+    return EpisodeRunner(model, tokenizer, fast, config.episode)
 
 
 def run_continual(config: EvalConfig, env, model, tokenizer, tasks: list[Task], policy: str,

@@ -190,7 +190,7 @@ class Summary(MemoryMethod):
                 if i < len(reading.chunks):
                     windows[g].append(reading.chunks[i])
                     used[g] += self._tokens(reading.chunks[i])
-                    if used[g] > self.runner.config.l_max:
+                    if used[g] > self.runner.config.budget(self.env):
                         due.append(g)
                 elif i == len(reading.chunks) and windows[g]:
                     due.append(g)  # the stream's tail

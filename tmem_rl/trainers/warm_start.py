@@ -80,7 +80,7 @@ def extraction_sft_examples(env: Environment, tokenizer, model, episode: Episode
             raise ValueError(f"environment {env.name!r}: task {task.task_id} has no reference_pairs; a warm start "
                              "needs an environment that knows its gold supervision")
         written: list[QAPair] = []
-        for window in extraction_windows(tokenizer, task, episode.l_max):
+        for window in extraction_windows(tokenizer, task, episode.budget(env)):
             target = reference_supervision(task.reference_pairs, window, written, episode.max_pairs)
             if target:
                 prompt = chat_ids(tokenizer, extraction_messages(task.question, window, written, episode.max_pairs,
@@ -129,7 +129,7 @@ def warm_start(model, tokenizer, env: Environment, episode: EpisodeConfig, confi
     examples = extraction_sft_examples(env, tokenizer, model, episode, config.max_examples)
     if not examples:
         raise ValueError(f"environment {env.name!r}: no extraction window holds a reference pair at l_max "
-                         f"{episode.l_max}; nothing to warm-start on")
+                         f"{episode.budget(env)}; nothing to warm-start on")
     lengths = _lengths(examples)
     longest = max(total for total, _ in lengths)
     positions = _model_positions(model)
@@ -138,9 +138,9 @@ def warm_start(model, tokenizer, env: Environment, episode: EpisodeConfig, confi
         shorter = (", or set episode.examples false (the worked example lengthens every prompt)"
                    if episode.examples else "")
         raise InputError(f"warm start on {env.name!r}: the longest extraction example (a window past episode l_max "
-                         f"{episode.l_max}, prompt and target) is {longest} tokens, more than the model's {limit} "
-                         f"positions (config.{field}); lower episode.l_max by at least {longest - limit}{shorter}, "
-                         "or use a model with more positions")
+                         f"{episode.budget(env)}, prompt and target) is {longest} tokens, more than the model's "
+                         f"{limit} positions (config.{field}); lower episode.l_max by at least "
+                         f"{longest - limit}{shorter}, or use a model with more positions")
     out = Path(config.output_dir)
     # TRL keeps the first max_length tokens (default 1024) and drops examples left without a target token: the
     # longest example's length keeps every one whole.
