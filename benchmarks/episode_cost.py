@@ -5,9 +5,12 @@ length (conv-30: 12.9K tokens) in rollouts of G in lockstep, through the static-
 GPU). Every extraction runs to its token budget and absorbs a fixed number of pairs (a random model writes no JSON:
 the parser is replaced as in grpo_step.py), so the work per episode is fixed. For each stream length and G:
 seconds per episode and its breakdown, tokens decoded per second, peak memory. Beside them, at the largest G
-measured with a stream of 1x: the decode step in ms next to the memory-bandwidth limit (the model's weights plus
-the KV cache read once per step, over a bandwidth measured here by a large device copy), and `model.generate`'s
-decode step on the same prompts.
+measured with a stream of 1x: the same episode with the group-shared prefill off (`EpisodeConfig.shared_prefill`:
+every row through every layer), its prefill and episode time over the shared one's and whether the tokens are the
+same; the decode step in ms next to the memory-bandwidth limit (the model's weights plus the KV cache read once per
+step, over a bandwidth measured here by a large device copy), and `model.generate`'s decode step on the same
+prompts. (The fixed parser writes the same pairs in every rollout, so every extraction prompt of a group is
+shared; with a real policy the prompts after the first extraction also list each rollout's own earlier pairs.)
 
     python benchmarks/episode_cost.py                                   # CPU: SmolLM2-135M shape, reduced sizes
     python benchmarks/episode_cost.py --shape qwen3-4b --device cuda --dtype bfloat16
@@ -82,12 +85,12 @@ def bandwidth_gbs(device: torch.device) -> float:
     return 2 * x.numel() * 5 / (time.perf_counter() - started) / 1e9
 
 
-def episode(model, tokenizer, chunks, rollouts: int, args) -> dict:
+def episode(model, tokenizer, chunks, rollouts: int, args, shared_prefill: bool = True) -> dict:
     device = next(model.parameters()).device
     fast = FastWeights(model, rollouts, FastWeightConfig())
     config = EpisodeConfig(l_max=args.l_max, max_pairs=args.pairs, max_extraction_tokens=args.extraction_tokens,
                            max_answer_tokens=args.answer_tokens, extraction_retries=0, grounding=False,
-                           decoder="static")
+                           decoder="static", shared_prefill=shared_prefill)
     runner = EpisodeRunner(model, tokenizer, fast, config)
     env = BenchEnv(chunks)
     if device.type == "cuda":
@@ -128,8 +131,20 @@ def episode(model, tokenizer, chunks, rollouts: int, args) -> dict:
         "extraction_decode_step_ms": 1000 * parts["extraction_decode"] / max(steps, 1),
         "tokens_decoded_per_s": decoded / seconds,
         "graph_captures": decoder.captures,
+        "shared_prefill": shared_prefill,
+        "tokens": [s.completion_ids for t in batch.trajectories for s in t.segments],
         **peak_memory(device),
     }
+
+
+def prefill_comparison(shared: dict, unshared: dict) -> dict:
+    """The group-shared prefill's gain on one episode: ratios of unshared over shared time, and the tokens."""
+    prefill = [row["breakdown_seconds_per_batch"]["extraction_prefill"] for row in (unshared, shared)]
+    return {"rollouts": shared["rollouts"], "stream_tokens": shared["stream_tokens"],
+            "extraction_prefill_s": {"unshared": prefill[0], "shared": prefill[1]},
+            "extraction_prefill_speedup": prefill[0] / prefill[1],
+            "episode_speedup": unshared["seconds_per_batch"] / shared["seconds_per_batch"],
+            "same_tokens": unshared["tokens"] == shared["tokens"]}
 
 
 def decode_step_comparison(model, tokenizer, rollouts: int, context: int, new_tokens: int) -> dict:
@@ -230,9 +245,18 @@ def main(argv: list[str] | None = None) -> None:
                     torch.cuda.empty_cache()
                 row["stream_multiple"] = multiple
                 results["episodes"].append(row)
-                print(json.dumps(row), flush=True)
+                print(json.dumps({k: v for k, v in row.items() if k != "tokens"}), flush=True)
+        shared = next((r for r in results["episodes"] if r["stream_multiple"] == args.multiples[0]
+                       and r["rollouts"] == max(args.rollouts) and "error" not in r), None)
+        if shared is not None:
+            unshared = episode(model, tokenizer, stream_of(tokenizer, args.stream_tokens * args.multiples[0]),
+                               shared["rollouts"], args, shared_prefill=False)
+            results["shared_prefill"] = prefill_comparison(shared, unshared)
+            print(json.dumps(results["shared_prefill"]), flush=True)
     finally:
         episode_memory.parse_qa_pairs = original
+    for row in results["episodes"]:
+        row.pop("tokens", None)
     results["decode_step"] = decode_step_comparison(model, tokenizer, args.decode_rows, args.l_max,
                                                    args.decode_tokens)
     print(json.dumps(results))

@@ -45,6 +45,7 @@ import torch
 from transformers import AutoConfig, AutoModelForCausalLM
 
 import tmem_rl.episode.memory as episode_memory
+from tmem_rl.episode.config import DEFAULT_L_MAX
 from tmem_rl.models import FIXTURE_TOKENIZER, load_tokenizer
 from tmem_rl.recipes import load_recipe
 from tmem_rl.trainers.grpo import GRPOTrainer
@@ -158,7 +159,8 @@ def grpo_part(args, device: str) -> dict:
     config = model_config(args.shape, args.layers)
     tokenizer = load_tokenizer(FIXTURE_TOKENIZER)
     # Every extraction reads about L_max tokens; half a window is left for the answer prompt.
-    chunks = stream_of(tokenizer, args.extractions * (episode.l_max + CHUNK_TOKENS) + episode.l_max // 2,
+    l_max = episode.l_max or DEFAULT_L_MAX
+    chunks = stream_of(tokenizer, args.extractions * (l_max + CHUNK_TOKENS) + l_max // 2,
                        CHUNK_TOKENS)
     env = BenchEnv(chunks)
     clock = PhaseClock(device)
@@ -167,7 +169,7 @@ def grpo_part(args, device: str) -> dict:
         "shape": args.shape, "layers": config.num_hidden_layers, "vocab_size": config.vocab_size,
         "weights_dtype": recipe.model.dtype, "mixed_precision": outer.mixed_precision, "optimizer": outer.optim,
         "questions": outer.questions_per_step, "rollouts": outer.questions_per_step * outer.num_generations,
-        "l_max": episode.l_max, "max_completion_length": outer.max_completion_length,
+        "l_max": l_max, "max_completion_length": outer.max_completion_length,
         "max_extraction_tokens": min(episode.max_extraction_tokens, outer.max_completion_length),
         "max_answer_tokens": min(episode.max_answer_tokens, outer.max_completion_length),
         "pairs_per_extraction": episode.max_pairs, "micro_batch_size": outer.micro_batch_size,
@@ -266,7 +268,7 @@ def decode_bandwidth_part(args, device: str) -> dict:
     config = model_config(args.shape, args.decode_layers)
     model = build_model(config, device, dtype).eval()
     tokenizer = load_tokenizer(FIXTURE_TOKENIZER)
-    context = args.l_max or load_recipe(RECIPE).episode.l_max
+    context = args.l_max or load_recipe(RECIPE).episode.l_max or DEFAULT_L_MAX
     result = {"shape": args.shape, "layers": config.num_hidden_layers, "dtype": str(dtype).removeprefix("torch."),
               "context_tokens": context, "decode_tokens": args.decode_tokens, "rows": []}
     if cuda:

@@ -186,7 +186,8 @@ def test_sampled_tokens_do_not_depend_on_when_the_decoder_notices_stops(tiny):
         for decoder in ("generate", "static"):
             fast = FastWeights(model, 4, FastWeightConfig(num_layers=2, epochs=1))
             config = EpisodeConfig(l_max=30, max_extraction_tokens=24, max_answer_tokens=24, do_sample=True,
-                                   temperature=1.0, seed=11, decoder=decoder, extraction_retries=1)
+                                   temperature=1.0, top_p=1.0, top_k=0, seed=11, decoder=decoder,
+                                   extraction_retries=1)
             episodes[decoder] = EpisodeRunner(model, tok, fast, config).run(env, [env.task(1)] * 4)
             fast.remove()
     finally:

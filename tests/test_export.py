@@ -419,7 +419,8 @@ def test_checkpoint_export_and_agent_run_the_inner_loop_and_episode_training_ran
     evaluated = make_runner(config, model, tok, 1, TRAINED).fast
     run = json.loads((checkpoint / "run.json").read_text())
     given = run["episode_as_given"]
-    assert (given["do_sample"], given["temperature"], given["summary_tokens"]) == (False, 1.0, 256)
+    defaults = (False, EpisodeConfig.temperature, 256)
+    assert (given["do_sample"], given["temperature"], given["summary_tokens"]) == defaults
     ran = (run["episode"]["do_sample"], run["episode"]["temperature"], run["episode"]["summary_tokens"])
     assert ran == (True, 0.7, 8) == (agent.config.do_sample, agent.config.temperature, agent.config.summary_tokens)
     for fast in (agent.fast, evaluated):

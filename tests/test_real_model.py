@@ -39,4 +39,4 @@ def test_real_episode_extracts_absorbs_and_answers(smol):
         assert traj.segments[-1].kind == "answer" and traj.prediction
         assert 0.0 <= traj.reward <= 1.0
     attempts = [a for t in batch.trajectories for e in t.extractions for a in e.supervision.attempts]
-    assert any(a["pairs"] for a in attempts), "with the example turn the model writes at least one parseable list"
+    assert any(a.pairs for a in attempts), "with the example turn the model writes at least one parseable list"

@@ -30,10 +30,12 @@ def _flag_kind(annotation) -> tuple[Any, dict[str, Any]]:
 
 
 def _add_dataclass_args(parser, cls, *, prefix: str = "", skip: tuple[str, ...] = (),
-                        names: dict[str, str] | None = None, given_only: bool = False, shown=None) -> None:
-    """One flag per field of dataclass `cls`, --<prefix><name> (or names[field]), its help the field's docstring.
-    given_only: the flag defaults to None (not given), so that a recipe's or the config's value stands unless the
-    flag is given; the help shows the value of `shown` (an instance), else the field's default."""
+                        names: dict[str, str] | None = None, given_only: bool = False, shown=None,
+                        choices: dict[str, tuple] | None = None) -> None:
+    """One flag per field of dataclass `cls`, --<prefix><name> (or names[field]), its help the field's docstring,
+    its values `choices[field]` where given. given_only: the flag defaults to None (not given), so that a recipe's
+    or the config's value stands unless the flag is given; the help shows the value of `shown` (an instance), else
+    the field's default."""
     from tmem_rl.config_docs import field_docs
 
     docs, hints = field_docs(cls), typing.get_type_hints(cls)
@@ -48,6 +50,8 @@ def _add_dataclass_args(parser, cls, *, prefix: str = "", skip: tuple[str, ...] 
         kind, extra = _flag_kind(hints[f.name])
         if kind is not None:
             extra["type"] = kind
+        if f.name in (choices or {}):
+            extra["choices"] = choices[f.name]
         text = docs.get(f.name, "")
         if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
             extra["required"] = True
@@ -82,14 +86,17 @@ EVAL_SECTIONS = (("episode", ""), ("fast_weights", "inner_"), ("methods_settings
 
 
 def _add_eval_args(ev: argparse.ArgumentParser) -> None:
-    from tmem_rl.evaluation.harness import SET_BY_METHODS, EvalConfig
+    from tmem_rl.envs.split import SPLITS
+    from tmem_rl.episode import DECODERS, SUPERVISIONS
+    from tmem_rl.evaluation.harness import EPISODE_UNITS, SET_BY_METHODS, EvalConfig
 
+    choices = {"split": SPLITS, "episode_unit": EPISODE_UNITS, "decoder": DECODERS, "supervision": SUPERVISIONS}
     shown = EvalConfig(out="")
     ev.add_argument("--recipe", default=None,
                     help="take the model, environment, split, inner loop and episode settings from a training "
                          "recipe (flags given here still win)")
     _add_dataclass_args(ev, EvalConfig, skip=tuple(name for name, _ in EVAL_SECTIONS), names={"methods": "method"},
-                        given_only=True, shown=shown)
+                        given_only=True, shown=shown, choices=choices)
     ev.add_argument("--greedy", dest="do_sample", action="store_false", default=None,
                     help="greedy decoding instead of the paper's sampling (--no-do-sample)")
     ev.add_argument("--batch-size", dest="answer_batch_size", type=int, default=None,
@@ -100,7 +107,7 @@ def _add_eval_args(ev: argparse.ArgumentParser) -> None:
     for name, prefix in EVAL_SECTIONS:
         value = getattr(shown, name)
         _add_dataclass_args(ev.add_argument_group(titles[name]), type(value), prefix=prefix, skip=SET_BY_METHODS,
-                            given_only=True, shown=value)
+                            given_only=True, shown=value, choices=choices)
 
 
 def _eval_config(args):
@@ -171,7 +178,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     demo = sub.add_parser("demo", help="TMEM vs no memory on the facts environment with the default model")
     _add_dataclass_args(demo, DemoConfig)
-    ev = sub.add_parser("eval", help="run memory methods side by side on a benchmark; JSONL + summary + table + chart")
+    ev = sub.add_parser("eval", help="run memory methods side by side on a benchmark; JSONL + summary + table + chart",
+                        description="The defaults shown are EvalConfig's; with --recipe, the recipe's settings (model, "
+                                    "environment, held-out split, inner loop, episode section and sampling) replace "
+                                    "them, and flags given still win.")
     _add_eval_args(ev)
     train = sub.add_parser("train", help="train with a YAML recipe (GRPO); key=value overrides after the recipe")
     train.add_argument("recipe", help="a YAML recipe, e.g. recipes/quickstart_cpu.yaml")

@@ -26,7 +26,10 @@ from contextlib import nullcontext
 from dataclasses import dataclass
 
 import torch
+from torch import nn
 from transformers import LogitsProcessorList, StaticCache, StoppingCriteria
+
+from tmem_rl.prefill import shared_prefill
 
 # With graphs, cache lengths are rounded up to a multiple of this, so prompts of similar length share one cache
 # and one graph.
@@ -103,11 +106,12 @@ class StaticDecoder:
     def decode(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, max_new_tokens: int,
                stop_ids: list[int], pad_id: int, slots: list[int] | None = None,
                processors: LogitsProcessorList | None = None, stopping: StoppingCriteria | None = None,
-               stop_check_every: int = 8) -> torch.Tensor:
+               stop_check_every: int = 8, shared: list[nn.Module] | tuple = ()) -> torch.Tensor:
         """Tokens generated after `input_ids` ([rows, new]): argmax of the processed scores (processors may add
         sampling noise), rows padded with `pad_id` after their first stop token or the token at which `stopping`
         stopped them. The same tokens as `model.generate(..., do_sample=False, logits_processor=processors,
-        stopping_criteria=[stopping])[:, width:]` under `fast.use(slots)`."""
+        stopping_criteria=[stopping])[:, width:]` under `fast.use(slots)`. `shared`: decoder layers the prefill
+        runs once per distinct prompt (`tmem_rl.prefill`)."""
         rows, width = input_ids.shape
         device = self.device
         graphs = self.capturing()
@@ -130,9 +134,10 @@ class StaticDecoder:
             bucket.mask.fill_(1)
             bucket.mask[:, :width].copy_(attention_mask)
             positions = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
-            logits = self.model(input_ids=input_ids, attention_mask=bucket.mask, position_ids=positions,
-                                cache_position=torch.arange(width, device=device), use_cache=True,
-                                **{self._cache_arg: bucket.cache}, **self._last_logits_only).logits[:rows, -1]
+            with shared_prefill(shared, input_ids, attention_mask):
+                logits = self.model(input_ids=input_ids, attention_mask=bucket.mask, position_ids=positions,
+                                    cache_position=torch.arange(width, device=device), use_cache=True,
+                                    **{self._cache_arg: bucket.cache}, **self._last_logits_only).logits[:rows, -1]
             bucket.position.copy_(positions[:, -1:])
             prefilled = self._clock()
             stops = torch.tensor(stop_ids, device=device)

@@ -418,7 +418,7 @@ def _as_verdict(value: Any) -> bool:
 class LongMemEvalEnv(Environment):
     """One task per LongMemEval item, in file order; the stream is the item's own haystack.
 
-    `default_l_max` is left unset, so `tmem-rl eval` reads at the harness's 4096 tokens (the paper's LoCoMo budget;
+    `default_l_max` is left unset, so episodes read at 4096 tokens (`EpisodeConfig.budget`: the paper's LoCoMo budget;
     no LongMemEval budget is given there). A LongMemEval-S haystack is ~115k tokens, so at 4096 the agent extracts
     and clears its context many times per item; ``--l-max`` changes the budget.
     """

@@ -84,6 +84,10 @@ class EpisodeConfig:
     policy writes (TMEM). Ablations, with the same inner-loop settings: "transcript": the working context itself;
     "summary": notes the model writes of it (summary_tokens). Text is cut into pieces that fit
     inner_loop.max_pair_tokens, each learned as the answer to one fixed recall request."""
+    shared_prefill: bool = True
+    """Prefill the layers below the first fast-weight layer once per distinct prompt of a batch (`tmem_rl.prefill`):
+    a group's rollouts share their prompt at each extraction point and at the answer. The same tokens as False,
+    which runs every row through every layer."""
     carry_fast_weights: bool = False
     """Continual learning: a new episode keeps each rollout slot's fast weights from the episode before instead of
     starting from the base model (`EpisodeRunner.reset_fast_weights` clears them when asked)."""

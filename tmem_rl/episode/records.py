@@ -40,7 +40,7 @@ class Extraction:
     what absorbing it did."""
 
     chunk_index: int  # the last chunk read (streams) or the turn (tool environments)
-    supervision_kind: str  # EpisodeConfig.supervision: "pairs" or "summary"
+    supervision_kind: str  # EpisodeConfig.supervision: qa_pairs | transcript | summary
     supervision: Supervision
     inner_update: InnerUpdate | None  # None: nothing to absorb (no pair parsed)
     fast_weight_version: int  # the rollout's absorbs so far, this one included when it was kept

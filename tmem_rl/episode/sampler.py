@@ -18,6 +18,8 @@ from tmem_rl.episode.config import LOGPROB_ROWS, EpisodeConfig
 from tmem_rl.extraction import PairReader
 from tmem_rl.logprobs import build_rows, completion_logprobs
 from tmem_rl.memory.fast_weights import FastWeights
+from tmem_rl.memory.layers import adapted_layer_indices, decoder_layers
+from tmem_rl.prefill import shared_prefill
 
 
 @dataclass
@@ -104,7 +106,7 @@ class Sampler:
         decoder) once it says so, to save time; the tokens up to the stop are the same either way, and callers cut
         each row there themselves (padding follows it)."""
         pad = self.tokenizer.pad_token_id
-        input_ids, attention_mask = left_padded(prompts, pad)
+        input_ids, attention_mask = (t.to(self.device) for t in left_padded(prompts, pad))
         # Sampling draws from the runner's own generator (Gumbel-max over HF's warped scores, decoded greedily), so
         # an episode is reproducible from EpisodeConfig.seed and the caller's global RNG is never touched.
         processors = LogitsProcessorList([])
@@ -119,13 +121,13 @@ class Sampler:
             if self.static_decoder is None:
                 self.static_decoder = StaticDecoder(self.model, self.fast)
             new_tokens = self.static_decoder.decode(input_ids, attention_mask, max_new_tokens, self.stop_ids, pad,
-                                                    slots, processors, stopping)
+                                                    slots, processors, stopping, shared=self.shared_layers())
         else:
             live = self.fast.use(slots) if self.fast is not None and max(slots) >= 0 else nullcontext()
-            with live:
+            with live, shared_prefill(self.shared_layers(), input_ids, attention_mask):
                 new_tokens = self.model.generate(
-                    input_ids=input_ids.to(self.device),
-                    attention_mask=attention_mask.to(self.device),
+                    input_ids=input_ids,
+                    attention_mask=attention_mask,
                     max_new_tokens=max_new_tokens,
                     pad_token_id=pad,
                     eos_token_id=self.stop_ids,
@@ -140,6 +142,15 @@ class Sampler:
             # Keep the end token: it was generated and carries log-prob.
             completions.append(row if end is None else row[: end + 1])
         return completions
+
+    def shared_layers(self) -> list:
+        """The decoder layers a prefill may run once per distinct prompt: those below the first fast-weight layer
+        (all of them without fast weights); none when EpisodeConfig.shared_prefill is off."""
+        if not self.config.shared_prefill:
+            return []
+        layers = decoder_layers(self.model)
+        first = adapted_layer_indices(self.model, self.fast.config)[0] if self.fast is not None else len(layers)
+        return list(layers[:first])
 
     def _warpers(self, temperature: float) -> list[LogitsProcessor]:
         warpers: list[LogitsProcessor] = [TemperatureLogitsWarper(temperature)]

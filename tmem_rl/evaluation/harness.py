@@ -93,9 +93,10 @@ class EvalConfig:
     resume: bool = False
     """Continue an interrupted run in `out` with the same settings; recorded (method, question) rows are kept."""
     episode: EpisodeConfig = field(default_factory=lambda: EpisodeConfig(do_sample=True))
-    """How each episode reads, extracts and answers (a recipe's `episode` section; a dict is read as changes to
-    this default). EpisodeConfig's defaults, but for sampling: evaluation samples at the paper's inference settings
-    unless do_sample is False (`--greedy`). Each method sets the memory mode itself."""
+    """How each episode reads, extracts and answers (a recipe's `episode` section). EpisodeConfig's defaults, but
+    for sampling: evaluation samples at the paper's inference settings unless do_sample is False (`--greedy`). A
+    dict is read as changes to this default; an EpisodeConfig is taken whole (its own default is greedy). Each
+    method sets the memory mode itself."""
     fast_weights: FastWeightConfig = field(default_factory=FastWeightConfig)
     """The inner loop's settings (the `inner_loop` section of a recipe)."""
     methods_settings: MethodSettings = field(default_factory=MethodSettings)

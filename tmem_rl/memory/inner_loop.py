@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from tmem_rl.chat import chat_template_kwargs, chat_text
-from tmem_rl.memory.layers import adapted_layer_indices, decoder_layers
+from tmem_rl.memory.layers import adapted_layer_indices, decoder_layers, take_rows
 from tmem_rl.records import InnerUpdate, QAPair
 
 IGNORE = -100
@@ -151,19 +151,9 @@ class AdaptedStack:
         total = self.hidden.shape[0]
         h = self.hidden[rows]
         for layer, kwargs in zip(self.layers, self.layer_kwargs):
-            out = layer(h, **{k: _take_rows(v, rows, total) for k, v in kwargs.items()})
+            out = layer(h, **{k: take_rows(v, rows, total) for k, v in kwargs.items()})
             h = out[0] if isinstance(out, tuple) else out
         return self.norm(h)
-
-
-def _take_rows(value, rows: torch.Tensor, total: int):
-    # Batch-shaped tensors (masks) follow the rows; broadcast ones ([1, ...] rotary tables) and 1-D ones
-    # (cache positions) stay as they are.
-    if isinstance(value, torch.Tensor) and value.dim() >= 2 and value.shape[0] == total and total > 1:
-        return value[rows]
-    if isinstance(value, tuple):
-        return tuple(_take_rows(v, rows, total) for v in value)
-    return value
 
 
 def answer_token_losses(head: nn.Module, hidden: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import torch
 from torch import nn
 
 from tmem_rl.memory.config import FastWeightConfig
@@ -66,3 +67,14 @@ def find_target_modules(model: nn.Module, config: FastWeightConfig) -> dict[str,
                 )
             found[f"{prefix}.{index}.{by_leaf[target]}"] = linears[by_leaf[target]]
     return found
+
+
+def take_rows(value, rows: torch.Tensor, total: int):
+    """A decoder layer's keyword argument for these of its `total` batch rows: batch-shaped tensors (masks,
+    per-row rotary tables) follow the rows; broadcast ones ([1, ...]) and 1-D ones (cache positions) stay as they
+    are."""
+    if isinstance(value, torch.Tensor) and value.dim() >= 2 and value.shape[0] == total and total > 1:
+        return value[rows]
+    if isinstance(value, tuple):
+        return tuple(take_rows(v, rows, total) for v in value)
+    return value

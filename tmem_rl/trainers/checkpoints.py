@@ -31,9 +31,11 @@ METRICS = "metrics.jsonl"
 RECIPE = "recipe.yaml"
 """The run's recipe in its output folder, written at every start: the text to rerun, with its hash."""
 FREE_KEYS = ("outer_loop.output_dir", "outer_loop.save_steps", "outer_loop.save_total_limit",
-             "outer_loop.logging_steps", "outer_loop.report_to")
+             "outer_loop.logging_steps", "outer_loop.report_to", "episode.temperature", "episode.top_p",
+             "episode.top_k")
 """Recipe keys a resume may change unasked: where and how often the run writes checkpoints and logs (output_dir: a
-run folder moved or copied), never what it computes."""
+run folder moved or copied), and the episode's sampling, which training replaces with outer_loop's; never what it
+computes."""
 TRACKER_RUN = "tmem_rl"
 """The trackers' run name: TensorBoard writes under <output_dir>/<TRACKER_RUN>."""
 _NAME = re.compile(r"checkpoint-(\d+)")

@@ -342,8 +342,10 @@ class GRPOTrainer(TrainerCheckpoints):
                              "starts every episode from the base model")
         self.episode_config = given
         episode_config = dataclasses.replace(
-            # Old log-probs come from a pass per micro-batch in the update, and only when they are used.
-            given, do_sample=True, record_logprobs=False, temperature=config.temperature, top_p=config.top_p,
+            # Old log-probs come from a pass per micro-batch in the update, and only when they are used. The budget
+            # is resolved against the environment here, so that the run records (and an export keeps) the one used.
+            given, l_max=given.budget(self.env), do_sample=True, record_logprobs=False,
+            temperature=config.temperature, top_p=config.top_p,
             top_k=config.top_k, max_answer_tokens=min(given.max_answer_tokens, config.max_completion_length),
             max_extraction_tokens=min(given.max_extraction_tokens, config.max_completion_length),
             max_action_tokens=min(given.max_action_tokens, config.max_completion_length),
