@@ -7,6 +7,7 @@ from peft import LoraConfig, get_peft_model
 from tmem_rl.errors import InputError
 from tmem_rl.memory import FastWeightConfig, FastWeights, svd_init
 from tmem_rl.memory.fast_weights import INIT_FILE
+from tmem_rl.memory.layers import decoder_layers
 from tmem_rl.memory.inner_loop import IGNORE, NO_ANSWER_TOKEN, format_pair, minibatch_schedule, slot_generator
 from tmem_rl.records import QAPair
 
@@ -97,6 +98,27 @@ def test_base_logits_match_peft_before_training(tiny):
         with fast.use([0, 1, 0]):
             with_fast = model(input_ids=ids, attention_mask=mask).logits
     assert torch.equal(base, with_fast)  # B = 0 adds exactly nothing
+
+
+@pytest.mark.parametrize("batch_size", [16, 2])
+def test_the_loss_before_an_update_costs_a_pass_only_when_the_first_step_does_not_score_every_pair(tiny, batch_size):
+    model, tok = tiny
+    fast = FastWeights(model, 2, FastWeightConfig(lr=0.05, epochs=3, batch_size=batch_size))
+    top = decoder_layers(model)[-1]
+    passes = []
+    handle = top.register_forward_pre_hook(lambda module, args: passes.append(args[0].shape[0]))
+    try:
+        stats = fast.absorb(tok, {0: PAIRS[0], 1: PAIRS[1]})
+    finally:
+        handle.remove()
+    steps = 3 * (1 if batch_size == 16 else 2)  # slot 0's 3 pairs take 2 minibatches of 2
+    # The prefix capture, the steps, the pass after, and the pass before only when the first step does not score
+    # every pair.
+    assert len(passes) == 1 + steps + 1 + (batch_size == 2)
+    for s in (0, 1):
+        if batch_size == 16:  # one minibatch: the first epoch's loss is the loss before
+            assert stats[s].loss_before == pytest.approx(stats[s].epoch_losses[0], rel=1e-5)
+        assert stats[s].loss_after < stats[s].loss_before
 
 
 def test_prefix_cache_matches_full_recompute(tiny):

@@ -211,8 +211,14 @@ def inner_update(fast, tokenizer, pairs_by_slot: dict[int, list[QAPair]], prompt
         return per_slot_mean(losses, row_slots[token_rows], fast.num_slots)[0]
 
     every_row = torch.arange(batch.input_ids.shape[0], device=device)
-    with torch.no_grad():
-        before = slot_losses(every_row).tolist()
+    # When every slot's pairs fit one minibatch, the first step scores every pair under the weights as they are:
+    # its losses are the losses before the update, and a pass of their own would repeat it (1 of 7 passes at the
+    # default 5 epochs).
+    first_step_is_before = cfg.epochs > 0 and all(len(rows_of_slot[s]) <= cfg.batch_size for s in trained)
+    before = None
+    if not first_step_is_before:
+        with torch.no_grad():
+            before = slot_losses(every_row).tolist()
     params = fast.trainable()
     for t in params.values():
         t.requires_grad_(True)
@@ -238,6 +244,8 @@ def inner_update(fast, tokenizer, pairs_by_slot: dict[int, list[QAPair]], prompt
                         if g is not None:
                             t.sub_(cfg.lr * g)
                 losses_now = per_slot.detach().tolist()  # one device sync per step, not one per slot
+                if before is None:
+                    before = losses_now
                 for s, sched in schedules.items():
                     if step < len(sched):
                         sums[s] += losses_now[s] * len(sched[step])
