@@ -54,12 +54,14 @@ class _FanOutCache:
 def shared_prefill(layers: list[nn.Module], input_ids: torch.Tensor, attention_mask: torch.Tensor) -> Iterator[bool]:
     """Inside: the next forward of these decoder layers over a batch shaped like `input_ids` (the prefill) runs
     them on one row per distinct prompt. Yields whether any prompt is shared (if none, nothing is changed)."""
-    first, inverse = distinct_rows(input_ids, attention_mask)
-    rows, width = input_ids.shape
-    if len(first) == rows or not layers:
+    if not layers:
         yield False
         return
-    first, inverse = first.to(input_ids.device), inverse.to(input_ids.device)
+    first, inverse = distinct_rows(input_ids, attention_mask)
+    rows, width = input_ids.shape
+    if len(first) == rows:
+        yield False
+        return
     narrowed: set[int] = set()
     widened: set[int] = set()
 

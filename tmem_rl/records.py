@@ -43,6 +43,10 @@ class ParseRecord:
             "error": self.error,
         }
 
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "ParseRecord":
+        return cls(data["raw"], [QAPair(**p) for p in data["pairs"]], data["dropped"], data["error"])
+
 
 @dataclass
 class Supervision:
@@ -51,8 +55,10 @@ class Supervision:
     pairs: list[QAPair] = field(default_factory=list)
     attempts: list[ParseRecord] = field(default_factory=list)
 
-    def to_dict(self) -> dict[str, Any]:
-        return {"pairs": [p.to_dict() for p in self.pairs], "attempts": [a.to_dict() for a in self.attempts]}
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "Supervision":
+        """As `dataclasses.asdict` wrote it (a saved trajectory's extraction)."""
+        return cls([QAPair(**p) for p in data["pairs"]], [ParseRecord.from_dict(a) for a in data["attempts"]])
 
 
 @dataclass

@@ -13,7 +13,7 @@ from typing import Any
 from safetensors.torch import load_file, save_file
 
 from tmem_rl.memory.fast_weights import Snapshot
-from tmem_rl.records import InnerUpdate, ParseRecord, QAPair, Supervision  # InnerUpdate: re-exported
+from tmem_rl.records import InnerUpdate, Supervision  # InnerUpdate: re-exported
 
 
 @dataclass
@@ -52,13 +52,9 @@ class Extraction:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "Extraction":
-        sup = data["supervision"]
-        attempts = [ParseRecord(a["raw"], [QAPair(**p) for p in a["pairs"]], a["dropped"], a["error"])
-                    for a in sup["attempts"]]
         update = data["inner_update"]
-        return cls(data["chunk_index"], data["supervision_kind"],
-                   Supervision([QAPair(**p) for p in sup["pairs"]], attempts), update and InnerUpdate(**update),
-                   data["fast_weight_version"])
+        return cls(data["chunk_index"], data["supervision_kind"], Supervision.from_dict(data["supervision"]),
+                   update and InnerUpdate(**update), data["fast_weight_version"])
 
 
 @dataclass

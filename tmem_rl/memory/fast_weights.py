@@ -375,9 +375,7 @@ class FastWeights:
                 # The floor of 1 nat: a loss already near 0 may wobble (0.01 -> 0.03) without diverging.
                 reason = "diverged"
             if reason is not None:
-                i = slots.index(s)
-                self.restore({key: t[i : i + 1] for key, t in before.items()}, [s])
-                record.rolled_back, record.rollback_reason = True, reason
+                self._roll_back(record, s, slots, before, reason)
 
     @torch.no_grad()
     def _guard(self, tokenizer, stats, pairs_by_slot, slots, before: Snapshot, prompt_fn,
@@ -408,6 +406,10 @@ class FastWeights:
             leak = sum(damaged(a, absorbed) and not damaged(b, absorbed) for a, b in zip(answers, base)) / n
             stats[s].probe_leak, stats[s].probe_answers = leak, answers
             if leak > self.config.max_probe_leak:
-                stats[s].rolled_back, stats[s].rollback_reason = True, "probe_leak"
-                i = slots.index(s)
-                self.restore({key: t[i : i + 1] for key, t in before.items()}, [s])
+                self._roll_back(stats[s], s, slots, before, "probe_leak")
+
+    def _roll_back(self, record: InnerUpdate, slot: int, slots: list[int], before: Snapshot, reason: str) -> None:
+        """Put `slot` back where this absorb found it (`before` holds `slots` in order) and record why."""
+        i = slots.index(slot)
+        self.restore({key: t[i : i + 1] for key, t in before.items()}, [slot])
+        record.rolled_back, record.rollback_reason = True, reason
