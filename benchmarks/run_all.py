@@ -38,6 +38,7 @@ HEADLINES = {
     "episode_cost": ["episodes.0.seconds_per_episode", "episodes.-1.seconds_per_episode",
                      "decode_step.static_decode_step_ms", "decode_step.static_speedup_vs_generate"],
     "learning_curve": ["f1_before", "f1_after", "f1_delta", "minutes"],
+    "retriever_qps": ["bm25s_qps_one_by_one", "rank_bm25_qps", "http_qps_batched", "bm25s_build_s"],
     "busy_cpu": ["busy_over_quiet.default", "busy_over_quiet.all_cores", "default_quiet_over_all_cores_quiet"],
     "gpu_scale": ["grpo.seconds_per_step", "grpo.peak_memory_gib", "decode_bandwidth.rows.-1.static_fraction_of_peak",
                   "failed"],

@@ -131,18 +131,20 @@ def _score(prediction: str, *answers: str) -> dict[str, float]:
     "1987; Port Aldane; 2001",  # a part past the k-th is not read
 ])
 def test_score_full_marks(prediction):
-    assert _score(prediction, "1987", "Port Aldane") == {"reward": 1.0, "f1": 1.0, "em": 1.0, "all_correct": 1.0}
+    assert _score(prediction, "1987", "Port Aldane") == {"reward": 1.0, "f1": 1.0, "em": 1.0, "all_correct": 1.0,
+                                                         "f1_q1": 1.0, "f1_q2": 1.0}
 
 
 def test_score_one_right_one_wrong():
     assert _score("1987; Velmora Systems", "1987", "Port Aldane") == {
-        "reward": 0.5, "f1": 0.5, "em": 0.5, "all_correct": 0.0}
+        "reward": 0.5, "f1": 0.5, "em": 0.5, "all_correct": 0.0, "f1_q1": 1.0, "f1_q2": 0.0}
 
 
 def test_score_partial_overlap():
     # "Dask" against "Orlin Dask": precision 1, recall 1/2, F1 2/3; with "1987" exact: (1 + 2/3) / 2 = 5/6.
     metrics = _score("1987; Dask", "1987", "Orlin Dask")
     assert metrics["f1"] == pytest.approx(5 / 6) and metrics["reward"] == metrics["f1"]
+    assert (metrics["f1_q1"], metrics["f1_q2"]) == (1.0, pytest.approx(2 / 3))  # each question's own F1
     assert metrics["em"] == 0.5 and metrics["all_correct"] == 0.0
     # "Orlin Dask Vess" against "Orlin Dask": P = 2/3, R = 1, F1 = 0.8; the part is not an exact match.
     metrics = _score("Orlin Dask Vess", "Orlin Dask")
@@ -156,7 +158,8 @@ def test_score_missing_extra_and_empty_parts():
     assert _score("guess; 1987; Port Aldane", "1987", "Port Aldane")["f1"] == 0.5
     assert _score("1987; 1988; 1989; 1990", "1990", "1991")["f1"] == 0.0
     for empty in ("", "   ", " ; \n ;", "(1) ; (2)"):
-        assert _score(empty, "1987", "Port Aldane") == {"reward": 0.0, "f1": 0.0, "em": 0.0, "all_correct": 0.0}
+        assert _score(empty, "1987", "Port Aldane") == {"reward": 0.0, "f1": 0.0, "em": 0.0, "all_correct": 0.0,
+                                                        "f1_q1": 0.0, "f1_q2": 0.0}
 
 
 def test_score_matches_one_to_one():

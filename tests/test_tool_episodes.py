@@ -163,6 +163,22 @@ def test_searches_twice_extracts_over_budget_and_answers(tiny):
     assert len(traj.segments[1].logprobs) == len(traj.segments[1].completion_ids)
 
 
+def test_explicit_notes_show_the_absorbed_pairs_in_later_turns(tiny):
+    """TMEM + explicit memory in the turn loop: after the absorb, the pair is in the fast weights and in the prompt."""
+    env = NotesEnv()
+    _, tok = tiny
+    l_max = _tokens(tok, "<search>alpha</search>\n" + env.NOTES["alpha"]) + 10
+    script = {0: ["<search>alpha</search>", "<search>beta</search>", "<answer>4417; 9021</answer>"]}
+    prompts = {}
+    for notes in (0, 3):
+        runner, fast = _runner(tiny, {g: list(a) for g, a in script.items()}, l_max=l_max, explicit_notes=notes)
+        traj = runner.run(env, [env.task(0)]).trajectories[0]
+        assert fast.versions[0] == 1 and [s.kind for s in traj.segments] == ["action", "action", "extraction", "answer"]
+        prompts[notes] = tok.decode(traj.segments[3].prompt_ids)
+    assert "Notes:\n- What is the code of Alpha? 4417" in prompts[3]
+    assert "Notes:" not in prompts[0] and "(nothing yet)" in prompts[0]
+
+
 def test_an_action_prefilled_with_a_bracket_continues_the_tag(tiny):
     env = NotesEnv()
     runner, _ = _runner(tiny, {0: ["search>alpha</search>", "answer>4417</answer>"]}, l_max=10_000, prefill=True)
@@ -312,17 +328,27 @@ def registered_notes():
     _REGISTRY.pop(NotesEnv.name, None)
 
 
-def test_eval_runs_every_agent_method_through_the_turn_loop(registered_notes, tmp_path):
+AGENT_METHODS = ["none", "full-context", "summary", "tmem", "tmem+explicit"]
+
+
+def eval_agent_methods(out, env, l_max, **env_kwargs):
+    """`run_eval` of every method a tool environment takes, on the tiny model with short budgets: (summary,
+    records), after checking that every method has a row and each of the environment's 2 tasks a record."""
     from tmem_rl.evaluation.harness import EvalConfig, read_records, run_eval
 
-    methods = ["none", "full-context", "summary", "tmem"]
-    config = EvalConfig(out=str(tmp_path), env=registered_notes, model="tiny", methods=methods, device="cpu",
-                        episode=EpisodeConfig(l_max=40, max_answer_tokens=8, max_extraction_tokens=16,
-                                              max_action_tokens=8, summary_tokens=8))
-    summary = run_eval(config)
-    assert list(summary) == methods
-    records = read_records(tmp_path / "results.jsonl")
-    assert len(records) == 2 * len(methods)
+    summary = run_eval(EvalConfig(out=str(out), env=env, env_kwargs=env_kwargs, model="tiny", methods=AGENT_METHODS,
+                                  device="cpu",
+                                  episode=EpisodeConfig(l_max=l_max, max_answer_tokens=8, max_extraction_tokens=16,
+                                                        max_action_tokens=8, summary_tokens=8)))
+    assert list(summary) == AGENT_METHODS
+    records = read_records(out / "results.jsonl")
+    assert len(records) == 2 * len(AGENT_METHODS)
+    return summary, records
+
+
+def test_eval_runs_every_agent_method_through_the_turn_loop(registered_notes, tmp_path):
+    methods = AGENT_METHODS
+    summary, records = eval_agent_methods(tmp_path, registered_notes, l_max=40)
     for record in records:
         assert 1 <= record["turns"] <= NotesEnv.max_turns
         assert record["turns"] == len([a for a in record["actions"] if a["kind"] != "forced_answer"])

@@ -6,6 +6,7 @@ import argparse
 import dataclasses
 import json
 import sys
+import time
 import traceback
 import types
 import typing
@@ -234,6 +235,12 @@ def build_parser() -> argparse.ArgumentParser:
                       help="list: one line per environment: name, package, module:Class, stream or tool")
     convert = sub.add_parser("convert", help="convert a known packaged model into the HF cache folder; print it")
     convert.add_argument("name", nargs="?", default=None, help="a known model name (default: the default model)")
+    serve = sub.add_parser("serve-retriever", help="serve BM25 search over a JSONL corpus with the Search-R1 "
+                                                   "retrieval protocol (POST /retrieve)")
+    serve.add_argument("--corpus", required=True, help='a JSONL file of {"id", "contents"} lines')
+    serve.add_argument("--host", default="127.0.0.1", help="the address to listen on (0.0.0.0: every interface)")
+    serve.add_argument("--port", type=int, default=8000, help="the port to listen on (0: a free one)")
+    serve.add_argument("--topk", type=int, default=3, help="passages per query when a request gives no topk")
     return parser
 
 
@@ -316,7 +323,34 @@ def _convert(args) -> int:
     return 0
 
 
-COMMANDS = {"demo": _demo, "eval": _eval, "train": _train, "export": _export, "envs": _envs, "convert": _convert}
+def _serve_retriever(args) -> int:
+    from tmem_rl.errors import InputError
+    from tmem_rl.retrieval.corpus import CorpusIndex
+    from tmem_rl.retrieval.server import MAX_TOPK, RetrievalServer
+
+    if not 0 <= args.port <= 65535:
+        raise InputError(f"serve-retriever: --port must be between 0 and 65535, got {args.port}")
+    if not 1 <= args.topk <= MAX_TOPK:
+        raise InputError(f"serve-retriever: --topk must be between 1 and {MAX_TOPK}, got {args.topk}")
+    started = time.perf_counter()
+    index = CorpusIndex.from_jsonl(args.corpus)
+    try:
+        server = RetrievalServer(index, args.host, args.port, default_topk=args.topk)
+    except (OSError, UnicodeError) as err:  # a port in use, a host that does not resolve
+        raise InputError(f"serve-retriever: cannot listen on {args.host}:{args.port} ({err.strerror or err})") from err
+    print(f"serving {len(index)} passages of {args.corpus} at {server.url} (index built in "
+          f"{time.perf_counter() - started:.1f} s); Ctrl-C stops", flush=True)
+    try:
+        server.serve_forever()
+    except KeyboardInterrupt:
+        pass
+    finally:
+        server.close()
+    return 0
+
+
+COMMANDS = {"demo": _demo, "eval": _eval, "train": _train, "export": _export, "envs": _envs, "convert": _convert,
+            "serve-retriever": _serve_retriever}
 
 
 def _run(argv: list[str] | None) -> int:

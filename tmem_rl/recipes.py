@@ -59,7 +59,7 @@ class ModelSection:
 class EnvSection:
     name: str = "facts"
     """A registered environment (`tmem-rl envs list`): a built-in one (facts, dialogues, locomo, longmemeval,
-    context_learning, search) or one a plugin package adds."""
+    context_learning, search, hotpotqa, dataset) or one a plugin package adds."""
     kwargs: dict[str, Any] = field(default_factory=dict)
     """Passed to the environment's constructor."""
     heldout_fraction: float = 0.0

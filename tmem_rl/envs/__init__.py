@@ -36,8 +36,10 @@ PACKAGE = "tmem_rl"
 # no installed metadata. tests/test_plugins.py checks that the two agree.
 BUILTIN_ENVS = {
     "context_learning": "tmem_rl.envs.context_learning:ContextLearningEnv",
+    "dataset": "tmem_rl.envs.dataset:DatasetEnv",
     "dialogues": "tmem_rl.envs.dialogues:DialoguesEnv",
     "facts": "tmem_rl.envs.facts:FactsEnv",
+    "hotpotqa": "tmem_rl.envs.hotpotqa:HotpotQAEnv",
     "locomo": "tmem_rl.envs.locomo:LocomoEnv",
     "longmemeval": "tmem_rl.envs.longmemeval:LongMemEvalEnv",
     "search": "tmem_rl.envs.search:SearchEnv",
@@ -249,6 +251,34 @@ def read_json_file(path: Any, expected: str, error: type[InputError] = InputErro
     except ValueError as err:  # an integer literal longer than Python converts
         raise error(f"{name}: an integer has more than {sys.get_int_max_str_digits()} digits, more than Python "
                     f"reads; expected {expected}") from err
+
+
+def read_jsonl(path: Any, expected: str, error: type[InputError] = InputError) -> list[tuple[int, Any]]:
+    """(line number, JSON value) of every non-blank line of a user's JSONL file; a file that cannot be read or a
+    line that is not JSON is an `error` naming the file, the line and `expected` (what a line should hold). Lines
+    end at newlines only: a JSON string may hold U+2028 and other characters `str.splitlines` would split at."""
+    if not isinstance(path, (str, os.PathLike)):
+        raise error(f"data file: expected a file path, got {path!r}")
+    name = printable(path)
+    values = []
+    try:
+        with Path(path).open(encoding="utf-8") as handle:
+            for number, line in enumerate(handle, start=1):
+                if not line.strip():
+                    continue
+                try:
+                    values.append((number, json.loads(line)))
+                except (json.JSONDecodeError, RecursionError) as err:
+                    raise error(f"{name}, line {number}: not valid JSON ({getattr(err, 'msg', err)}); expected "
+                                f"{expected}") from err
+    except (OSError, ValueError) as err:  # ValueError: a path the OS cannot take; UnicodeDecodeError is one
+        if isinstance(err, InputError):
+            raise
+        reason = getattr(err, "strerror", None) or getattr(err, "reason", None) or err
+        raise error(f"{name}: cannot read the file ({reason}); expected JSONL lines of {expected}") from err
+    if not values:
+        raise error(f"{name}: no lines; expected JSONL lines of {expected}")
+    return values
 
 
 def text_field(where: str, name: str, value: Any, error: type[InputError] = InputError, meaning: str = "") -> str:

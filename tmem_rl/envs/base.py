@@ -310,6 +310,11 @@ class Environment(ABC):
         """Run `tool` (a key of `tools`) on `argument`; the returned text is the agent's observation."""
         raise NotImplementedError(f"environment {self.name!r} lists tools but does not implement call_tool")
 
+    def prefetch(self, calls: list[tuple[EpisodeState, str, str]]) -> None:
+        """The (state, tool, argument) calls a turn of the batch's rollouts is about to make, before `call_tool`
+        runs each: an environment whose tool answers batches faster (a retrieval server) can ask for them at once.
+        Optional; the default does nothing."""
+
     def instructions(self, task: Task) -> str:
         """The system prompt of every action turn in a tool environment: what the agent is and how to act."""
         from tmem_rl.actions import action_format

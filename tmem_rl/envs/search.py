@@ -14,6 +14,7 @@ import random
 import re
 from collections import OrderedDict
 from dataclasses import dataclass, field
+from typing import Callable, Sequence
 
 from tmem_rl.actions import format_call
 from tmem_rl.envs import register_env
@@ -240,13 +241,95 @@ def answer_parts(prediction: str) -> list[str]:
     return [part for part in parts if part]
 
 
+def match_answers(prediction: str, golds: Sequence[str], f1_of: Callable[[str, str], float] = token_f1,
+                  em_of: Callable[[str, str], float] = exact_match) -> list[tuple[float, float]]:
+    """(F1, EM) of each gold answer against the part of `prediction` matched to it, (0, 0) where none is. Only the
+    first len(golds) parts count: an answer that lists many guesses must not score as if it had chosen."""
+    parts = answer_parts(prediction)[: len(golds)]
+    f1 = [[f1_of(part, gold) for part in parts] for gold in golds]  # [k, parts]
+    em = [[em_of(part, gold) for part in parts] for gold in golds]  # [k, parts]
+    # Greedy one-to-one: best F1 first, then exact matches ("Dask Orlin" fits "Orlin Dask" by F1 alone), then the
+    # part in the gold's own position.
+    candidates = sorted(
+        ((i, j) for i in range(len(golds)) for j in range(len(parts)) if f1[i][j] > 0),
+        key=lambda ij: (-f1[ij[0]][ij[1]], -em[ij[0]][ij[1]], ij[0] != ij[1], ij),
+    )
+    matched: dict[int, int] = {}
+    for i, j in candidates:
+        if i not in matched and j not in matched.values():
+            matched[i] = j
+    return [(f1[i][matched[i]], em[i][matched[i]]) if i in matched else (0.0, 0.0) for i in range(len(golds))]
+
+
+def ask_all(questions: Sequence[str]) -> str:
+    """One task's k questions as the agent reads them."""
+    if len(questions) == 1:
+        return f"Answer this question: {questions[0]}"
+    numbered = " ".join(f"({n}) {q}" for n, q in enumerate(questions, start=1))
+    return f"Answer these {len(questions)} questions, in order, separated by ';': {numbered}"
+
+
+def search_tool(top_k_docs: int) -> dict[str, str]:
+    """The search tool as the agent is told of it."""
+    return {"search": f"searches the document collection for the query and returns the top {top_k_docs} "
+                      f"document{'s' if top_k_docs > 1 else ''}"}
+
+
+class MultiQuestionSearch(Environment):
+    """What every k-questions-at-once search environment shares: the search tool, the scoring of the k answers,
+    the instructions and worked example, and the answer prompt. A subclass supplies the tasks (`metadata["k"]`,
+    `metadata["sub_answers"]`) and `call_tool`."""
+
+    tools = search_tool(3)
+    default_l_max = 8192
+    answer_f1 = staticmethod(token_f1)
+    """How one answer is scored against its gold answer (EM is exact match after normalization)."""
+
+    def score(self, task: Task, prediction: str) -> dict[str, float]:
+        """Mean F1 / EM over the k questions (F1 is the reward), whether all are exact, and each question's F1."""
+        matched = match_answers(prediction, task.metadata["sub_answers"], self.answer_f1, exact_match)
+        mean_f1 = sum(f1 for f1, _ in matched) / len(matched)
+        exact = sum(em for _, em in matched)
+        return {"reward": mean_f1, "f1": mean_f1, "em": exact / len(matched),
+                "all_correct": float(exact == len(matched)),
+                **{f"f1_q{i}": f1 for i, (f1, _) in enumerate(matched, start=1)}}
+
+    def instructions(self, task: Task) -> str:
+        return super().instructions(task) + "\n\nSearch for one thing at a time. Answer once what you have found " \
+                                            "answers every question."
+
+    def example_turns(self) -> list[dict[str, str]]:
+        # A made-up world outside every generated one (its names are not built from the generator's syllables).
+        question = ("Answer these 2 questions, in order, separated by ';': (1) In what year was Acme Robotics "
+                    "founded? (2) Which town is Anna Berg from?")
+        example = Task("example", question, (), ("1987; Lund",), metadata={"k": 2})
+        first = format_call("search", "Acme Robotics founded year", "[1] Acme Robotics\nAcme Robotics makes garden "
+                            "robots. It was founded in the year 1987. Its headquarters are in the town of Lund.")
+        second = format_call("search", "Anna Berg town", "[1] Anna Berg\nAnna Berg is a nurse. She comes from the "
+                             "town of Lund.")
+        steps = [("", "<search>Acme Robotics founded year</search>"), (first, "<search>Anna Berg town</search>"),
+                 (f"{first}\n{second}", "<answer>1987; Lund</answer>")]
+        messages = []
+        for turn, (context, action) in enumerate(steps):
+            messages += [{"role": "user", "content": self.turn_prompt(example, context, self.max_turns - turn)},
+                         {"role": "assistant", "content": action}]
+        return messages
+
+    def answer_prompt(self, question: str, context: str, task: Task | None = None) -> str:
+        prompt = super().answer_prompt(question, context, task)
+        if task is None:  # one extracted pair's question: the plain shape
+            return prompt
+        k = task.metadata["k"]
+        if k == 1:
+            return f"{prompt}\nWrite only the short answer."
+        return f"{prompt}\nWrite only the {k} short answers, in order, separated by ';'."
+
+
 @register_env("search")
-class SearchEnv(Environment):
+class SearchEnv(MultiQuestionSearch):
     """k questions per task, answered by searching the task's own documents; deterministic in (seed, index)."""
 
     name = "search"
-    tools = {"search": "searches the document collection for the query and returns the top 3 documents"}
-    default_l_max = 8192
     MAX_K = 16
     MIN_ENTITIES = 6  # two of each kind, so that every relation has someone to point at
     MAX_ENTITIES = 500  # past this, building a world (names are checked pairwise) gets slow
@@ -288,8 +371,7 @@ class SearchEnv(Environment):
         self.top_k_docs = top_k_docs
         self.max_turns = max_turns
         self.seed = seed
-        self.tools = {"search": f"searches the document collection for the query and returns the top {top_k_docs} "
-                                f"document{'s' if top_k_docs > 1 else ''}"}
+        self.tools = search_tool(top_k_docs)
         self._worlds: OrderedDict[int, _World] = OrderedDict()
 
     def __len__(self) -> int:
@@ -310,56 +392,6 @@ class SearchEnv(Environment):
         world = self._world_of(state.task)
         ranked = world.index.ranked(argument, self.top_k_docs)
         return "\n\n".join(f"[{rank}] {world.documents[i]}" for rank, i in enumerate(ranked, start=1))
-
-    def score(self, task: Task, prediction: str) -> dict[str, float]:
-        golds = task.metadata["sub_answers"]
-        # Only the first k parts count: an answer that lists many guesses must not score as if it had chosen.
-        parts = answer_parts(prediction)[: len(golds)]
-        f1 = [[token_f1(part, gold) for part in parts] for gold in golds]  # [k, parts]
-        em = [[exact_match(part, gold) for part in parts] for gold in golds]  # [k, parts]
-        # Greedy one-to-one: best F1 first, then exact matches ("Dask Orlin" fits "Orlin Dask" by F1 alone), then
-        # the part in the gold's own position.
-        candidates = sorted(
-            ((i, j) for i in range(len(golds)) for j in range(len(parts)) if f1[i][j] > 0),
-            key=lambda ij: (-f1[ij[0]][ij[1]], -em[ij[0]][ij[1]], ij[0] != ij[1], ij),
-        )
-        matched: dict[int, int] = {}
-        for i, j in candidates:
-            if i not in matched and j not in matched.values():
-                matched[i] = j
-        exact = sum(em[i][j] for i, j in matched.items())
-        mean_f1 = sum(f1[i][j] for i, j in matched.items()) / len(golds)
-        return {"reward": mean_f1, "f1": mean_f1, "em": exact / len(golds), "all_correct": float(exact == len(golds))}
-
-    def instructions(self, task: Task) -> str:
-        return super().instructions(task) + "\n\nSearch for one thing at a time. Answer once what you have found " \
-                                            "answers every question."
-
-    def example_turns(self) -> list[dict[str, str]]:
-        # A made-up world outside every generated one (its names are not built from the generator's syllables).
-        question = ("Answer these 2 questions, in order, separated by ';': (1) In what year was Acme Robotics "
-                    "founded? (2) Which town is Anna Berg from?")
-        example = Task("example", question, (), ("1987; Lund",), metadata={"k": 2})
-        first = format_call("search", "Acme Robotics founded year", "[1] Acme Robotics\nAcme Robotics makes garden "
-                            "robots. It was founded in the year 1987. Its headquarters are in the town of Lund.")
-        second = format_call("search", "Anna Berg town", "[1] Anna Berg\nAnna Berg is a nurse. She comes from the "
-                             "town of Lund.")
-        steps = [("", "<search>Acme Robotics founded year</search>"), (first, "<search>Anna Berg town</search>"),
-                 (f"{first}\n{second}", "<answer>1987; Lund</answer>")]
-        messages = []
-        for turn, (context, action) in enumerate(steps):
-            messages += [{"role": "user", "content": self.turn_prompt(example, context, self.max_turns - turn)},
-                         {"role": "assistant", "content": action}]
-        return messages
-
-    def answer_prompt(self, question: str, context: str, task: Task | None = None) -> str:
-        prompt = super().answer_prompt(question, context, task)
-        if task is None:  # one extracted pair's question: the plain shape
-            return prompt
-        k = task.metadata["k"]
-        if k == 1:
-            return f"{prompt}\nWrite only the short answer."
-        return f"{prompt}\nWrite only the {k} short answers, in order, separated by ';'."
 
     # ---- generation -----------------------------------------------------------------------------------------
 
@@ -409,14 +441,9 @@ class SearchEnv(Environment):
             questions.append(rng.choice(QUESTIONS[entity.kind][attribute]).format(name=entity.name))
             answers.append(entity.attributes[attribute])
 
-        if self.k == 1:
-            question = f"Answer this question: {questions[0]}"
-        else:
-            numbered = " ".join(f"({n}) {q}" for n, q in enumerate(questions, start=1))
-            question = f"Answer these {self.k} questions, in order, separated by ';': {numbered}"
         task = Task(
             task_id=f"search-{self.seed}-{index}",
-            question=question,
+            question=ask_all(questions),
             chunks=(),
             answers=("; ".join(answers),),
             reference_pairs=tuple(QAPair(q, a) for q, a in zip(questions, answers)),

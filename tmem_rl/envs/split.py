@@ -71,6 +71,9 @@ class TaskSplit(Environment):
     def call_tool(self, state: EpisodeState, tool: str, argument: str) -> str:
         return self.env.call_tool(state, tool, argument)
 
+    def prefetch(self, calls: list[tuple[EpisodeState, str, str]]) -> None:
+        self.env.prefetch(calls)
+
     def reset(self, task: Task) -> tuple[EpisodeState, Observation]:
         return self.env.reset(task)
 

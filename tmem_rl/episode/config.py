@@ -34,6 +34,9 @@ class EpisodeConfig:
     notes from it (shown in every later prompt), then clears it."""
     max_pairs: int = 8
     """Pairs asked for per extraction."""
+    explicit_notes: int = 0
+    """memory "fast_weights": show this many of the pairs absorbed so far (the best BM25 matches of the question)
+    as notes in every later prompt as well (TMEM + explicit memory); 0: the pairs live in the fast weights only."""
     extractor: str = "policy"
     """"policy": the model writes each extraction. "reference": the environment's reference pairs grounded in the
     window are absorbed instead (`Task.reference_pairs`; nothing is generated): how far the environment's own gold
@@ -106,6 +109,8 @@ class EpisodeConfig:
         if self.l_max is not None and (not isinstance(self.l_max, int) or self.l_max < 1):
             raise ValueError(f"EpisodeConfig.l_max={self.l_max!r}: expected a positive token budget (or None: the "
                              "environment's own)")
+        if self.explicit_notes < 0:
+            raise ValueError(f"EpisodeConfig.explicit_notes={self.explicit_notes}: expected 0 or more pairs")
         if self.max_pairs < 1:
             raise ValueError(f"EpisodeConfig.max_pairs={self.max_pairs}: expected at least 1 pair per extraction")
         if self.decoder not in DECODERS:

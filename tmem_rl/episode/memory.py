@@ -19,6 +19,7 @@ from tmem_rl.extraction import (EXTRACTION_PREFILL, answer_messages, extraction_
                                 reference_supervision, summary_messages)
 from tmem_rl.memory.inner_loop import PromptFn
 from tmem_rl.records import QAPair, Supervision
+from tmem_rl.retrieval import bm25_top_k
 
 
 class Memory:
@@ -175,6 +176,15 @@ class FastWeightMemory(Memory):
             if point.absorbed:  # a rolled-back absorb leaves no trace in the fast weights, nor in the prompt
                 ctx.pairs.extend(supervision[g].pairs)
                 episode.snapshots[runner.snapshot_key(g)] = runner.fast.snapshot([g])
+                if self.config.explicit_notes:
+                    ctx.notes = pair_notes(ctx.pairs, ctx.task.question, self.config.explicit_notes)
+
+
+def pair_notes(pairs: list[QAPair], question: str, k: int) -> str:
+    """The k absorbed pairs that best match `question` (BM25), one per line, in the order they were written: the
+    explicit memory of TMEM + explicit notes."""
+    top = bm25_top_k([f"{p.instruction} {p.output}" for p in pairs], question, k)
+    return "\n".join(f"- {pairs[i].instruction} {pairs[i].output}" for i in top)
 
 
 def text_pieces(text: str, budget: int, sampler) -> list[str]:

@@ -181,9 +181,10 @@ class EpisodeRunner:
         outs = self.sampler.sample(prompts, [ctx.rollout for ctx in acting], cfg.max_action_tokens, cfg.temperature,
                                    stop_strings=closing,
                                    cut=lambda cs: [through_closing_tag(self.tokenizer, c, closing) for c in cs])
-        for ctx, out in zip(acting, outs):
+        actions = [parse_action(strip_thinking(prefill + out.text), env.tools) for out in outs]
+        env.prefetch([(ctx.state, a.name, a.argument) for ctx, a in zip(acting, actions) if a.kind == TOOL])
+        for ctx, out, action in zip(acting, outs, actions):
             traj = ctx.trajectory
-            action = parse_action(strip_thinking(prefill + out.text), env.tools)
             self.record(episode, ctx, out, "answer" if action.kind == ANSWER else "action", cfg.temperature,
                         "generate_action", chunk_index=traj.turns)
             traj.actions.append(ActionTurn(traj.turns, action.kind, action.name, action.argument, action.error))

@@ -45,7 +45,7 @@ from tmem_rl.episode import EpisodeConfig, EpisodeRunner
 EPISODE_UNITS = ("question", "conversation")
 # Episode settings evaluation decides itself: each method sets the memory mode and the extractor, --continual
 # carries fast weights, and nothing records log-probs.
-SET_BY_METHODS = ("memory", "extractor", "carry_fast_weights", "record_logprobs")
+SET_BY_METHODS = ("memory", "extractor", "carry_fast_weights", "record_logprobs", "explicit_notes")
 RESULTS = "results.jsonl"
 CONFIG = "config.json"
 TRAINED = "trained"

@@ -21,6 +21,8 @@ when the working context exceeds L_max (`EpisodeConfig.memory`):
     full-context    nothing is cut: no budget ("full")
     summary         running notes are rewritten from the context, which is then cleared ("summary")
     tmem            extraction and absorb into fast weights, then the context is cleared ("fast_weights")
+    tmem+explicit   tmem, and the absorbed pairs that best match the question shown as notes in every later turn
+                    ("fast_weights" with explicit_notes = retrieval_k)
     tmem-reference  tmem, absorbing the environment's reference pairs grounded in the context
 """
 
@@ -36,6 +38,7 @@ from tmem_rl.errors import InputError, did_you_mean
 from tmem_rl.extraction import summary_messages
 from tmem_rl.retrieval import bm25_top_k
 from tmem_rl.episode import EpisodeRunner
+from tmem_rl.episode.memory import pair_notes
 
 
 @dataclass
@@ -106,6 +109,8 @@ class MemoryMethod:
         out = []
         for task, traj in zip(tasks, batch.trajectories):
             extra = {
+                # What the environment measured while the episode ran (a search's recall, failed tool calls).
+                **{key: value for key, value in traj.metrics.items() if key not in ("reward", "f1", "em")},
                 "turns": traj.turns, "tool_calls": traj.tool_calls, "malformed_actions": traj.malformed_actions,
                 "forced_answer": traj.forced_answer, "actions": [asdict(a) for a in traj.actions],
                 "extractions": [asdict(e) for e in traj.extractions],
@@ -233,15 +238,18 @@ class TMEM(MemoryMethod):
 
 
 class TMEMExplicit(TMEM):
+    """TMEM, and the absorbed pairs that best match the question (BM25, retrieval_k of them) as notes in the
+    prompt: after the reading for each question, or at every turn of a tool environment's episode."""
+
     name = "tmem+explicit"
-    agent_memory = None  # its notes are retrieved per question from a read stream
+
+    def agent_settings(self):
+        return {"explicit_notes": self.settings.retrieval_k}
 
     def with_explicit(self, pairs, question, residual):
-        texts = [f"{p.instruction} {p.output}" for p in pairs]
-        top = bm25_top_k(texts, question.question, self.settings.retrieval_k)
-        if not top:
+        notes = pair_notes(pairs, question.question, self.settings.retrieval_k)
+        if not notes:
             return residual
-        notes = "\n".join(f"- {pairs[i].instruction} {pairs[i].output}" for i in top)
         return f"Notes:\n{notes}" + (f"\n\n{residual}" if residual else "")
 
 

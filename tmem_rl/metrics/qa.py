@@ -44,3 +44,16 @@ def mean(values: list[float]) -> float | None:
 def best_over_golds(fn: Callable[[str, str], float], prediction: str, golds: Iterable[str]) -> float:
     """The best score of `prediction` against any accepted answer; 0.0 when there are none."""
     return max((fn(prediction, gold) for gold in golds), default=0.0)
+
+
+# HotpotQA's evaluation script: a yes / no / noanswer on either side scores F1 only as an exact match.
+HOTPOTQA_YES_NO = frozenset({"yes", "no", "noanswer"})
+
+
+def hotpotqa_f1(prediction: str, gold: str) -> float:
+    """Token F1 as the official HotpotQA script computes it: 0 when either normalized string is yes, no or noanswer
+    and the two differ ("yes" against "yes it is" is wrong, not half right)."""
+    pred, ref = normalize_answer(prediction), normalize_answer(gold)
+    if (pred in HOTPOTQA_YES_NO or ref in HOTPOTQA_YES_NO) and pred != ref:
+        return 0.0
+    return token_f1(prediction, gold)
