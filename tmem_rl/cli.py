@@ -151,7 +151,7 @@ def _print_envs() -> None:
 def main(argv: list[str] | None = None) -> int:
     """Entry point: a user's mistake (InputError) is printed as one line and exits 2, like argparse's own errors;
     with --debug, after its traceback (and that of its cause, e.g. a plugin's failed import)."""
-    from tmem_rl.errors import InputError
+    from tmem_rl.errors import InputError, RunError
 
     # Read apart from the full parse, which may itself end in an InputError that --debug should show; taken from
     # anywhere in the line, as a user adds it at the end of a command that failed.
@@ -165,6 +165,11 @@ def main(argv: list[str] | None = None) -> int:
             traceback.print_exc()
         print(f"tmem-rl: error: {err}", file=sys.stderr)
         return 2
+    except RunError as err:  # the run stopped for a reason outside its input: 1, which a launcher restarts
+        if flags.debug:
+            traceback.print_exc()
+        print(f"tmem-rl: error: {err}", file=sys.stderr)
+        return 1
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -189,7 +194,9 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("overrides", nargs="*", help="dotted overrides, e.g. outer_loop.max_steps=2")
     again = train.add_mutually_exclusive_group()
     again.add_argument("--resume", action="store_true",
-                       help="continue the run in outer_loop.output_dir from its newest good checkpoint")
+                       help="continue the run in outer_loop.output_dir from its newest good checkpoint; "
+                            "--resume auto: continue it if there is one, else start (for a job that restarts)")
+    again.add_argument("--resume-auto", action="store_true", help=argparse.SUPPRESS)  # what --resume auto becomes
     again.add_argument("--overwrite", action="store_true",
                        help="delete the run already in outer_loop.output_dir (checkpoints, metrics) and start over")
     # One value, comma-separated, repeatable: a list of values would swallow the recipe path that may follow it.
@@ -235,6 +242,12 @@ def build_parser() -> argparse.ArgumentParser:
                       help="list: one line per environment: name, package, module:Class, stream or tool")
     convert = sub.add_parser("convert", help="convert a known packaged model into the HF cache folder; print it")
     convert.add_argument("name", nargs="?", default=None, help="a known model name (default: the default model)")
+    status = sub.add_parser("status", help="where each rank of a training run is (its heartbeat) and which has "
+                                           "gone quiet")
+    status.add_argument("run", help="the run's outer_loop.output_dir")
+    status.add_argument("--quiet-after", type=float, default=300.0, metavar="SECONDS",
+                        help="flag a rank whose last heartbeat is older than this (default 300: above a healthy "
+                             "phase of the CPU recipes; a GPU run's steps are shorter)")
     serve = sub.add_parser("serve-retriever", help="serve BM25 search over a JSONL corpus with the Search-R1 "
                                                    "retrieval protocol (POST /retrieve)")
     serve.add_argument("--corpus", required=True, help='a JSONL file of {"id", "contents"} lines')
@@ -277,10 +290,11 @@ def _train(args) -> int:
     from tmem_rl.recipes import load_recipe, run_recipe
 
     allowed, overrides = args.allow_recipe_change, args.overrides
-    if allowed and not args.resume:
+    if allowed and not (args.resume or args.resume_auto):
         raise InputError("--allow-recipe-change applies only with --resume: it names recipe keys a resumed run "
                          "may change")
-    history = run_recipe(load_recipe(args.recipe, overrides), resume=args.resume, overwrite=args.overwrite,
+    resume = "auto" if args.resume_auto else args.resume
+    history = run_recipe(load_recipe(args.recipe, overrides), resume=resume, overwrite=args.overwrite,
                          allow_recipe_change=allowed)
     if history:
         print(json.dumps({k: float(f"{v:.4g}") for k, v in history[-1].items()}, indent=2))
@@ -323,6 +337,17 @@ def _convert(args) -> int:
     return 0
 
 
+def _status(args) -> int:
+    from tmem_rl.trainers.cluster import status
+
+    table, flagged = status(args.run, args.quiet_after)
+    print(table)
+    if flagged:
+        print(f"\nranks {', '.join(map(str, flagged))} quiet for over {args.quiet_after:g} s; a rank behind the "
+              f"others is what they wait for (docs/launching.md: when a job hangs)")
+    return 1 if flagged else 0
+
+
 def _serve_retriever(args) -> int:
     from tmem_rl.errors import InputError
     from tmem_rl.retrieval.corpus import CorpusIndex
@@ -350,11 +375,19 @@ def _serve_retriever(args) -> int:
 
 
 COMMANDS = {"demo": _demo, "eval": _eval, "train": _train, "export": _export, "envs": _envs, "convert": _convert,
-            "serve-retriever": _serve_retriever}
+            "status": _status, "serve-retriever": _serve_retriever}
 
 
 def _run(argv: list[str] | None) -> int:
     parser = build_parser()
+    argv = list(sys.argv[1:] if argv is None else argv)
+    # `--resume auto` (a value) and `--resume` (a switch before the recipe's path) both parse: the pair becomes one
+    # flag.
+    for i, word in enumerate(argv[:-1]):
+        if word == "--resume" and argv[i + 1] == "auto":
+            argv[i:i + 2] = ["--resume-auto"]
+            break
+    argv = ["--resume-auto" if word == "--resume=auto" else word for word in argv]
     args, extra = parser.parse_known_args(argv)
     if args.command == "train":  # overrides may also come after a flag: train r.yaml --resume a.b=1
         args.overrides += [a for a in extra if "=" in a and not a.startswith("-")]

@@ -1,5 +1,5 @@
 """Does a value read from YAML / JSON fit a config dataclass field's type hint? One check for recipes and for
-the agent's settings file (lists stand for tuples)."""
+the agent's settings file (lists stand for tuples). And a recipe record's settings by dotted key."""
 
 from __future__ import annotations
 
@@ -35,3 +35,14 @@ def value_fits(value: Any, annotation: Any) -> bool:
 
 def type_name(hint: Any) -> str:
     return getattr(hint, "__name__", None) or str(hint).replace("typing.", "")
+
+
+def dotted_leaves(record: dict, prefix: str = "") -> dict:
+    """{dotted key: value} of every setting; a mapping's keys are settings too (env.kwargs.num_facts)."""
+    out = {}
+    for key, value in record.items():
+        if isinstance(value, dict):
+            out.update(dotted_leaves(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = value
+    return out

@@ -23,3 +23,12 @@ def did_you_mean(word: object, choices: Iterable[str], prefix: str = "") -> str:
     one of `choices` (shown after `prefix`, e.g. the section of a key), else "". A near miss is most often a typo."""
     close = difflib.get_close_matches(str(word), list(choices), n=1)
     return f" (did you mean '{prefix}{close[0]}'?)" if close else ""
+
+
+class RunError(RuntimeError):
+    """A run that cannot go on for a reason outside its input: a collective that timed out because another rank
+    died or hung. The message is one line naming the rank, the phase and what to do; `tmem-rl` prints it and exits
+    with status 1, so that a launcher with restarts (torchrun --max-restarts) restarts the job."""
+
+    def __str__(self) -> str:
+        return super().__str__().replace("\r", "\\r").replace("\n", "\\n")

@@ -13,6 +13,7 @@ import importlib
 import re
 import typing
 from dataclasses import dataclass, field
+from datetime import timedelta
 from pathlib import Path
 from typing import Any, Callable
 
@@ -267,10 +268,11 @@ def resolve_reward_funcs(reward_funcs: dict[str, str]) -> dict[str, Callable[...
     return funcs
 
 
-def run_recipe(recipe: TrainRecipe, resume: bool = False, overwrite: bool = False,
+def run_recipe(recipe: TrainRecipe, resume: bool | str = False, overwrite: bool = False,
                allow_recipe_change: list[str] | tuple[str, ...] = ()) -> list[dict]:
     """Train with `recipe`; `resume` continues the run in its output_dir, which must have been trained with the same
-    recipe but for bookkeeping keys and the dotted keys in `allow_recipe_change` (see GRPOTrainer.train)."""
+    recipe but for bookkeeping keys and the dotted keys in `allow_recipe_change` (see GRPOTrainer.train); "auto":
+    continue it if there is one, else start."""
     import torch
 
     from tmem_rl.cpu import configure_cpu_threads
@@ -279,13 +281,17 @@ def run_recipe(recipe: TrainRecipe, resume: bool = False, overwrite: bool = Fals
     from accelerate import PartialState
 
     from tmem_rl.models import load_policy
+    from tmem_rl.trainers.cluster import init_process_group
 
     env = recipe.env.make("train")  # before the model: a typo in env.kwargs is reported in a second
     curriculum = recipe.env.curriculum_envs("train")  # and in a stage's kwargs
     reward_funcs = resolve_reward_funcs(recipe.reward_funcs)  # likewise a wrong reward function path
     # Straight onto this process's accelerator: the fast weights' SVD and every copy then start there too.
     # cpu= as the trainer's Accelerator will say: a state first made without it stays single-process on CPU.
-    device = PartialState(cpu=not torch.cuda.is_available()).device
+    # The process group starts here, with the recipe's collective timeout (the trainer's Accelerator reuses it).
+    timeout_s = recipe.outer_loop.collective_timeout_s
+    init_process_group("nccl" if torch.cuda.is_available() else "gloo", timeout_s)
+    device = PartialState(cpu=not torch.cuda.is_available(), timeout=timedelta(seconds=timeout_s)).device
     model, tokenizer = load_policy(recipe.model.name, dtype=recipe.model.torch_dtype, device=device)
     trainer_cls = ALGORITHMS[recipe.algorithm][1]
     trainer = trainer_cls(recipe.outer_loop, model, tokenizer, env, recipe.inner_loop, recipe.episode,

@@ -22,20 +22,22 @@ from typing import Iterable
 
 from accelerate.utils import DistributedType
 
+from tmem_rl.config_types import dotted_leaves
 from tmem_rl.episode.config import EpisodeConfig
 from tmem_rl.errors import InputError
 from tmem_rl.memory.config import FastWeightConfig
+from tmem_rl.trainers.cluster import HEARTBEATS
 
 MANIFEST = "manifest.json"
 METRICS = "metrics.jsonl"
 RECIPE = "recipe.yaml"
 """The run's recipe in its output folder, written at every start: the text to rerun, with its hash."""
 FREE_KEYS = ("outer_loop.output_dir", "outer_loop.save_steps", "outer_loop.save_total_limit",
-             "outer_loop.logging_steps", "outer_loop.report_to", "episode.temperature", "episode.top_p",
-             "episode.top_k")
+             "outer_loop.logging_steps", "outer_loop.report_to", "outer_loop.collective_timeout_s",
+             "episode.temperature", "episode.top_p", "episode.top_k")
 """Recipe keys a resume may change unasked: where and how often the run writes checkpoints and logs (output_dir: a
-run folder moved or copied), and the episode's sampling, which training replaces with outer_loop's; never what it
-computes."""
+run folder moved or copied), how long a collective may wait, and the episode's sampling, which training replaces
+with outer_loop's; never what it computes."""
 TRACKER_RUN = "tmem_rl"
 """The trackers' run name: TensorBoard writes under <output_dir>/<TRACKER_RUN>."""
 _NAME = re.compile(r"checkpoint-(\d+)")
@@ -167,13 +169,15 @@ def existing_run(output_dir: str | Path) -> list[str]:
 
 
 def remove_run(output_dir: str | Path) -> None:
-    """Delete an earlier run's checkpoints, unfinished saves, metrics log, reward curve and tracker logs."""
+    """Delete an earlier run's checkpoints, unfinished saves, metrics log, reward curve, tracker logs and
+    heartbeats."""
     out = Path(output_dir)
     for path in out.glob("checkpoint-*"):
         shutil.rmtree(path, ignore_errors=True)
     for name in (METRICS, "reward_curve.png"):
         (out / name).unlink(missing_ok=True)
     shutil.rmtree(out / TRACKER_RUN, ignore_errors=True)
+    shutil.rmtree(out / HEARTBEATS, ignore_errors=True)
 
 
 def recipe_hash(record: dict) -> str:
@@ -194,27 +198,16 @@ def write_recipe(output_dir: str | Path, record: dict) -> Path:
     return path
 
 
-def _leaves(record: dict, prefix: str = "") -> dict:
-    """{dotted key: value} of every setting; a mapping's keys are settings too (env.kwargs.num_facts)."""
-    out = {}
-    for key, value in record.items():
-        if isinstance(value, dict):
-            out.update(_leaves(value, f"{prefix}{key}."))
-        else:
-            out[f"{prefix}{key}"] = value
-    return out
-
-
 def _common_leaves(saved: dict, current: dict) -> tuple[dict, dict]:
     common = saved.keys() & current.keys()
-    return _leaves({k: saved[k] for k in common}), _leaves({k: current[k] for k in common})
+    return dotted_leaves({k: saved[k] for k in common}), dotted_leaves({k: current[k] for k in common})
 
 
 def new_settings(saved: dict, current: dict, defaults: dict) -> list[str]:
     """Dotted keys the saved record lacks and the current one holds at their default: settings this version added
     since the checkpoint was written, not changes the user made."""
     old, new = _common_leaves(saved, current)
-    default = _leaves(defaults)
+    default = dotted_leaves(defaults)
     return sorted(k for k in new.keys() - old.keys() if k in default and new[k] == default[k])
 
 
@@ -241,7 +234,7 @@ def check_allowed_keys(allowed: Iterable[str], saved: dict, current: dict) -> No
     from tmem_rl.errors import did_you_mean
 
     known = set()
-    for key in {**_leaves(saved), **_leaves(current)}:
+    for key in {**dotted_leaves(saved), **dotted_leaves(current)}:
         parts = key.split(".")
         known.update(".".join(parts[:i]) for i in range(1, len(parts) + 1))
     for key in allowed:
@@ -289,6 +282,7 @@ class TrainerCheckpoints:
         base = self.run_info.get("base_model") or getattr(self.policy.config, "name_or_path", "") or ""
         return {**self.run_info, "base_model": base, "algorithm": type(self.config).__name__,
                 "distributed_type": str(self.accelerator.distributed_type),
+                "num_processes": self.accelerator.num_processes,
                 "step": self.step, "use_peft": self.config.use_peft, "outer_loop": asdict(self.config),
                 "recipe_sha256": recipe_hash(self.recipe_record()),
                 "fast_weights": self.fast_config.to_dict(),
@@ -321,6 +315,7 @@ class TrainerCheckpoints:
                               "fresh run", stacklevel=3)
             return
         self._check_recipe(path, allow_recipe_change)
+        self._note_world_size(path)
         if self._trainable_only():
             self._check_trainable_keys(path)
         try:
@@ -332,6 +327,18 @@ class TrainerCheckpoints:
             raise InputError(f"checkpoint {path} does not fit this run ({type(err).__name__}: {detail})") from err
         self.step = step
         self.history = history
+
+    def _note_world_size(self, path: Path) -> None:
+        """A checkpoint resumes at any number of processes (docs/launching.md: resharding): the weights and the
+        optimizer are whole in it, and each step's questions are drawn from the seed and the step, then shared out
+        anew. What differs from a resume at the same count is said once: the step's questions go to other
+        processes, and the random state of processes the checkpoint did not have starts from the seed."""
+        saved = json.loads((path / "run.json").read_text()).get("num_processes")  # read by _check_recipe already
+        now = self.accelerator.num_processes
+        if saved is not None and saved != now and self.accelerator.is_main_process:
+            warnings.warn(f"{path} was saved by {saved} process(es) and resumes on {now}: each process now takes "
+                          f"{self.config.questions_per_step // now} of a step's {self.config.questions_per_step} "
+                          f"questions (docs/launching.md: resharding)", stacklevel=3)
 
     def recipe_record(self) -> dict:
         """What a resume must match, under the recipe's section names: the recipe when run_info carries one, else

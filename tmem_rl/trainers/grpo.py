@@ -17,6 +17,7 @@ import random
 import time
 import warnings
 from contextlib import nullcontext
+from datetime import timedelta
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable, Iterable, Sequence
@@ -24,7 +25,7 @@ from typing import Callable, Iterable, Sequence
 import torch
 from accelerate import Accelerator
 from accelerate.scheduler import AcceleratedScheduler
-from accelerate.utils import DistributedType, set_seed
+from accelerate.utils import DistributedType, InitProcessGroupKwargs, set_seed
 from transformers import get_scheduler
 from trl.models.utils import unwrap_model_for_generation
 
@@ -41,6 +42,8 @@ from tmem_rl.logprobs import (
 )
 from tmem_rl.memory import FastWeightConfig, FastWeights
 from tmem_rl.episode import SEGMENT_KINDS, EpisodeBatch, EpisodeConfig, EpisodeRunner, Segment, Trajectory
+from tmem_rl.trainers.cluster import (RankMonitor, code_version, model_fingerprint, preflight,
+                                      tokenizer_fingerprint)
 from tmem_rl.trainers.checkpoints import (METRICS, TRACKER_RUN, TrainerCheckpoints, existing_run, remove_run,
                                           set_aside_newer, truncate_metrics, write_recipe)
 
@@ -142,6 +145,11 @@ class GRPOConfig:
     <output_dir>/tmem_rl); []: none."""
     seed: int = 42
     """Seeds the run (Accelerate's set_seed), the questions each step draws, and each step's rollout sampling."""
+    collective_timeout_s: float = 600.0
+    """How long a process waits in a collective (the gradient all-reduce, a gather, the checkpoint barrier) for the
+    others before it stops with a line naming its rank and phase: a rank that died or hung fails the job within
+    this, for its launcher to restart, instead of after NCCL's 30 minutes. Above the longest wait a healthy step
+    has (a rank that finishes its rollouts first waits for the slowest)."""
 
     def __post_init__(self):
         if self.loss_type not in LOSS_TYPES:
@@ -155,7 +163,7 @@ class GRPOConfig:
         if self.mixed_precision not in (None, "no", "bf16", "fp16"):
             raise ValueError(f"GRPOConfig.mixed_precision={self.mixed_precision!r}: expected no, bf16 or fp16")
         for name in ("max_steps", "num_generations", "num_iterations", "num_mini_batches", "micro_batch_size",
-                     "max_completion_length", "logging_steps"):
+                     "max_completion_length", "logging_steps", "collective_timeout_s"):
             if getattr(self, name) < 1:
                 raise ValueError(f"GRPOConfig.{name}={getattr(self, name)}: expected a positive number")
         if self.answer_credit not in ANSWER_CREDITS:
@@ -226,16 +234,21 @@ class GRPOTrainer(TrainerCheckpoints):
         self.env = self.final_env = env
         self.curriculum = list(curriculum)
         self.reward_funcs = {"valid_extraction": valid_extraction_reward, **(reward_funcs or {})}
-        self.accelerator = accelerator or Accelerator(cpu=not torch.cuda.is_available(),
-                                                      mixed_precision=config.mixed_precision,
-                                                      log_with=config.report_to or None,
-                                                      project_dir=config.output_dir)
+        self.accelerator = accelerator or Accelerator(
+            cpu=not torch.cuda.is_available(), mixed_precision=config.mixed_precision,
+            log_with=config.report_to or None, project_dir=config.output_dir,
+            kwargs_handlers=[InitProcessGroupKwargs(timeout=timedelta(seconds=config.collective_timeout_s))])
+        self.monitor = RankMonitor(config.output_dir, self.accelerator.process_index,
+                                   self.accelerator.num_processes, config.collective_timeout_s)
+        given_model = model_fingerprint(model)  # the weights as loaded, before any wrapping
         local_rollouts = self._check_settings()
         set_seed(config.seed)
         model, policy = self._setup_model(model, local_rollouts, fast_config or FastWeightConfig())
         optimizer, scheduler = self._setup_optimizer(policy)
         self._prepare(model, optimizer, scheduler)
         self.runner = self._setup_runner(episode_config or EpisodeConfig())
+        preflight(self.accelerator, {"tmem_rl": code_version(), "recipe": self.recipe_record(), "model": given_model,
+                                     "tokenizer": tokenizer_fingerprint(tokenizer)})
         self.step = 0
         self.history: list[dict] = []
         Path(config.output_dir).mkdir(parents=True, exist_ok=True)
@@ -705,16 +718,20 @@ class GRPOTrainer(TrainerCheckpoints):
 
     # ---- the loop ------------------------------------------------------------------------------------------
 
-    def train(self, resume: bool = False, overwrite: bool = False,
+    def train(self, resume: bool | str = False, overwrite: bool = False,
               allow_recipe_change: Iterable[str] = ()) -> list[dict]:
         """Run to `max_steps`. An output folder that holds a run is refused unless `resume` (continue from its
         newest good checkpoint; the metrics log is cut back to that step) or `overwrite` (delete it first). A resume
         refuses a checkpoint trained with other settings unless their dotted recipe keys are in
-        `allow_recipe_change` (e.g. "outer_loop.max_steps"); bookkeeping keys (checkpoints.FREE_KEYS) may change."""
+        `allow_recipe_change` (e.g. "outer_loop.max_steps"); bookkeeping keys (checkpoints.FREE_KEYS) may change.
+        `resume="auto"`: resume if the folder holds a run, else start one (what a restarted job runs)."""
         cfg, acc = self.config, self.accelerator
         metrics_path = Path(cfg.output_dir) / METRICS
+        if resume == "auto":
+            resume = self._run_exists()
         if resume:
-            self.load_checkpoint(allow_recipe_change=allow_recipe_change)
+            with self.monitor.phase("resume", self.step + 1):
+                self.load_checkpoint(allow_recipe_change=allow_recipe_change)
             if acc.is_main_process:
                 truncate_metrics(metrics_path, self.step)
                 set_aside_newer(cfg.output_dir, self.step)  # the bad ones passed over: kept, never resumed or pruned
@@ -738,9 +755,11 @@ class GRPOTrainer(TrainerCheckpoints):
         bar = tqdm(total=cfg.max_steps, initial=self.step, desc="grpo", disable=not acc.is_main_process)
         while self.step < cfg.max_steps:
             started = time.perf_counter()
-            batch = self.generate_rollouts(self.step)
+            with self.monitor.phase("rollout", self.step + 1):
+                batch = self.generate_rollouts(self.step)
             rollout_seconds = time.perf_counter() - started
-            metrics = self.train_step(batch)
+            with self.monitor.phase("update", self.step + 1):
+                metrics = self.train_step(batch)
             self.step += 1
             metrics["rollout_seconds"] = rollout_seconds
             metrics["step_seconds"] = time.perf_counter() - started
@@ -757,13 +776,25 @@ class GRPOTrainer(TrainerCheckpoints):
             bar.update(1)
             bar.set_postfix(reward=f"{metrics['reward_mean']:.3f}", f1=f"{metrics['f1']:.3f}")
             if cfg.save_steps and self.step % cfg.save_steps == 0:
-                self.save_checkpoint()
+                with self.monitor.phase("checkpoint", self.step):
+                    self.save_checkpoint()
+        self.monitor.beat(self.step, "done")
         bar.close()
         if cfg.report_to:
             acc.end_training()
         if acc.is_main_process:
             plot_rewards(metrics_path, Path(cfg.output_dir) / "reward_curve.png")
         return self.history
+
+
+    def _run_exists(self) -> bool:
+        """Whether output_dir holds a run, as the main process sees it: every process takes the same branch."""
+        from accelerate.utils import broadcast_object_list
+
+        found = [bool(existing_run(self.config.output_dir))]
+        if self.accelerator.num_processes > 1:
+            broadcast_object_list(found)
+        return found[0]
 
 
 def plot_rewards(metrics_path: Path, out: Path) -> None:
