@@ -13,10 +13,19 @@
 set -euo pipefail
 recipe=${1:?usage: sbatch --nodes=N launch/slurm_multinode.sh RECIPE [key=value ...]}
 shift
+# A requeued or restarted job continues the run: --resume auto, unless the command says --resume or --overwrite
+# (--overwrite would delete the run again at every restart: refused).
+resume="--resume auto"
+for arg in "$@"; do
+  case "$arg" in
+    --resume|--resume=*) resume="" ;;
+    --overwrite) echo "slurm_multinode.sh: error: --overwrite would delete the run again at every restart or requeue; delete the output_dir yourself" >&2; exit 2 ;;
+  esac
+done
 head_node=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)
 gpus_per_node=${GPUS_PER_NODE:-8}
 srun bash -c "accelerate launch --config_file launch/accelerate_multinode.yaml \
     --num_machines $SLURM_NNODES --num_processes $((SLURM_NNODES * gpus_per_node)) \
     --machine_rank \$SLURM_NODEID --main_process_ip $head_node --main_process_port 29500 \
     --max_restarts ${MAX_RESTARTS:-3} \
-    -m tmem_rl.cli train $recipe --resume auto $*"
+    -m tmem_rl.cli train $recipe $resume $*"

@@ -23,6 +23,7 @@ if ! "$python" -c "import tmem_rl" 2>/dev/null; then
 fi
 restarts=${MAX_RESTARTS:-3}
 # A restarted job must continue the run, not start it again: --resume auto, unless the command says otherwise.
+# (${resume[@]+...} below: an empty array under set -u is an error in bash before 4.4.)
 resume=(--resume auto)
 for arg in "$@"; do
   case "$arg" in
@@ -41,10 +42,10 @@ if [[ -n "$config" ]] && grep -q '^distributed_type: *MULTI_CPU' "$config"; then
   nproc=$(sed -n 's/^num_processes: *\([0-9]*\).*/\1/p' "$config")
   exec "$python" -m torch.distributed.run --nproc_per_node "${nproc:-2}" --max-restarts "$restarts" \
     --rdzv-backend c10d --rdzv-endpoint "localhost:${MASTER_PORT:-29500}" \
-    -m tmem_rl.cli train "$recipe" "${resume[@]}" "$@"
+    -m tmem_rl.cli train "$recipe" ${resume[@]+"${resume[@]}"} "$@"
 fi
 if [[ -n "$config" ]]; then
   exec "$python" -m accelerate.commands.launch --config_file "$config" --max_restarts "$restarts" \
-    -m tmem_rl.cli train "$recipe" "${resume[@]}" "$@"
+    -m tmem_rl.cli train "$recipe" ${resume[@]+"${resume[@]}"} "$@"
 fi
 exec "$python" -m tmem_rl.cli train "$recipe" "$@"

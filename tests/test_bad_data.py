@@ -159,7 +159,7 @@ def test_a_misspelt_facts_setting_names_the_key_and_the_accepted_ones():
         make_env("facts", num_fact=3)
     assert "environment 'facts': unknown setting(s) 'num_fact'; accepted: num_tasks, num_facts" in str(err.value)
     with pytest.raises(InputError, match=r"unknown environment 'fact' \(did you mean 'facts'\?\); available: "
-                                         "context_learning, dialogues, facts, locomo"):
+                                         "context_learning, dataset, dialogues, facts, hotpotqa, locomo"):
         make_env("fact")
     with pytest.raises(InputError, match=r"unknown environment 'zzz'; available: "):
         make_env("zzz")

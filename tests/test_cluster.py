@@ -87,17 +87,16 @@ def test_a_killed_then_a_hung_worker_restart_and_the_job_ends_as_an_uninterrupte
         assert b == pytest.approx(a, abs=1e-6), f"step {a['step']}"
 
     # The hang: rank 0 named itself, the phase and step, and what rank 1 last reported; within the timeout.
-    lines = [line for line in result.stderr.splitlines() if "a collective in phase" in line]
-    assert len(lines) == 2, result.stderr[-5000:]  # the kill (a peer gone at once), then the hang
-    assert "in phase update of step 2 failed after" in lines[0] and "Connection closed by peer" in lines[0]
-    line = lines[1]
+    # (Rank 0's line about the kill may not get out: the agent ends the job's processes as soon as one dies.)
+    lines = [line for line in result.stderr.splitlines() if "a collective in phase update of step 3" in line]
+    assert len(lines) == 1, result.stderr[-5000:]
+    line = lines[0]
     assert re.search(r"rank 0 of 2: a collective in phase update of step 3 failed after [\d.]+ s "
                      r"\(collective_timeout_s 10\)", line), line
     assert "rank 1 in update of step 3" in line and "--resume auto" in line
     detected = float(re.search(r"failed after ([\d.]+) s", line).group(1))
     assert 10 <= detected < 40
-    stalled = float((tmp_path / "stall-1").read_text())
-    assert stalled > 0
+    assert (tmp_path / "stall-1").exists() and not (tmp_path / "stall-2").exists()  # hung once, on attempt 1
     print(f"\nhang detected after {detected:.1f} s (timeout 10 s); whole job {seconds:.0f} s against "
           f"{reference_seconds:.0f} s uninterrupted: {seconds - reference_seconds:.0f} s to detect and recover twice")
 
@@ -136,13 +135,15 @@ def test_heartbeats_and_a_failed_collective_name_the_rank_and_phase(tmp_path):
     message = str(caught.value)
     assert message.startswith("rank 0 of 2: a collective in phase update of step 3 failed after")
     assert "rank 1 in rollout of step 3" in message and "Timed out waiting" in message
-    # Other errors pass through as they are, and a single process has no collective to blame.
-    with pytest.raises(ValueError):
-        with waiting.phase("update", 3):
-            raise ValueError("a bug")
+    # Other errors pass through as they are (a timeout of the run's own code too), and a single process has no
+    # collective to blame.
+    for error in (ValueError("a bug"), RuntimeError("the reward server: read timeout")):
+        with pytest.raises(type(error), match=str(error)):
+            with waiting.phase("update", 3):
+                raise error
     with pytest.raises(RuntimeError, match="Timed out"):
-        with RankMonitor(tmp_path, rank=0, world=1, timeout_s=30).phase("update", 3):
-            raise RuntimeError("Timed out")
+        with RankMonitor(tmp_path / "alone", rank=0, world=1, timeout_s=30).phase("update", 3):
+            raise RuntimeError("[gloo] Timed out waiting 30000ms")
     assert [(b["rank"], b["step"], b["phase"]) for b in read_heartbeats(tmp_path)] == [(0, 3, "update"),
                                                                                       (1, 3, "rollout")]
 
@@ -198,3 +199,17 @@ def test_resume_auto_starts_continues_and_refuses_another_recipe(tmp_path):
     changed = _overrides(out, **{"outer_loop.max_steps": 2, "outer_loop.questions_per_step": 1,
                                  "outer_loop.learning_rate": 0.5})
     assert main(["train", str(RECIPE), "--resume", "auto", *changed]) == 2  # another recipe: refused
+
+
+def test_heartbeats_are_best_effort_and_forget_ranks_a_resumed_run_no_longer_has(tmp_path):
+    RankMonitor(tmp_path, rank=1, world=2, timeout_s=30).beat(2, "update")
+    (tmp_path / "heartbeats" / "rank-7.json").write_text("[1, 2]")  # not a heartbeat: skipped
+    assert [b["rank"] for b in read_heartbeats(tmp_path)] == [1]
+    RankMonitor(tmp_path, rank=0, world=1, timeout_s=30).beat(3, "rollout")  # resumed on one process
+    assert [b["rank"] for b in read_heartbeats(tmp_path)] == [0]
+    blocked = tmp_path / "file"
+    blocked.write_text("")
+    monitor = RankMonitor(blocked, rank=0, world=1, timeout_s=30)  # its folder cannot be made: a file is there
+    with pytest.warns(UserWarning, match="cannot write its heartbeat"):
+        monitor.beat(1, "rollout")
+    monitor.beat(1, "update")  # warned once; training goes on

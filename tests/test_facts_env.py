@@ -227,7 +227,8 @@ def test_builtin_environments_work_from_a_source_checkout(tmp_path):
     result = subprocess.run([sys.executable, "-S", "-c", code], cwd=tmp_path, capture_output=True, text=True,
                             env={**os.environ, "PYTHONPATH": str(repo)}, timeout=60)
     assert result.returncode == 0, result.stderr[-2000:]
-    assert result.stdout.strip() == "['context_learning', 'dialogues', 'facts', 'locomo', 'longmemeval', 'search'] 3"
+    assert result.stdout.strip() == ("['context_learning', 'dataset', 'dialogues', 'facts', 'hotpotqa', 'locomo', "
+                                     "'longmemeval', 'search'] 3")
 
 
 def test_several_questions_per_task_ask_distinct_planted_facts_after_the_stream():

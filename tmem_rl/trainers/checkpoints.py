@@ -180,6 +180,14 @@ def remove_run(output_dir: str | Path) -> None:
     shutil.rmtree(out / HEARTBEATS, ignore_errors=True)
 
 
+def recipe_record_of(run_info: dict, outer_loop, inner_loop: FastWeightConfig, episode: EpisodeConfig) -> dict:
+    """The recipe `run_info` carries, else the trainer's own settings, under the recipe's section names; JSON types,
+    as run.json holds them."""
+    record = run_info.get("recipe") or {"outer_loop": asdict(outer_loop), "inner_loop": inner_loop.to_dict(),
+                                        "episode": asdict(episode)}
+    return json.loads(json.dumps(record, default=str))
+
+
 def recipe_hash(record: dict) -> str:
     """SHA-256 of a recipe record's canonical JSON: equal settings, equal hash, whatever their order."""
     return hashlib.sha256(json.dumps(record, sort_keys=True, default=str).encode()).hexdigest()
@@ -329,12 +337,16 @@ class TrainerCheckpoints:
         self.history = history
 
     def _note_world_size(self, path: Path) -> None:
-        """A checkpoint resumes at any number of processes (docs/launching.md: resharding): the weights and the
-        optimizer are whole in it, and each step's questions are drawn from the seed and the step, then shared out
-        anew. What differs from a resume at the same count is said once: the step's questions go to other
-        processes, and the random state of processes the checkpoint did not have starts from the seed."""
+        """A checkpoint resumes at any number of processes (docs/launching.md: resharding) but under DeepSpeed: the
+        weights and the optimizer are whole in it, and each step's questions are drawn from the seed and the step,
+        then shared out anew. What differs from a resume at the same count is said once: the step's questions go to
+        other processes, and the random state of processes the checkpoint did not have starts from the seed."""
         saved = json.loads((path / "run.json").read_text()).get("num_processes")  # read by _check_recipe already
         now = self.accelerator.num_processes
+        if saved is not None and saved != now and self.accelerator.distributed_type == DistributedType.DEEPSPEED:
+            raise InputError(f"{path} was saved by {saved} DeepSpeed process(es); this launch has {now}: ZeRO keeps "
+                             f"each process's part of the optimizer state apart, so resume it with {saved} (or "
+                             f"convert it with DeepSpeed's universal checkpoint first)")
         if saved is not None and saved != now and self.accelerator.is_main_process:
             warnings.warn(f"{path} was saved by {saved} process(es) and resumes on {now}: each process now takes "
                           f"{self.config.questions_per_step // now} of a step's {self.config.questions_per_step} "
@@ -343,10 +355,7 @@ class TrainerCheckpoints:
     def recipe_record(self) -> dict:
         """What a resume must match, under the recipe's section names: the recipe when run_info carries one, else
         the trainer's own settings. JSON types, as run.json holds them."""
-        record = self.run_info.get("recipe") or {"outer_loop": asdict(self.config),
-                                                 "inner_loop": self.fast_config.to_dict(),
-                                                 "episode": asdict(self.episode_config)}
-        return json.loads(json.dumps(record, default=str))
+        return recipe_record_of(self.run_info, self.config, self.fast_config, self.episode_config)
 
     def _check_recipe(self, path: Path, allowed: Iterable[str]) -> None:
         """A resume continues the run the checkpoint belongs to: a changed setting (a lora_r whose shapes would

@@ -14,8 +14,8 @@ import hashlib
 import json
 import os
 import socket
-import subprocess
 import time
+import warnings
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Iterator
@@ -27,9 +27,10 @@ from tmem_rl.errors import InputError, RunError
 
 HEARTBEATS = "heartbeats"
 PHASE_ORDER = ("start", "resume", "rollout", "update", "checkpoint", "done")
-# Words in a backend's error when a collective timed out or lost its peer (gloo, NCCL, the TCP store).
-COLLECTIVE_FAILURE_WORDS = ("timed out", "timeout", "connection closed", "connection reset", "broken pipe",
-                            "connection refused", "nccl", "gloo", "socket closed")
+# What gloo, NCCL and the TCP store say when a collective timed out or lost its peer; a plain "timeout" of the
+# run's own code (a reward server's) is not one of them.
+COLLECTIVE_FAILURE_WORDS = ("[gloo]", "/gloo/", "gloo ", "nccl", "timed out waiting", "connection closed by peer",
+                            "connection reset by peer", "socket timeout")
 
 
 def init_process_group(backend: str, timeout_s: float) -> None:
@@ -37,13 +38,17 @@ def init_process_group(backend: str, timeout_s: float) -> None:
     own prefix in the agent's store. Without it, the workers of a restarted job can read the dead workers'
     addresses from the store (they are still there) and never connect: "Gloo connectFullMesh failed ... Connection
     refused", on some restarts and not others (torch 2.13, static and c10d rendezvous alike). Outside an elastic
-    launch, or with the group already started, it does nothing and Accelerate starts the group as usual."""
+    launch, on several nodes, or with the group already started, it does nothing and Accelerate starts the group as
+    usual."""
     import torch.distributed as dist
     from datetime import timedelta
 
     attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT")
     world = int(os.environ.get("WORLD_SIZE", "1"))
-    if attempt is None or world < 2 or dist.is_initialized():
+    # On several nodes the agents count restarts apart (a node that rejoins or replaces another starts at 0), so
+    # the count is no name the whole job shares: there the launcher's own start is kept.
+    one_node = os.environ.get("LOCAL_WORLD_SIZE") == str(world)
+    if attempt is None or world < 2 or not one_node or dist.is_initialized():
         return
     rank, timeout = int(os.environ["RANK"]), timedelta(seconds=timeout_s)
     # The store torch itself would use: the agent's, or (when the agent does not share its own) one rank 0 hosts.
@@ -64,15 +69,28 @@ class RankMonitor:
 
     def __init__(self, output_dir: str | Path, rank: int, world: int, timeout_s: float):
         self.output_dir, self.rank, self.world, self.timeout_s = Path(output_dir), rank, world, timeout_s
+        self.failed = False
+        if rank == 0:  # a run resumed on fewer processes: the ranks it no longer has are not quiet, they are gone
+            for path in (self.output_dir / HEARTBEATS).glob("rank-*.json"):
+                if path.stem.removeprefix("rank-").isdigit() and int(path.stem.removeprefix("rank-")) >= world:
+                    path.unlink(missing_ok=True)
 
     def beat(self, step: int, phase: str) -> None:
+        """Best effort: a heartbeat that cannot be written (a full disk, a read-only folder) warns once and never
+        stops training."""
         path = heartbeat_path(self.output_dir, self.rank)
-        path.parent.mkdir(parents=True, exist_ok=True)
         record = {"rank": self.rank, "world": self.world, "step": step, "phase": phase, "since": time.time(),
                   "pid": os.getpid(), "host": socket.gethostname()}
-        staging = path.with_suffix(".tmp")
-        staging.write_text(json.dumps(record))
-        staging.replace(path)  # a reader sees the old beat or the new one, never half of one
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            staging = path.with_suffix(".tmp")
+            staging.write_text(json.dumps(record))
+            staging.replace(path)  # a reader sees the old beat or the new one, never half of one
+        except OSError as err:
+            if not self.failed:
+                warnings.warn(f"rank {self.rank}: cannot write its heartbeat {path} ({err}); training goes on "
+                              f"without it", stacklevel=2)
+            self.failed = True
 
     @contextmanager
     def phase(self, name: str, step: int) -> Iterator[None]:
@@ -112,9 +130,11 @@ def read_heartbeats(output_dir: str | Path) -> list[dict[str, Any]]:
     beats = []
     for path in sorted((Path(output_dir) / HEARTBEATS).glob("rank-*.json")):
         try:
-            beats.append(json.loads(path.read_text()))
+            beat = json.loads(path.read_text())
         except (OSError, ValueError):
             continue
+        if isinstance(beat, dict) and all(isinstance(beat.get(k), (int, float)) for k in ("rank", "step", "since")):
+            beats.append({"phase": "?", "host": "?", "pid": "?", **beat})
     return sorted(beats, key=lambda b: b["rank"])
 
 
@@ -150,19 +170,13 @@ def status(output_dir: str | Path, quiet_after_s: float) -> tuple[str, list[int]
 
 
 def code_version() -> str:
-    """The package version and, in a git checkout, its commit."""
-    from importlib.metadata import PackageNotFoundError, version
-
-    try:
-        found = version("tmem_rl")
-    except PackageNotFoundError:
-        found = "unknown"
-    try:
-        commit = subprocess.run(["git", "-C", str(Path(__file__).parent), "rev-parse", "HEAD"], capture_output=True,
-                                text=True, timeout=10).stdout.strip()
-    except (OSError, subprocess.SubprocessError):
-        commit = ""
-    return f"{found} {commit[:12]}".strip()
+    """SHA-256 of the package's Python source as this process imports it: equal on ranks that run the same code,
+    whatever the install (a checkout, site-packages) and whether or not a change was committed."""
+    package = Path(__file__).resolve().parents[1]
+    digest = hashlib.sha256()
+    for path in sorted(package.rglob("*.py")):
+        digest.update(str(path.relative_to(package)).encode() + b"\0" + path.read_bytes())
+    return digest.hexdigest()
 
 
 def model_fingerprint(model: torch.nn.Module) -> str:

@@ -44,8 +44,8 @@ from tmem_rl.memory import FastWeightConfig, FastWeights
 from tmem_rl.episode import SEGMENT_KINDS, EpisodeBatch, EpisodeConfig, EpisodeRunner, Segment, Trajectory
 from tmem_rl.trainers.cluster import (RankMonitor, code_version, model_fingerprint, preflight,
                                       tokenizer_fingerprint)
-from tmem_rl.trainers.checkpoints import (METRICS, TRACKER_RUN, TrainerCheckpoints, existing_run, remove_run,
-                                          set_aside_newer, truncate_metrics, write_recipe)
+from tmem_rl.trainers.checkpoints import (METRICS, TRACKER_RUN, TrainerCheckpoints, existing_run, recipe_record_of,
+                                          remove_run, set_aside_newer, truncate_metrics, write_recipe)
 
 LOSS_TYPES = ("grpo", "bnpo", "dapo", "dr_grpo")
 RewardFunc = Callable[..., list[float]]
@@ -147,9 +147,10 @@ class GRPOConfig:
     """Seeds the run (Accelerate's set_seed), the questions each step draws, and each step's rollout sampling."""
     collective_timeout_s: float = 600.0
     """How long a process waits in a collective (the gradient all-reduce, a gather, the checkpoint barrier) for the
-    others before it stops with a line naming its rank and phase: a rank that died or hung fails the job within
-    this, for its launcher to restart, instead of after NCCL's 30 minutes. Above the longest wait a healthy step
-    has (a rank that finishes its rollouts first waits for the slowest)."""
+    others: a rank that died or hung fails the job within this, for its launcher to restart (gloo's own default is
+    30 minutes, NCCL's 10). With gloo (CPUs) the process stops with a line naming its rank and phase; NCCL's
+    watchdog ends the process itself. Set it above the longest wait a healthy step has (a rank that finishes its
+    rollouts first waits in the update for the slowest)."""
 
     def __post_init__(self):
         if self.loss_type not in LOSS_TYPES:
@@ -240,15 +241,18 @@ class GRPOTrainer(TrainerCheckpoints):
             kwargs_handlers=[InitProcessGroupKwargs(timeout=timedelta(seconds=config.collective_timeout_s))])
         self.monitor = RankMonitor(config.output_dir, self.accelerator.process_index,
                                    self.accelerator.num_processes, config.collective_timeout_s)
-        given_model = model_fingerprint(model)  # the weights as loaded, before any wrapping
+        # Before any collective of the model's set-up (DDP broadcasts its weights): a mismatched launch is named
+        # here instead of failing or hanging there.
+        preflight(self.accelerator, {
+            "tmem_rl": code_version(), "model": model_fingerprint(model), "tokenizer": tokenizer_fingerprint(tokenizer),
+            "recipe": recipe_record_of(self.run_info, config, fast_config or FastWeightConfig(),
+                                       episode_config or EpisodeConfig())})
         local_rollouts = self._check_settings()
         set_seed(config.seed)
         model, policy = self._setup_model(model, local_rollouts, fast_config or FastWeightConfig())
         optimizer, scheduler = self._setup_optimizer(policy)
         self._prepare(model, optimizer, scheduler)
         self.runner = self._setup_runner(episode_config or EpisodeConfig())
-        preflight(self.accelerator, {"tmem_rl": code_version(), "recipe": self.recipe_record(), "model": given_model,
-                                     "tokenizer": tokenizer_fingerprint(tokenizer)})
         self.step = 0
         self.history: list[dict] = []
         Path(config.output_dir).mkdir(parents=True, exist_ok=True)
