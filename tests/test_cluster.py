@@ -177,12 +177,12 @@ def test_preflight_names_the_setting_and_the_rank(monkeypatch):
     monkeypatch.setattr(accelerate.utils, "gather_object", lambda facts: [ours, theirs])
     with pytest.raises(InputError, match=r"pre-flight: rank 1 differs from rank 0 in recipe \(outer_loop."
                                          r"learning_rate: 0.0001 vs 0.001\)"):
-        preflight(TwoRanks(), ours)
+        preflight(TwoRanks(), lambda: ours)
     monkeypatch.setattr(accelerate.utils, "gather_object", lambda facts: [ours, {**ours, "model": "b" * 64}])
     with pytest.raises(InputError, match=r"rank 1 differs from rank 0 in model \(aaaaaaaaaaaa... vs bbbbbbbbbbbb...\)"):
-        preflight(TwoRanks(), ours)
+        preflight(TwoRanks(), lambda: ours)
     monkeypatch.setattr(accelerate.utils, "gather_object", lambda facts: [ours, dict(ours)])
-    preflight(TwoRanks(), ours)  # the same everywhere: no error
+    preflight(TwoRanks(), lambda: ours)  # the same everywhere: no error
 
 
 def test_resume_auto_starts_continues_and_refuses_another_recipe(tmp_path):

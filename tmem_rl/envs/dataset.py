@@ -70,17 +70,15 @@ class DatasetEnv(Environment):
         self.split_name = split
 
     def _load(self, path, data_files, name, split, dataset):
+        import datasets
+
         if (path is None) == (dataset is None):
             raise InputError(f"{self.where}: give exactly one of path (a datasets.load_dataset source) and dataset "
                              f"(a datasets.Dataset)")
         if dataset is not None:
-            import datasets
-
             if not isinstance(dataset, datasets.Dataset):
                 raise InputError(f"{self.where}: dataset must be a datasets.Dataset, got {type(dataset).__name__}")
             return dataset
-        import datasets
-
         try:
             return datasets.load_dataset(path, name=name, data_files=data_files, split=split)
         except (FileNotFoundError, ValueError, datasets.exceptions.DatasetsError) as err:

@@ -17,7 +17,7 @@ import urllib.request
 from collections import OrderedDict
 from typing import Any, Sequence
 
-from tmem_rl.retrieval.corpus import Passage, Retriever, RetrieverError
+from tmem_rl.retrieval.corpus import Passage, Retriever, RetrieverError, shortened
 
 
 class HTTPRetriever(Retriever):
@@ -107,7 +107,7 @@ class HTTPRetriever(Retriever):
         result = data.get("result") if isinstance(data, dict) else None
         if not isinstance(result, list) or len(result) != expected:
             raise RetrieverError(f"retriever at {self.url}: expected a reply with \"result\", a list of {expected} "
-                                 f"list(s) of passages, got {_short(data)}")
+                                 f"list(s) of passages, got {shortened(data)}")
         return [[self._hit(hit) for hit in hits] if isinstance(hits, list) else self._malformed(hits)
                 for hits in result]
 
@@ -122,7 +122,7 @@ class HTTPRetriever(Retriever):
 
     def _malformed(self, value: Any):
         raise RetrieverError(f"retriever at {self.url}: a result is not a passage "
-                             f'({{"document": {{"id", "contents"}}, "score"}}): {_short(value)}')
+                             f'({{"document": {{"id", "contents"}}, "score"}}): {shortened(value)}')
 
 
 def _server_message(err: urllib.error.HTTPError) -> str:
@@ -131,8 +131,3 @@ def _server_message(err: urllib.error.HTTPError) -> str:
     except (ValueError, AttributeError, OSError, http.client.HTTPException):
         detail = ""
     return f"({detail})" if detail else f"({err.reason})"
-
-
-def _short(value: Any) -> str:
-    text = repr(value)
-    return text if len(text) <= 80 else text[:77] + "..."

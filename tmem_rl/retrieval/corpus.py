@@ -46,6 +46,12 @@ class Passage:
         return {"id": self.id, "contents": self.contents}
 
 
+def shortened(value: object, limit: int = 80) -> str:
+    """`repr(value)` cut to `limit` characters: a bad value quoted in an error line."""
+    text = repr(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
 def titled(title: str, text: str) -> str:
     """A passage's contents in the Search-R1 corpus format: the quoted title on the first line, then the text."""
     return f'"{title}"\n{text}'

@@ -14,7 +14,7 @@ import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
-from tmem_rl.retrieval.corpus import CorpusIndex
+from tmem_rl.retrieval.corpus import CorpusIndex, shortened
 
 MAX_REQUEST_BYTES = 16 * 2**20
 MAX_QUERIES = 4096
@@ -64,16 +64,16 @@ class RetrievalServer:
             raise ValueError('expected a JSON object {"queries": [...], "topk": k, "return_scores": bool}')
         queries = request.get("queries")
         if not isinstance(queries, list) or not all(isinstance(q, str) for q in queries):
-            raise ValueError(f"field 'queries' must be a list of strings, got {_short(queries)}")
+            raise ValueError(f"field 'queries' must be a list of strings, got {shortened(queries, 60)}")
         if len(queries) > MAX_QUERIES:
             raise ValueError(f"field 'queries' holds {len(queries)} queries; at most {MAX_QUERIES} per request")
         topk = request.get("topk")
         topk = self.default_topk if topk is None else topk
         if isinstance(topk, bool) or not isinstance(topk, int) or not 1 <= topk <= MAX_TOPK:
-            raise ValueError(f"field 'topk' must be an integer between 1 and {MAX_TOPK}, got {_short(topk)}")
+            raise ValueError(f"field 'topk' must be an integer between 1 and {MAX_TOPK}, got {shortened(topk, 60)}")
         scores = request.get("return_scores", False)
         if not isinstance(scores, bool):
-            raise ValueError(f"field 'return_scores' must be true or false, got {_short(scores)}")
+            raise ValueError(f"field 'return_scores' must be true or false, got {shortened(scores, 60)}")
         results = self.index.search(queries, topk)
         if scores:
             return {"result": [[{"document": p.document(), "score": p.score} for p in hits] for hits in results]}
@@ -129,8 +129,3 @@ class _Handler(BaseHTTPRequestHandler):
 
     def log_message(self, format: str, *args: Any) -> None:  # one line per request would drown a training log
         pass
-
-
-def _short(value: Any) -> str:
-    text = repr(value)
-    return text if len(text) <= 60 else text[:57] + "..."

@@ -301,12 +301,19 @@ class TrainerCheckpoints:
 
     def latest_checkpoint(self) -> Path | None:
         """The newest checkpoint that passes its manifest, chosen on the main process for all of them."""
+        found = str(latest_good_checkpoint(self.config.output_dir) or "") if self.accelerator.is_main_process else ""
+        found = self.main_process_value(found)
+        return Path(found) if found else None
+
+    def main_process_value(self, value):
+        """`value` as the main process has it, on every process: a decision about the shared output folder that
+        every process must take alike (a file may appear between two processes' looks)."""
         from accelerate.utils import broadcast_object_list
 
-        found = [str(latest_good_checkpoint(self.config.output_dir) or "")] if self.accelerator.is_main_process else [""]
+        box = [value]
         if self.accelerator.num_processes > 1:
-            broadcast_object_list(found)
-        return Path(found[0]) if found[0] else None
+            broadcast_object_list(box)
+        return box[0]
 
     def load_checkpoint(self, path: Path | None = None, allow_recipe_change: Iterable[str] = ()) -> None:
         """Load `path`, else the newest good checkpoint; checkpoints that are all unusable are an error rather than
@@ -322,8 +329,8 @@ class TrainerCheckpoints:
                 warnings.warn(f"--resume: {self.config.output_dir} holds no checkpoint to resume from; starting a "
                               "fresh run", stacklevel=3)
             return
-        self._check_recipe(path, allow_recipe_change)
-        self._note_world_size(path)
+        run = self._check_recipe(path, allow_recipe_change)
+        self._note_world_size(path, run.get("num_processes"))
         if self._trainable_only():
             self._check_trainable_keys(path)
         try:
@@ -336,12 +343,11 @@ class TrainerCheckpoints:
         self.step = step
         self.history = history
 
-    def _note_world_size(self, path: Path) -> None:
+    def _note_world_size(self, path: Path, saved: int | None) -> None:
         """A checkpoint resumes at any number of processes (docs/launching.md: resharding) but under DeepSpeed: the
         weights and the optimizer are whole in it, and each step's questions are drawn from the seed and the step,
         then shared out anew. What differs from a resume at the same count is said once: the step's questions go to
         other processes, and the random state of processes the checkpoint did not have starts from the seed."""
-        saved = json.loads((path / "run.json").read_text()).get("num_processes")  # read by _check_recipe already
         now = self.accelerator.num_processes
         if saved is not None and saved != now and self.accelerator.distributed_type == DistributedType.DEEPSPEED:
             raise InputError(f"{path} was saved by {saved} DeepSpeed process(es); this launch has {now}: ZeRO keeps "
@@ -357,9 +363,10 @@ class TrainerCheckpoints:
         the trainer's own settings. JSON types, as run.json holds them."""
         return recipe_record_of(self.run_info, self.config, self.fast_config, self.episode_config)
 
-    def _check_recipe(self, path: Path, allowed: Iterable[str]) -> None:
+    def _check_recipe(self, path: Path, allowed: Iterable[str]) -> dict:
         """A resume continues the run the checkpoint belongs to: a changed setting (a lora_r whose shapes would
-        not load, an environment whose questions differ, a max_steps that stretches the schedule) must be named."""
+        not load, an environment whose questions differ, a max_steps that stretches the schedule) must be named.
+        Returns the checkpoint's run.json."""
         try:
             run = json.loads((path / "run.json").read_text())
             saved = run.get("recipe") or {"outer_loop": run["outer_loop"], "inner_loop": run["fast_weights"],
@@ -383,6 +390,7 @@ class TrainerCheckpoints:
             raise InputError(f"checkpoint {path} was trained with another recipe: {shown}{more}; pass "
                              f"--allow-recipe-change {','.join(key for key, _, _ in changes)} to resume with these "
                              "changes, or --overwrite to start over")
+        return run
 
     def _trainable_only(self) -> bool:
         """Checkpoints hold only the trained parameters (LoRA runs outside DeepSpeed / FSDP)."""

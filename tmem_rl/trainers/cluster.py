@@ -18,7 +18,7 @@ import time
 import warnings
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 import torch
 
@@ -198,14 +198,16 @@ def tokenizer_fingerprint(tokenizer) -> str:
     return hashlib.sha256(json.dumps([vocab, template, tokenizer.all_special_tokens]).encode()).hexdigest()
 
 
-def preflight(accelerator, facts: dict[str, Any]) -> None:
-    """Every rank's `facts` (code version, recipe, model and tokenizer fingerprints, world size) against rank 0's:
-    a difference stops every rank with one line naming what differs and on which rank. A recipe given as a dict
-    is compared key by key, so the line names the setting."""
+def preflight(accelerator, facts: Callable[[], dict[str, Any]]) -> None:
+    """Every rank's `facts()` (code version, recipe, model and tokenizer fingerprints) against rank 0's: a
+    difference stops every rank with one line naming what differs and on which rank. A recipe given as a dict is
+    compared key by key, so the line names the setting. A single process has nothing to compare: the facts (a hash
+    of the package, of the vocabulary) are not computed."""
     if accelerator.num_processes < 2:
         return
     from accelerate.utils import gather_object
 
+    facts = facts()
     everyone = gather_object([facts])
     first = everyone[0]
     problems = []

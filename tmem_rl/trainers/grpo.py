@@ -243,7 +243,7 @@ class GRPOTrainer(TrainerCheckpoints):
                                    self.accelerator.num_processes, config.collective_timeout_s)
         # Before any collective of the model's set-up (DDP broadcasts its weights): a mismatched launch is named
         # here instead of failing or hanging there.
-        preflight(self.accelerator, {
+        preflight(self.accelerator, lambda: {
             "tmem_rl": code_version(), "model": model_fingerprint(model), "tokenizer": tokenizer_fingerprint(tokenizer),
             "recipe": recipe_record_of(self.run_info, config, fast_config or FastWeightConfig(),
                                        episode_config or EpisodeConfig())})
@@ -790,15 +790,9 @@ class GRPOTrainer(TrainerCheckpoints):
             plot_rewards(metrics_path, Path(cfg.output_dir) / "reward_curve.png")
         return self.history
 
-
     def _run_exists(self) -> bool:
         """Whether output_dir holds a run, as the main process sees it: every process takes the same branch."""
-        from accelerate.utils import broadcast_object_list
-
-        found = [bool(existing_run(self.config.output_dir))]
-        if self.accelerator.num_processes > 1:
-            broadcast_object_list(found)
-        return found[0]
+        return self.main_process_value(bool(existing_run(self.config.output_dir)))
 
 
 def plot_rewards(metrics_path: Path, out: Path) -> None:
