@@ -1,7 +1,10 @@
-"""Inner-update speed: tmem_rl's batched update vs a plain loop over PEFT LoRA adapters vs the compute floor.
+"""Inner-update speed: tmem_rl's batched update vs a plain loop over PEFT LoRA adapters vs the compute floor of
+an update that runs every pair whole (the shared head goes below it, so ratio_to_floor may be under 1).
 
-Prints one JSON line with tmem_s, peft_loop_s, floor_s, speedup_vs_peft, ratio_to_floor, and init_s (building
-the fast weights: the top-r SVD of every adapted matrix, done once per run, not per update) beside
+Prints one JSON line with tmem_s, peft_loop_s, floor_s, speedup_vs_peft, ratio_to_floor; tmem_unshared_s and
+shared_head_speedup (the same update with every pair run whole through the adapted layers: `shared_head` off, over
+on) with the work of each (tmem_gflop, tmem_unshared_gflop: counted, so free of a shared CPU's noise); and init_s
+(building the fast weights: the top-r SVD of every adapted matrix, done once per run, not per update) beside
 full_svd_init_s (the same with a full SVD). All three updates train G rollouts' rank-r adapters on P QA pairs each
 for E epochs (batch 16, SGD), on a randomly initialised model of the chosen shape built directly on the target
 device (weights do not change the cost).
@@ -14,12 +17,14 @@ device (weights do not change the cost).
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import random
 import time
 
 import torch
 from peft import LoraConfig, get_peft_model
+from torch.utils.flop_counter import FlopCounterMode
 from transformers import AutoConfig, AutoModelForCausalLM, LlamaConfig
 
 from tmem_rl.memory import FastWeightConfig, FastWeights
@@ -80,6 +85,12 @@ def tmem_update(fast, tokenizer, pairs):
     fast.absorb(tokenizer, pairs)
 
 
+def gflop(fn) -> float:
+    with FlopCounterMode(display=False) as counter:
+        fn()
+    return counter.get_total_flops() / 1e9
+
+
 def full_svd_init(fast) -> None:
     """What construction cost with a full SVD of every adapted matrix (the reference for init_s)."""
     for module in fast.modules.values():
@@ -119,8 +130,9 @@ class _Stop(Exception):
 
 
 def floor(fast, tokenizer, pairs):
-    """The least work an update needs: one no-grad pass up to the first adapted layer, then E epochs of the
-    adapted layers' forward and backward, the LM head evaluated only at answer positions."""
+    """The least work an update needs when every pair runs whole through the adapted layers (no shared head): one
+    no-grad pass up to the first adapted layer, then E epochs of the adapted layers' forward and backward, the LM
+    head evaluated only at answer positions."""
     model, cfg = fast.model, fast.config
     fast.reset()
     device = next(model.parameters()).device
@@ -197,7 +209,14 @@ def main(argv: list[str] | None = None) -> None:
     results["tmem_s"] = timed(lambda: tmem_update(fast, tokenizer, pairs), args.device, args.repeats)
     results["floor_s"] = timed(lambda: floor(fast, tokenizer, pairs), args.device, args.repeats)
     results["ratio_to_floor"] = results["tmem_s"] / results["floor_s"]
+    # The work itself, free of a shared CPU's noise: floating-point operations of one update each way.
+    results["tmem_gflop"] = gflop(lambda: tmem_update(fast, tokenizer, pairs))
     fast.remove()
+    unshared = FastWeights(model, args.rollouts, dataclasses.replace(cfg, shared_head=False))
+    results["tmem_unshared_s"] = timed(lambda: tmem_update(unshared, tokenizer, pairs), args.device, args.repeats)
+    results["shared_head_speedup"] = results["tmem_unshared_s"] / results["tmem_s"]
+    results["tmem_unshared_gflop"] = gflop(lambda: tmem_update(unshared, tokenizer, pairs))
+    unshared.remove()
     if not args.skip_peft:
         results["peft_loop_s"] = timed(lambda: peft_loop(model, tokenizer, pairs, cfg), args.device, 1)
         results["speedup_vs_peft"] = results["peft_loop_s"] / results["tmem_s"]

@@ -159,6 +159,17 @@ def plot_curves(runs: dict[int, Path], path: Path) -> None:
     plt.close(fig)
 
 
+def load_recipes(path: str, overrides: list[str], train_overrides: list[str], steps: int | None):
+    """(the recipe every evaluation uses, the one GRPO trains with: `train_overrides` on top of it)."""
+    recipe = load_recipe(path, overrides)
+    trained = load_recipe(path, overrides + train_overrides)
+    if steps is not None:
+        for r in (recipe, trained):
+            r.outer_loop.max_steps = steps
+            r.outer_loop.save_steps = steps
+    return recipe, trained
+
+
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--recipe", default=str(Path(__file__).resolve().parents[1] / "recipes/facts_grpo_cpu.yaml"))
@@ -191,16 +202,18 @@ def main(argv: list[str] | None = None) -> dict:
                              "much as the TMEM evaluation itself)")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                         help="a recipe override, e.g. --set outer_loop.learning_rate=1e-4 (repeatable)")
+    parser.add_argument("--train-set", dest="train_overrides", action="append", default=[], metavar="KEY=VALUE",
+                        help="a recipe override for GRPO only, every evaluation keeping the recipe's setting, e.g. "
+                             "--train-set inner_loop.epochs=10: a training lever judged by the same evaluation as "
+                             "the recipe (repeatable); a GRPO run already in --out is reused, so give each lever "
+                             "its own --out")
     args = parse_args(parser, QUICK, argv)
     started = time.perf_counter()
     if args.out is None and args.quick:
         # A quick run measures every stage, so it never resumes from an earlier one.
         shutil.rmtree(QUICK_OUT, ignore_errors=True)
     out = Path(args.out or (QUICK_OUT if args.quick else OUT))
-    recipe = load_recipe(args.recipe, args.overrides)
-    if args.steps is not None:
-        recipe.outer_loop.max_steps = args.steps
-        recipe.outer_loop.save_steps = args.steps
+    recipe, trained_recipe = load_recipes(args.recipe, args.overrides, args.train_overrides, args.steps)
     base_name = recipe.model.name
     traced = [] if args.no_reference else ["tmem-reference"]  # the evaluations after the base stage
 
@@ -239,13 +252,14 @@ def main(argv: list[str] | None = None) -> dict:
     per_seed, after_all, before_all, curves, finals = {}, {}, {}, {}, {}
     for seed in args.seeds:
         run_dir = out / f"grpo_seed{seed}"
-        final = run_dir / f"checkpoint-{recipe.outer_loop.max_steps}"
+        final = run_dir / f"checkpoint-{trained_recipe.outer_loop.max_steps}"
         if not final.exists():
             if run_dir.exists():
                 shutil.rmtree(run_dir)  # a partial run: the metrics of a resumed one would repeat steps
-            seeded = dataclasses.replace(recipe, outer_loop=dataclasses.replace(
-                recipe.outer_loop, output_dir=str(run_dir), seed=seed, save_steps=recipe.outer_loop.max_steps))
-            seeded.model = dataclasses.replace(recipe.model, name=start_model)
+            seeded = dataclasses.replace(trained_recipe, outer_loop=dataclasses.replace(
+                trained_recipe.outer_loop, output_dir=str(run_dir), seed=seed,
+                save_steps=trained_recipe.outer_loop.max_steps))
+            seeded.model = dataclasses.replace(trained_recipe.model, name=start_model)
             run_recipe(seeded)
         curves[seed], finals[seed] = run_dir / "metrics.jsonl", final
         ev = evaluate(recipe, out / f"eval_seed{seed}", args.episodes, ["tmem", *traced], start_model,

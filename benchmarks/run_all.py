@@ -31,7 +31,7 @@ REPO_ROOT = BENCHMARKS_DIR.parent  # scripts' relative defaults (e.g. runs/...) 
 # The figures results.md shows per script (dotted paths reach into nested objects); a script not listed here
 # shows its first few scalar top-level keys.
 HEADLINES = {
-    "inner_update": ["tmem_s", "speedup_vs_peft", "ratio_to_floor", "init_speedup_vs_full_svd"],
+    "inner_update": ["tmem_s", "speedup_vs_peft", "shared_head_speedup", "init_speedup_vs_full_svd"],
     "ablations": ["init.svd_steps", "init.random_steps", "supervision.facts.qa_pairs.f1",
                   "supervision.facts.transcript.f1"],
     "grpo_step": ["tmem_tokens_per_s", "trl_tokens_per_s", "ratio_vs_trl", "fast_weights_overhead"],

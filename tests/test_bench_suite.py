@@ -110,3 +110,11 @@ def test_learning_curve_scores_episodes_and_bootstraps_their_differences(learnin
     assert mean == pytest.approx(1 / 3)  # over the shared episodes only
     assert low == 0.0 and high == 1.0  # resamples of {1, 0, 0}: from all zeros to all ones
     assert learning_curve.paired_bootstrap(before, before) == (0.0, [0.0, 0.0])
+
+
+def test_a_training_lever_changes_the_trained_recipe_and_no_evaluation(learning_curve):
+    recipe, trained = learning_curve.load_recipes(str(RUN_ALL.parents[1] / "recipes/facts_multi_grpo_cpu.yaml"),
+                                                  ["outer_loop.learning_rate=1e-4"], ["inner_loop.epochs=10"], 3)
+    assert (recipe.inner_loop.epochs, trained.inner_loop.epochs) == (20, 10)
+    assert recipe.outer_loop.learning_rate == trained.outer_loop.learning_rate == 1e-4
+    assert recipe.outer_loop.max_steps == trained.outer_loop.max_steps == recipe.outer_loop.save_steps == 3

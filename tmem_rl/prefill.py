@@ -19,9 +19,7 @@ from typing import Iterator
 import torch
 from torch import nn
 
-from tmem_rl.memory.layers import take_rows
-
-CACHE_ARGUMENTS = ("cache", "past_key_values")
+from tmem_rl.memory.layers import CACHE_ARGUMENTS, take_rows
 
 
 def distinct_rows(input_ids: torch.Tensor, attention_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

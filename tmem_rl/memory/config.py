@@ -31,6 +31,12 @@ class FastWeightConfig:
     """Shuffle pairs each epoch (seeded by `seed`, the rollout slot and its update count)."""
     prefix_cache: bool = True
     """Run the frozen layers below the first adapted one once per update and reuse their output every epoch."""
+    shared_head: bool = True
+    """With `prefix_cache`: the tokens every pair starts with (the chat template's head) run through the adapted
+    layers once per slot and step instead of once per pair, and each pair's own tokens attend to them through the
+    KV cache. The same losses and gradients, up to float rounding. It applies where the layers below the first
+    adapted one keep the head in a plain KV cache of full-attention layers (not with layer 0 adapted, nor with
+    sliding-window or recurrent layers) and an update has two pairs or more; otherwise every pair runs whole."""
     max_pair_tokens: int = 256
     """Truncate a formatted pair to this many tokens."""
     max_probe_leak: float | None = None

@@ -140,8 +140,10 @@ class FastWeights:
             self.B[name] = torch.zeros(num_slots, d_out, r, device=device)  # [G, d_out, r]
         self._slots: torch.Tensor | None = None  # [N] slot per batch row while `use` is active
         self._rows: torch.Tensor | None = None  # [N] slots clamped to valid indices
-        self._keep: torch.Tensor | None = None  # [N, 1, 1] False on base-model rows (slot -1)
-        self._slot_buffers: dict[int, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}  # N -> the three above
+        self._keep: torch.Tensor | None = None  # [N, 1, 1] False on base-model rows (slot -1), in static blocks
+        self._only: torch.Tensor | None = None  # rows with a slot, when others run on the base model
+        # N -> static buffers of (_slots, _rows, _keep)
+        self._slot_buffers: dict[int, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
         self._static_depth: dict[int, int] = {}  # N -> static `use` blocks open on that buffer
         self._handles = [m.register_forward_hook(self._make_hook(n)) for n, m in self.modules.items()]
         self.versions = [0] * num_slots  # number of absorbs into each slot since its last reset
@@ -161,15 +163,24 @@ class FastWeights:
             if slots.numel() != rows:
                 raise RuntimeError(f"fast weights: {slots.numel()} slots set for a batch of {rows} rows")
             x3 = x.reshape(rows, -1, x.shape[-1])  # [N, T, d_in]
+            slot_of_row = self._rows
+            if self._only is not None:  # rows with a slot beside base-model rows: only they get a delta
+                if not self._only.numel():
+                    return output
+                x3, slot_of_row = x3[self._only], slot_of_row[self._only]
             a = self.A[name]
             if a.dim() == 2:
-                xa = x3 @ a.to(x.dtype).T  # [N, T, r]
+                xa = x3 @ a.to(x.dtype).T  # [n, T, r]
             else:
-                xa = torch.bmm(x3, a[self._rows].to(x.dtype).transpose(1, 2))
-            # Base-model rows are masked arithmetically rather than by a data-dependent branch: no host sync in a
-            # hook that runs in every adapted linear at every decoding step.
-            b = torch.where(self._keep, self.B[name][self._rows], 0.0)  # [N, d_out, r]
-            delta = torch.bmm(xa, b.to(x.dtype).transpose(1, 2))  # [N, T, d_out]
+                xa = torch.bmm(x3, a[slot_of_row].to(x.dtype).transpose(1, 2))
+            b = self.B[name][slot_of_row]  # [n, d_out, r]
+            if self._keep is not None:
+                # In a static block base-model rows are masked arithmetically rather than by a data-dependent
+                # branch: a decode step captured as a graph replays with other slots.
+                b = torch.where(self._keep, b, 0.0)
+            delta = torch.bmm(xa, b.to(x.dtype).transpose(1, 2))  # [n, T, d_out]
+            if self._only is not None:
+                return output.reshape(rows, -1, delta.shape[-1]).index_add(0, self._only, delta).reshape(output.shape)
             return output + delta.reshape(output.shape)
 
         return hook
@@ -197,8 +208,19 @@ class FastWeights:
         tensors. A decode step captured as a graph reads them from there, so the next static `use` with as many
         rows steers its replays."""
         self.follow_model()
-        mapping = self._row_mapping(torch.as_tensor(slots, dtype=torch.long).reshape(-1).to(self.device))
-        previous = self._slots, self._rows, self._keep
+        requested = torch.as_tensor(slots, dtype=torch.long).reshape(-1)
+        mapping = self._row_mapping(requested.to(self.device))
+        only = None
+        if not static and requested.device.type != "meta":
+            # One host check per block, not per adapted linear (a meta tensor has no values to check). Base-model
+            # rows beside rows with a slot (the GRPO update scores extractions read without fast weights with
+            # answers read under them): the delta is computed for the others only, not computed and masked.
+            # Without base-model rows there is nothing to mask (the mask and its backward: 2% of an inner update).
+            has_slot = requested >= 0
+            if not bool(has_slot.all()):
+                only = has_slot.nonzero().squeeze(1).to(self.device)
+            mapping = (*mapping[:2], None)
+        previous = self._slots, self._rows, self._keep, self._only
         n = mapping[0].numel()
         saved = None
         if static:
@@ -212,6 +234,7 @@ class FastWeights:
                 buffer.copy_(value)
             mapping = buffers
         self._slots, self._rows, self._keep = mapping
+        self._only = only
         try:
             yield
         finally:
@@ -219,7 +242,7 @@ class FastWeights:
                 self._static_depth[n] -= 1
                 for buffer, value in zip(self._slot_buffers[n], saved or ()):
                     buffer.copy_(value)
-            self._slots, self._rows, self._keep = previous
+            self._slots, self._rows, self._keep, self._only = previous
 
     @staticmethod
     def _row_mapping(slots: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

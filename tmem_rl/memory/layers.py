@@ -7,6 +7,8 @@ from torch import nn
 
 from tmem_rl.memory.config import FastWeightConfig
 
+CACHE_ARGUMENTS = ("cache", "past_key_values")  # what a decoder layer calls its KV cache, across versions
+
 
 def decoder_layers(model: nn.Module) -> nn.ModuleList:
     """The model's stack of decoder layers (HF causal LMs keep it at get_decoder().layers)."""
