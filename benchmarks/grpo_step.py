@@ -12,7 +12,12 @@ every system generates exactly the same number of tokens), same chat prompt, gro
   runs on the base model): what the fast-weight machinery (inner update, snapshots, replay) adds.
 
 Prints JSON with tmem_tokens_per_s, trl_tokens_per_s, ratio_vs_trl, and fast_weights_overhead (seconds per
-generated token with fast weights on / off on the same episodes), plus the tokens/s behind it.
+generated token with fast weights on / off on the same episodes), plus the tokens/s behind it; and
+fast_weights_work_overhead, the same ratio in GFLOP per generated token, counted over one step each (after the
+timed runs, so it slows none of them): what the time ratio would be if every operation ran at the same rate.
+The update with and without shared prompts (`GRPOConfig.shared_prompts`), fast weights on: update_s and
+unshared_prompts_update_s (seconds per step), shared_prompts_update_speedup, and the step's work each way
+(shared_prompts_work_ratio, unshared over shared).
 
     python benchmarks/grpo_step.py                  # CPU, 2 questions x 4 generations x 32 tokens
     python benchmarks/grpo_step.py --layers 30 --completion 128 --steps 4
@@ -24,12 +29,14 @@ generated token with fast weights on / off on the same episodes), plus the token
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import tempfile
 import time
 
 import torch
 from accelerate import Accelerator
+from torch.utils.flop_counter import FlopCounterMode
 from transformers import AutoModelForCausalLM, TrainerCallback
 
 import tmem_rl.episode.memory as episode_memory
@@ -81,12 +88,17 @@ def fixed_pairs(count):
     return parse
 
 
-def tmem_run(model_fn, tokenizer, args, extraction: bool, fast_weights: bool = True) -> float:
+def tmem_run(model_fn, tokenizer, args, extraction: bool, fast_weights: bool = True, count: bool = False,
+             shared_prompts: bool = True) -> dict:
+    """{tokens_per_s, update_s}: generated tokens per second and the GRPO update's seconds per step, over the steps
+    after the first; with `count`, {gflop_per_token} of one step instead (counted, so free of a shared CPU's
+    noise)."""
     env = BenchEnv(STREAM if extraction else STREAM[1:])
     with tempfile.TemporaryDirectory() as out:
-        cfg = GRPOConfig(output_dir=out, max_steps=args.steps, questions_per_step=args.questions,
+        cfg = GRPOConfig(output_dir=out, max_steps=1 if count else args.steps, questions_per_step=args.questions,
                          num_generations=args.generations, learning_rate=1e-6, report_to=[], save_steps=0,
-                         max_completion_length=args.completion, micro_batch_size=args.questions * args.generations)
+                         max_completion_length=args.completion, micro_batch_size=args.questions * args.generations,
+                         shared_prompts=shared_prompts)
         chunk_tokens = len(tokenizer(STREAM[0])["input_ids"])
         episode = EpisodeConfig(l_max=chunk_tokens - 1 if extraction else 100_000, extraction_retries=0,
                                 max_extraction_tokens=args.completion, max_answer_tokens=args.completion,
@@ -97,12 +109,17 @@ def tmem_run(model_fn, tokenizer, args, extraction: bool, fast_weights: bool = T
         episode_memory.parse_qa_pairs = fixed_pairs(args.pairs)
         if not fast_weights:
             trainer.fast.absorb = lambda *a, **k: {}
+        counter = FlopCounterMode(display=False) if count else contextlib.nullcontext()
         try:
-            history = trainer.train()
+            with counter:
+                history = trainer.train()
         finally:
             episode_memory.parse_qa_pairs = original
+    if count:
+        return {"gflop_per_token": counter.get_total_flops() / 1e9 / history[0]["completion_tokens"]}
     timed = history[1:] or history  # the first step warms up allocators and kernels
-    return sum(h["completion_tokens"] for h in timed) / sum(h["step_seconds"] for h in timed)
+    return {"tokens_per_s": sum(h["completion_tokens"] for h in timed) / sum(h["step_seconds"] for h in timed),
+            "update_s": sum(h["update_seconds"] for h in timed) / len(timed)}
 
 
 class StepTimer(TrainerCallback):
@@ -167,13 +184,32 @@ def main(argv: list[str] | None = None) -> None:
                "generations": args.generations, "completion_tokens": args.completion, "pairs": args.pairs,
                "device": args.device, "dtype": args.dtype, "decoder": args.decoder, "threads": torch.get_num_threads(),
                "quick": args.quick}
-    results["tmem_tokens_per_s"] = tmem_run(model_fn, tokenizer, args, extraction=False)
-    results["fast_weights_off_tokens_per_s"] = tmem_run(model_fn, tokenizer, args, extraction=True, fast_weights=False)
-    results["fast_weights_on_tokens_per_s"] = tmem_run(model_fn, tokenizer, args, extraction=True)
-    # TRL last: its trainer leaves process-wide settings behind that slow every later run here (measured).
+    results["tmem_tokens_per_s"] = tmem_run(model_fn, tokenizer, args, extraction=False)["tokens_per_s"]
+    results["fast_weights_off_tokens_per_s"] = tmem_run(model_fn, tokenizer, args, extraction=True,
+                                                        fast_weights=False)["tokens_per_s"]
+    on = tmem_run(model_fn, tokenizer, args, extraction=True)
+    unshared = tmem_run(model_fn, tokenizer, args, extraction=True, shared_prompts=False)
+    results["fast_weights_on_tokens_per_s"] = on["tokens_per_s"]
+    results["unshared_prompts_tokens_per_s"] = unshared["tokens_per_s"]  # fast weights on, every segment whole
+    results["update_s"], results["unshared_prompts_update_s"] = on["update_s"], unshared["update_s"]
+    results["shared_prompts_update_speedup"] = unshared["update_s"] / on["update_s"]
+    results["fast_weights_overhead"] = (results["fast_weights_off_tokens_per_s"]
+                                        / results["fast_weights_on_tokens_per_s"])
+    # The same ratio in work, free of timing noise: the time ratio it would be if every operation ran at one rate.
+    for key, fast_weights, shared in (("fast_weights_off", False, True), ("fast_weights_on", True, True),
+                                      ("unshared_prompts", True, False)):
+        counted = tmem_run(model_fn, tokenizer, args, extraction=True, count=True, fast_weights=fast_weights,
+                           shared_prompts=shared)
+        results[f"{key}_gflop_per_token"] = counted["gflop_per_token"]
+    results["fast_weights_work_overhead"] = (results["fast_weights_on_gflop_per_token"]
+                                             / results["fast_weights_off_gflop_per_token"])
+    # The update is the only part that differs: the step's work saved is the update's.
+    results["shared_prompts_work_ratio"] = (results["unshared_prompts_gflop_per_token"]
+                                            / results["fast_weights_on_gflop_per_token"])
+    # TRL last: its trainer leaves process-wide settings behind that slow every later run here (measured)
+    # and change what a later run computes (its counted work).
     results["trl_tokens_per_s"] = trl_run(model_fn, tokenizer, args)
     results["ratio_vs_trl"] = results["tmem_tokens_per_s"] / results["trl_tokens_per_s"]
-    results["fast_weights_overhead"] = results["fast_weights_off_tokens_per_s"] / results["fast_weights_on_tokens_per_s"]
     print(json.dumps(results))
 
 

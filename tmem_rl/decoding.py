@@ -29,6 +29,7 @@ import torch
 from torch import nn
 from transformers import LogitsProcessorList, StaticCache, StoppingCriteria
 
+from tmem_rl.memory.layers import model_cache_argument
 from tmem_rl.prefill import shared_prefill
 
 # With graphs, cache lengths are rounded up to a multiple of this, so prompts of similar length share one cache
@@ -82,8 +83,7 @@ class StaticDecoder:
         if not getattr(base, "_can_compile_fullgraph", False):
             raise ValueError(f"{type(base).__name__} does not support a static KV cache (transformers marks it "
                              "_can_compile_fullgraph=False); use EpisodeConfig.decoder='generate'")
-        # Newer transformers name the cache argument `cache`; older ones only know `past_key_values`.
-        self._cache_arg = "cache" if "cache" in parameters else "past_key_values"
+        self._cache_arg = model_cache_argument(base)
         # The prompt's logits are needed at its last position only: the full [rows, width, vocab] would cost more
         # than the whole prefill.
         self._last_logits_only = {"logits_to_keep": 1} if "logits_to_keep" in parameters else {}

@@ -7,6 +7,7 @@ the gradient flows only into the slow weights (through the base layers and the f
 
 from __future__ import annotations
 
+import weakref
 from contextlib import nullcontext
 from dataclasses import dataclass
 from typing import NamedTuple, Sequence
@@ -14,6 +15,9 @@ from typing import NamedTuple, Sequence
 import torch
 
 from tmem_rl.memory.fast_weights import FastWeights, Snapshot
+from tmem_rl.memory.inner_loop import holds_whole_head
+from tmem_rl.memory.layers import model_cache_argument
+from tmem_rl.prefill import distinct_rows, shared_prefill
 
 
 @dataclass
@@ -123,28 +127,104 @@ def token_entropies(logits: torch.Tensor, temperatures: torch.Tensor) -> torch.T
 
 
 def score_completions(model, fast: FastWeights | None, rows: SegmentRows, value_head=None,
-                      entropy: bool = False) -> TokenScores:
+                      entropy: bool = False, shared: list | None = None, collective: bool = False) -> TokenScores:
     """Per-token log-probs of the completion tokens at each row's sampling temperature, from one forward pass;
     with `value_head` also its values at the state before each completion token, with `entropy` also the entropy
     of the distribution each token was sampled from (a diagnostic: no gradient).
 
+    With `shared` (a list of decoder layers, possibly empty), rows with the same prompt under the same fast weights
+    run it once: the prompt's pass writes its keys and values into the model's KV cache, every completion attends
+    to its prompt's, and the gradient of all of them flows back into the one pass; the `shared` layers (those
+    below the first fast-weight layer) run once per prompt text whatever the fast weights. The same log-probs and
+    gradients up to float rounding; it falls back to one pass where no prompt repeats, where the cache cannot hold
+    a whole prompt (sliding-window layers) and under gradient checkpointing (which drops the cache). With
+    `collective` (a wrapped model under several processes, whose every forward is a collective) it makes the two
+    passes whether prompts repeat or not, so that every process makes as many.
+
     `model` may be wrapped (DDP): it is called as a whole, keeping only the logits that predict completion tokens.
-    The memory of the pass is that of its rows' logits in the model's dtype: call it per micro-batch.
+    The memory of the pass is that of its rows' logits in the model's dtype (with shared prompts, also every layer's
+    keys and values of the prompts until the completions are scored, which a pass with a gradient keeps anyway):
+    call it per micro-batch. Rows that share a prompt share its dropout mask too, where there is dropout.
     """
     width_c = rows.completion_ids.shape[1]
     position_ids = (rows.attention_mask.cumsum(-1) - 1).clamp(min=0)
-    use = fast.use(rows.slots) if fast is not None and rows.any_fast else nullcontext()
-    with use:
-        out = model(input_ids=rows.input_ids, attention_mask=rows.attention_mask, position_ids=position_ids,
-                    logits_to_keep=width_c + 1, use_cache=False, output_hidden_states=value_head is not None)
-    logits = out.logits[:, :-1]  # position t predicts t+1: [N, C, V]
-    logp = token_logprobs(logits, rows.completion_ids, rows.temperatures) * rows.completion_mask
-    entropies = token_entropies(logits, rows.temperatures) * rows.completion_mask if entropy else None
+    hidden = None
+    parts = _shared_prompt_pass(model, fast, rows, position_ids, value_head is not None, shared, collective) \
+        if shared is not None else None
+    if parts is None:
+        with _live(fast, rows.slots, rows.any_fast):
+            out = model(input_ids=rows.input_ids, attention_mask=rows.attention_mask, position_ids=position_ids,
+                        logits_to_keep=width_c + 1, use_cache=False, output_hidden_states=value_head is not None)
+        parts = [(out.logits[:, :-1], rows.completion_ids, rows.temperatures)]  # position t predicts t+1
+        if value_head is not None:
+            hidden = out.hidden_states[-1][:, -(width_c + 1) : -1]  # [N, C, d], same positions as the logits
+    else:
+        parts, hidden = parts
+    logp = torch.cat([token_logprobs(*part) for part in parts], 1) * rows.completion_mask
+    entropies = torch.cat([token_entropies(logits, t) for logits, _, t in parts], 1) * rows.completion_mask \
+        if entropy else None
     values = None
     if value_head is not None:
-        hidden = out.hidden_states[-1][:, -(width_c + 1) : -1]  # [N, C, d], same positions as the logits
         values = value_head(hidden.to(value_head.weight.dtype)).squeeze(-1).float() * rows.completion_mask
     return TokenScores(logp, values, entropies)
+
+
+# Models whose KV cache is not one this can put in front of the completions (sliding-window or other layers than
+# plain full attention): scored in one pass from then on.
+_CACHE_TOO_SHORT: weakref.WeakSet = weakref.WeakSet()
+
+
+def _live(fast: FastWeights | None, slots: torch.Tensor, any_fast: bool):
+    return fast.use(slots) if fast is not None and any_fast else nullcontext()
+
+
+def _checkpointed(model) -> bool:
+    """Whether the model's layers recompute in backward (gradient checkpointing): they then drop the KV cache (in
+    train mode; some transformers versions without a gradient too)."""
+    return model.training and any(getattr(m, "gradient_checkpointing", False) for m in model.modules()
+                                  if m is not model)
+
+
+def _shared_prompt_pass(model, fast: FastWeights | None, rows: SegmentRows, position_ids: torch.Tensor,
+                        want_hidden: bool, shared: list, collective: bool):
+    """score_completions' two passes over a batch where prompts repeat: -> ([(logits, tokens, temperatures)] for
+    the first completion token and the rest, hidden states [N, C, d] or None), or None to score in one pass."""
+    width_c = rows.completion_ids.shape[1]
+    prompt_width = rows.input_ids.shape[1] - width_c
+    if prompt_width < 1 or model in _CACHE_TOO_SHORT or _checkpointed(model):  # the same on every process
+        return None
+    prompt_ids, prompt_mask = rows.input_ids[:, :prompt_width], rows.attention_mask[:, :prompt_width]
+    # One row per (prompt, fast weights): the slot is a column of the key.
+    keyed = torch.cat([prompt_ids, rows.slots[:, None].to(prompt_ids.dtype)], 1)
+    first, inverse = distinct_rows(keyed, torch.cat([prompt_mask, torch.ones_like(prompt_mask[:, :1])], 1))
+    if len(first) == len(inverse) and not collective:
+        return None
+    lead = int(prompt_mask[first].any(0).long().argmax())  # padding columns no distinct prompt uses
+    ids, mask = prompt_ids[first, lead:], prompt_mask[first, lead:]
+    with _live(fast, rows.slots[first], rows.any_fast), shared_prefill(shared, ids, mask):
+        head = model(input_ids=ids, attention_mask=mask, position_ids=position_ids[first, lead:prompt_width],
+                     logits_to_keep=1, use_cache=True, output_hidden_states=want_hidden)
+    name = model_cache_argument(model)
+    cache = getattr(head, name, None)
+    if not holds_whole_head(cache, prompt_width - lead):
+        _CACHE_TOO_SHORT.add(model)  # a property of the model: not worth a wasted pass per micro-batch
+        return None
+    if width_c == 1 and not collective:  # the prompt's last position predicts the only completion token
+        hidden = head.hidden_states[-1][inverse, -1:] if want_hidden else None
+        return [(head.logits[inverse], rows.completion_ids, rows.temperatures)], hidden
+    cache.batch_select_indices(inverse)  # every row's prompt keys and values, their gradient summed back
+    with _live(fast, rows.slots, rows.any_fast):
+        out = model(input_ids=rows.input_ids[:, prompt_width:], attention_mask=rows.attention_mask[:, lead:],
+                    position_ids=position_ids[:, prompt_width:], use_cache=True, logits_to_keep=width_c,
+                    output_hidden_states=want_hidden, **{name: cache})
+    # The prompt's last position predicts the first completion token; completion position t predicts t + 1.
+    parts = [(head.logits[inverse], rows.completion_ids[:, :1], rows.temperatures)]
+    if width_c > 1:
+        parts.append((out.logits[:, :-1], rows.completion_ids[:, 1:], rows.temperatures))
+    hidden = None
+    if want_hidden:
+        hidden = torch.cat([head.hidden_states[-1][inverse, -1:], out.hidden_states[-1][:, :-1]], 1)
+    return parts, hidden
 
 
 def completion_logprobs(model, fast: FastWeights | None, rows: SegmentRows) -> torch.Tensor:

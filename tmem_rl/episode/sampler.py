@@ -18,7 +18,7 @@ from tmem_rl.episode.config import LOGPROB_ROWS, EpisodeConfig
 from tmem_rl.extraction import PairReader
 from tmem_rl.logprobs import build_rows, completion_logprobs
 from tmem_rl.memory.fast_weights import FastWeights
-from tmem_rl.memory.layers import adapted_layer_indices, decoder_layers
+from tmem_rl.memory.layers import layers_below_fast_weights
 from tmem_rl.prefill import shared_prefill
 
 
@@ -148,9 +148,7 @@ class Sampler:
         (all of them without fast weights); none when EpisodeConfig.shared_prefill is off."""
         if not self.config.shared_prefill:
             return []
-        layers = decoder_layers(self.model)
-        first = adapted_layer_indices(self.model, self.fast.config)[0] if self.fast is not None else len(layers)
-        return list(layers[:first])
+        return layers_below_fast_weights(self.model, self.fast.config if self.fast is not None else None)
 
     def _warpers(self, temperature: float) -> list[LogitsProcessor]:
         warpers: list[LogitsProcessor] = [TemperatureLogitsWarper(temperature)]

@@ -2,12 +2,23 @@
 
 from __future__ import annotations
 
+import inspect
+
 import torch
 from torch import nn
 
 from tmem_rl.memory.config import FastWeightConfig
 
 CACHE_ARGUMENTS = ("cache", "past_key_values")  # what a decoder layer calls its KV cache, across versions
+
+
+def model_cache_argument(model: nn.Module) -> str:
+    """The name the model's forward takes its KV cache by: `cache` in newer transformers, `past_key_values` before.
+    `model` may be wrapped (DDP, DeepSpeed, PEFT): the name is its base model's."""
+    while hasattr(model, "module"):
+        model = model.module
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    return "cache" if "cache" in inspect.signature(base.forward).parameters else "past_key_values"
 
 
 def decoder_layers(model: nn.Module) -> nn.ModuleList:
@@ -21,6 +32,13 @@ def decoder_layers(model: nn.Module) -> nn.ModuleList:
         if isinstance(module, nn.ModuleList) and len(module) == n:
             return module
     raise ValueError(f"cannot find the decoder layers of {type(model).__name__}")
+
+
+def layers_below_fast_weights(model: nn.Module, config: FastWeightConfig | None) -> list[nn.Module]:
+    """The decoder layers below the first fast-weight layer (all of them without fast weights): rows under
+    different fast weights compute the same there, so rows with the same tokens can share them."""
+    layers = decoder_layers(model)
+    return list(layers[: adapted_layer_indices(model, config)[0] if config is not None else len(layers)])
 
 
 def adapted_layer_indices(model: nn.Module, config: FastWeightConfig) -> list[int]:

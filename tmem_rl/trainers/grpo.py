@@ -35,12 +35,12 @@ from tmem_rl.errors import InputError
 from tmem_rl.logprobs import (
     SegmentRows,
     TokenScores,
-    completion_logprobs,
     load_snapshots,
     score_completions,
     segment_rows,
 )
 from tmem_rl.memory import FastWeightConfig, FastWeights
+from tmem_rl.memory.layers import layers_below_fast_weights
 from tmem_rl.episode import SEGMENT_KINDS, EpisodeBatch, EpisodeConfig, EpisodeRunner, Segment, Trajectory
 from tmem_rl.trainers.cluster import (RankMonitor, code_version, model_fingerprint, preflight,
                                       tokenizer_fingerprint)
@@ -105,6 +105,11 @@ class GRPOConfig:
     """Top-k sampling of the rollouts (replaces episode.top_k; 0: no filtering)."""
     micro_batch_size: int = 8
     """Generated segments per forward/backward pass."""
+    shared_prompts: bool = True
+    """Score segments with the same prompt together: micro-batches take them in turn, and within one, each prompt
+    runs once per fast weights (the layers below the fast weights once per prompt text), its keys and values put
+    in front of every completion (gradient included). A group's rollouts share the first extraction's prompt and
+    each answer's text: the same loss and gradients for less work (docs/benchmarks.md)."""
     mixed_precision: str | None = None
     """no | bf16 | fp16: Accelerate's autocast over fp32 master weights (load the model in float32). None: what
     `accelerate launch` configured, else no."""
@@ -301,6 +306,11 @@ class GRPOTrainer(TrainerCheckpoints):
 
             self.reference = copy.deepcopy(policy).eval().requires_grad_(False)
             self.reference_replay = FastWeights(self.reference, max(config.micro_batch_size, 1), fast_config)
+        # Layers rows under any fast weights compute alike (None: every segment scored whole).
+        self.shared_layers = layers_below_fast_weights(policy, fast_config) if config.shared_prompts else None
+        self.reference_shared_layers = None
+        if self.reference is not None and config.shared_prompts:
+            self.reference_shared_layers = layers_below_fast_weights(self.reference, fast_config)
         self.value_head = self.make_value_head(policy)
         if self.value_head is not None:
             policy.value_head = self.value_head  # a submodule, so that wrappers (DDP) and checkpoints include it
@@ -514,7 +524,7 @@ class GRPOTrainer(TrainerCheckpoints):
             return
         self.model.eval()
         for chunk, real, _ in self._collective_chunks(segments):
-            scores = score_completions(self.model, self.replay, self._rows(chunk, snapshots), self.value_head)
+            scores = self.score(self._rows(chunk, snapshots), self.value_head)
             if not real:
                 continue
             for i, s in enumerate(chunk):
@@ -534,6 +544,13 @@ class GRPOTrainer(TrainerCheckpoints):
 
     def _micro_batches(self, segments: list[TrainingSegment]) -> list[list[TrainingSegment]]:
         size = self.config.micro_batch_size
+        if self.config.shared_prompts:
+            # Segments of one prompt text side by side (in order of first appearance), so a micro-batch holds as
+            # many of them as it can; the loss is a weighted sum over tokens, so the order changes no gradient.
+            first_seen: dict[tuple[int, ...], int] = {}
+            for s in segments:
+                first_seen.setdefault(tuple(s.segment.prompt_ids), len(first_seen))
+            segments = sorted(segments, key=lambda s: first_seen[tuple(s.segment.prompt_ids)])
         return [segments[i : i + size] for i in range(0, len(segments), size)]
 
     def _mini_batches(self, segments: list[TrainingSegment],
@@ -660,7 +677,18 @@ class GRPOTrainer(TrainerCheckpoints):
     def forward_chunk(self, rows: SegmentRows) -> TokenScores:
         """The policy's log-probs and entropies of the chunk's tokens, and whatever else the trainer's loss needs
         from the same pass (GRPO: nothing)."""
-        return score_completions(self.model, self.replay, rows, entropy=True)
+        return self.score(rows, entropy=True)
+
+    def score(self, rows: SegmentRows, value_head=None, entropy: bool = False, model=None) -> TokenScores:
+        """score_completions under the trainer's replay slots, prompts shared as configured: of the (wrapped)
+        policy, or of `model` (the policy unwrapped, or the reference)."""
+        model = self.model if model is None else model
+        reference = model is self.reference
+        replay = self.reference_replay if reference else self.replay
+        shared = self.reference_shared_layers if reference else self.shared_layers
+        # Under ZeRO-3 every forward gathers parameters, of an unwrapped model too: all processes make as many.
+        return score_completions(model, replay, rows, value_head, entropy, shared,
+                                 collective=self.accelerator.num_processes > 1)
 
     def extra_loss(self, chunk: list[TrainingSegment], scores: TokenScores, like: torch.Tensor):
         """Per-token loss terms beyond the policy gradient and the KL (GRPO: none)."""
@@ -678,9 +706,9 @@ class GRPOTrainer(TrainerCheckpoints):
         """The initial policy's log-probs, under the same fast weights."""
         if self.config.use_peft:
             with self.policy.disable_adapter():
-                return completion_logprobs(self.policy, self.replay, rows)
+                return self.score(rows, model=self.policy).logp
         load_snapshots(self.reference_replay, rows.snapshot_keys, snapshots)
-        return completion_logprobs(self.reference, self.reference_replay, rows)
+        return self.score(rows, model=self.reference).logp
 
     def _rollout_stats(self, trajectories: list[Trajectory]) -> dict[str, float]:
         extractions = [e for t in trajectories for e in t.extractions]

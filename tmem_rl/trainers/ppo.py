@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from tmem_rl.logprobs import SegmentRows, TokenScores, score_completions
+from tmem_rl.logprobs import SegmentRows, TokenScores
 from tmem_rl.episode import Trajectory
 from tmem_rl.trainers.grpo import GRPOConfig, GRPOTrainer, TrainingSegment
 
@@ -148,7 +148,7 @@ class PPOTrainer(GRPOTrainer):
 
     def forward_chunk(self, rows: SegmentRows) -> TokenScores:
         """Log-probs, entropies and the critic's values [n, C] from the same forward pass."""
-        return score_completions(self.model, self.replay, rows, self.value_head, entropy=True)
+        return self.score(rows, self.value_head, entropy=True)
 
     def extra_loss(self, chunk: list[ValuedSegment], scores: TokenScores, like: torch.Tensor) -> torch.Tensor:
         """Clipped value loss per token (PPO's max of clipped and unclipped squared errors), times vf_coef."""
