@@ -13,8 +13,9 @@ every system generates exactly the same number of tokens), same chat prompt, gro
 
 Prints JSON with tmem_tokens_per_s, trl_tokens_per_s, ratio_vs_trl, and fast_weights_overhead (seconds per
 generated token with fast weights on / off on the same episodes), plus the tokens/s behind it; and
-fast_weights_work_overhead, the same ratio in GFLOP per generated token, counted over one step each (after the
-timed runs, so it slows none of them): what the time ratio would be if every operation ran at the same rate.
+fast_weights_work_overhead, the same ratio in GFLOP per generated token, counted over one step each (after
+tmem_rl's timed runs, so it slows none of them, and before TRL's, whose trainer changes what later runs
+compute): what the time ratio would be if every operation ran at the same rate.
 The update with and without shared prompts (`GRPOConfig.shared_prompts`), fast weights on: update_s and
 unshared_prompts_update_s (seconds per step), shared_prompts_update_speedup, and the step's work each way
 (shared_prompts_work_ratio, unshared over shared).
@@ -29,14 +30,12 @@ unshared_prompts_update_s (seconds per step), shared_prompts_update_speedup, and
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import tempfile
 import time
 
 import torch
 from accelerate import Accelerator
-from torch.utils.flop_counter import FlopCounterMode
 from transformers import AutoModelForCausalLM, TrainerCallback
 
 import tmem_rl.episode.memory as episode_memory
@@ -49,7 +48,7 @@ from tmem_rl.episode import EpisodeConfig
 from tmem_rl.trainers.grpo import GRPOConfig, GRPOTrainer
 
 from _quick import parse_args  # noqa: E402  (benchmarks/ is on the path when a script here runs)
-from inner_update import SHAPES  # noqa: E402
+from inner_update import SHAPES, gflop  # noqa: E402
 
 # Two steps: the first is warm-up and not timed.
 QUICK = {"layers": 2, "questions": 1, "generations": 2, "completion": 8, "pairs": 2, "steps": 2}
@@ -109,14 +108,14 @@ def tmem_run(model_fn, tokenizer, args, extraction: bool, fast_weights: bool = T
         episode_memory.parse_qa_pairs = fixed_pairs(args.pairs)
         if not fast_weights:
             trainer.fast.absorb = lambda *a, **k: {}
-        counter = FlopCounterMode(display=False) if count else contextlib.nullcontext()
+        history = []
+        run = lambda: history.extend(trainer.train())  # noqa: E731
         try:
-            with counter:
-                history = trainer.train()
+            work = gflop(run) if count else run()
         finally:
             episode_memory.parse_qa_pairs = original
     if count:
-        return {"gflop_per_token": counter.get_total_flops() / 1e9 / history[0]["completion_tokens"]}
+        return {"gflop_per_token": work / history[0]["completion_tokens"]}
     timed = history[1:] or history  # the first step warms up allocators and kernels
     return {"tokens_per_s": sum(h["completion_tokens"] for h in timed) / sum(h["step_seconds"] for h in timed),
             "update_s": sum(h["update_seconds"] for h in timed) / len(timed)}

@@ -26,13 +26,13 @@ from pathlib import Path
 
 import torch
 from accelerate import Accelerator
-from torch.utils.flop_counter import FlopCounterMode
 
 from tmem_rl.cpu import configure_cpu_threads
 from tmem_rl.models import FIXTURE_TOKENIZER, load_policy, tiny_model
 from tmem_rl.recipes import ALGORITHMS, load_recipe
 
 from _quick import parse_args  # noqa: E402  (benchmarks/ is on the path when a script here runs)
+from inner_update import gflop  # noqa: E402
 
 QUICK = {"layers": 4}
 RECIPE = Path(__file__).resolve().parents[1] / "recipes/facts_multi_grpo_cpu.yaml"
@@ -54,17 +54,13 @@ def update(trainer, batch, weights, shared: bool, count: bool) -> dict:
         return step(*args, **kwargs)
 
     trainer.optimizer.step = recorded
-    counter = FlopCounterMode(display=False) if count else None
+    metrics = {}
+    run = lambda: metrics.update(trainer.train_step(copy.deepcopy(batch)))  # noqa: E731
     try:
-        if counter is not None:
-            with counter:
-                metrics = trainer.train_step(copy.deepcopy(batch))
-        else:
-            metrics = trainer.train_step(copy.deepcopy(batch))
+        work = gflop(run) if count else run()
     finally:
         trainer.optimizer.step = step
-    return {"seconds": metrics["update_seconds"], "grads": grads,
-            "gflop": counter.get_total_flops() / 1e9 if counter is not None else None}
+    return {"seconds": metrics["update_seconds"], "grads": grads, "gflop": work}
 
 
 def main(argv: list[str] | None = None) -> None:
