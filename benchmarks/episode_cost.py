@@ -7,10 +7,12 @@ the parser is replaced as in grpo_step.py), so the work per episode is fixed. Fo
 seconds per episode and its breakdown, tokens decoded per second, peak memory. Beside them, at the largest G
 measured with a stream of 1x: the same episode with the group-shared prefill off (`EpisodeConfig.shared_prefill`:
 every row through every layer), its prefill and episode time over the shared one's and whether the tokens are the
-same; the decode step in ms next to the memory-bandwidth limit (the model's weights plus the KV cache read once per
-step, over a bandwidth measured here by a large device copy), and `model.generate`'s decode step on the same
-prompts. (The fixed parser writes the same pairs in every rollout, so every extraction prompt of a group is
-shared; with a real policy the prompts after the first extraction also list each rollout's own earlier pairs.)
+same; the questions of one reading answered full-context (each prompt the stream's last tokens, then its question)
+with their common beginning prefilled once and with every prompt whole; the decode step in ms next to the
+memory-bandwidth limit (the model's weights plus the KV cache read once per step, over a bandwidth measured here by
+a large device copy), and `model.generate`'s decode step on the same prompts. (The fixed parser writes the same
+pairs in every rollout, so every extraction prompt of a group is shared; with a real policy the prompts after the
+first extraction also list each rollout's own earlier pairs.)
 
     python benchmarks/episode_cost.py                                   # CPU: SmolLM2-135M shape, reduced sizes
     python benchmarks/episode_cost.py --shape qwen3-4b --device cuda --dtype bfloat16
@@ -23,6 +25,7 @@ minutes on 2 cores; the GPU defaults are the paper's setting (L_max 4096, 12.9K 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import resource
 import time
@@ -36,6 +39,7 @@ from tmem_rl.decoding import StaticDecoder
 from tmem_rl.memory import FastWeightConfig, FastWeights
 from tmem_rl.models import FIXTURE_TOKENIZER, load_tokenizer
 from tmem_rl.episode import EpisodeConfig, EpisodeRunner
+from tmem_rl.evaluation.methods import METHODS, MethodSettings
 
 from _quick import parse_args  # noqa: E402  (benchmarks/ is on the path when a script here runs)
 from grpo_step import STREAM, BenchEnv, fixed_pairs  # noqa: E402
@@ -46,7 +50,8 @@ LOCOMO_TOKENS = 12_900  # conv-30, the longest LoCoMo conversation measured
 # Four layers: the fewest that hold the default four adapted ones. A stream of twice L_max: every episode still
 # extracts, absorbs and answers.
 QUICK = {"num_layers": 4, "rollouts": [1, 2], "multiples": [1], "stream_tokens": 512, "l_max": 256,
-         "pairs": 2, "extraction_tokens": 16, "answer_tokens": 8, "decode_rows": 2, "decode_tokens": 16}
+         "pairs": 2, "extraction_tokens": 16, "answer_tokens": 8, "decode_rows": 2, "decode_tokens": 16,
+         "questions": 4, "answer_context": 128}
 
 
 def stream_of(tokenizer, tokens: int, chunk_tokens: int = 64) -> list[str]:
@@ -147,6 +152,45 @@ def prefill_comparison(shared: dict, unshared: dict) -> dict:
             "same_tokens": unshared["tokens"] == shared["tokens"]}
 
 
+def answer_sharing(model, tokenizer, args, shared: bool) -> dict:
+    """The questions of one reading answered after it as full-context answers them (the stream's last
+    `answer_context` tokens, then each question), in batches of `answer_batch_size`: seconds in prefill and in all,
+    and the answers. With `shared`, each batch's common beginning (instructions and context) is prefilled once."""
+    device = next(model.parameters()).device
+    env = BenchEnv(stream_of(tokenizer, args.answer_context))
+    reading = env.task(0)
+    questions = [[dataclasses.replace(reading, task_id=f"bench-q{i}", question=f"What is said in turn {i + 1}?")
+                  for i in range(args.questions)]]
+    config = EpisodeConfig(memory="full", decoder="static", max_answer_tokens=args.answer_tokens,
+                           shared_prefill=shared)
+    method = METHODS["full-context"](EpisodeRunner(model, tokenizer, None, config), env,
+                                     MethodSettings(context_budget=args.answer_context + 64))
+    if device.type == "cuda":
+        method.run([reading], questions)  # warm-up
+    decoder = method.runner.sampler.static_decoder
+    decoder.timed, decoder.calls = True, []
+    sync(device)
+    started = time.perf_counter()
+    answered = method.run([reading], questions)
+    sync(device)
+    seconds = time.perf_counter() - started
+    decoder.release()
+    return {"seconds": seconds, "prefill_seconds": sum(c["prefill_seconds"] for c in decoder.calls),
+            "answers": [a.prediction for a in answered[0]]}
+
+
+def answer_comparison(model, tokenizer, args) -> dict:
+    shared = answer_sharing(model, tokenizer, args, shared=True)
+    whole = answer_sharing(model, tokenizer, args, shared=False)
+    return {"questions": args.questions, "context_tokens": args.answer_context,
+            "batch": MethodSettings().answer_batch_size, "answer_tokens": args.answer_tokens,
+            "prefill_seconds_shared": shared["prefill_seconds"], "prefill_seconds_whole": whole["prefill_seconds"],
+            "seconds_shared": shared["seconds"], "seconds_whole": whole["seconds"],
+            "prefill_speedup": whole["prefill_seconds"] / shared["prefill_seconds"],
+            "answer_speedup": whole["seconds"] / shared["seconds"],
+            "same_answers": shared["answers"] == whole["answers"]}
+
+
 def decode_step_comparison(model, tokenizer, rollouts: int, context: int, new_tokens: int) -> dict:
     """ms per decode step of the static decoder and of `model.generate` on the same prompts, and the bandwidth
     limit of such a step: every weight and every cached key and value read once."""
@@ -211,6 +255,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--answer-tokens", type=int, default=32)
     parser.add_argument("--decode-rows", type=int, default=8, help="rows of the decode-step comparison")
     parser.add_argument("--decode-tokens", type=int, default=64, help="steps timed in the decode-step comparison")
+    parser.add_argument("--questions", type=int, default=16,
+                        help="questions of one reading answered full-context with the shared prefix on and off "
+                             "(0: skip)")
+    parser.add_argument("--answer-context", type=int, default=None,
+                        help="tokens of stream in each full-context answer prompt (GPU 4096, the method's default "
+                             "budget; CPU 1024)")
     args = parse_args(parser, QUICK, argv)
     gpu = args.device.startswith("cuda")
     args.rollouts = args.rollouts or ([1, 8, 64] if gpu else [1, 8])
@@ -218,6 +268,7 @@ def main(argv: list[str] | None = None) -> None:
         args.multiples = [1, 2, 4] if gpu else [1, 2]
     args.stream_tokens = args.stream_tokens or (LOCOMO_TOKENS if gpu else LOCOMO_TOKENS // 4)
     args.l_max = args.l_max or (4096 if gpu else 1024)
+    args.answer_context = args.answer_context or (4096 if gpu else 1024)
 
     config = SHAPES[args.shape]()
     if args.num_layers:
@@ -257,6 +308,9 @@ def main(argv: list[str] | None = None) -> None:
         episode_memory.parse_qa_pairs = original
     for row in results["episodes"]:
         row.pop("tokens", None)
+    if args.questions:
+        results["answer_sharing"] = answer_comparison(model, tokenizer, args)
+        print(json.dumps(results["answer_sharing"]), flush=True)
     results["decode_step"] = decode_step_comparison(model, tokenizer, args.decode_rows, args.l_max,
                                                    args.decode_tokens)
     print(json.dumps(results))

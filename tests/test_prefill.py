@@ -1,5 +1,9 @@
 """A prefill shared by identical prompts gives the tokens of an unshared one, through either decoder, greedy or
-sampled, and runs the layers below the fast weights once per distinct prompt."""
+sampled, and runs the layers below the fast weights once per distinct prompt; prompts under one slot that begin
+alike (the questions of one reading) run their common beginning once through every layer, with the same tokens."""
+
+import dataclasses
+import os
 
 import pytest
 import torch
@@ -7,10 +11,11 @@ import torch
 from tmem_rl.chat import left_padded
 from tmem_rl.envs import make_env
 from tmem_rl.episode import EpisodeConfig, EpisodeRunner
+from tmem_rl.evaluation.methods import METHODS, MethodSettings
 from tmem_rl.memory import FastWeightConfig, FastWeights
 from tmem_rl.memory.layers import decoder_layers
 from tmem_rl.models import tiny_model
-from tmem_rl.prefill import distinct_rows, shared_prefill
+from tmem_rl.prefill import distinct_rows, prefix_layout, shared_prefill
 
 
 @pytest.fixture(scope="module")
@@ -27,42 +32,36 @@ def batch_rows(model):
     return seen, handles
 
 
+def live_fast_weights(model):
+    """Four slots on the top 2 layers, every one live and different."""
+    fast = FastWeights(model, 4, FastWeightConfig(num_layers=2))
+    torch.manual_seed(0)
+    for b in fast.B.values():
+        b.normal_(0, 0.05)
+    return fast
+
+
+def generated_both_ways(model, tok, fast, prompts, slots, decoder, sample):
+    """{shared_prefill: tokens} and {shared_prefill: rows each layer computed per call} of one batch."""
+    tokens, calls = {}, {}
+    for shared in (False, True):
+        config = EpisodeConfig(decoder=decoder, do_sample=sample, temperature=1.0, top_p=1.0, top_k=0, seed=1,
+                               shared_prefill=shared)
+        seen, handles = batch_rows(model)
+        try:
+            tokens[shared] = EpisodeRunner(model, tok, fast, config).sampler.generate(prompts, slots, 10, sample, 1.0)
+        finally:
+            for handle in handles:
+                handle.remove()
+        calls[shared] = seen
+    return tokens, calls
+
+
 def test_distinct_rows_maps_each_row_to_the_first_of_its_kind():
     ids = torch.tensor([[0, 5, 6], [1, 2, 3], [0, 5, 6], [0, 5, 6], [4, 4, 4]])
     mask = torch.tensor([[0, 1, 1], [1, 1, 1], [0, 1, 1], [1, 1, 1], [1, 1, 1]])  # row 3: same ids, other mask
     first, inverse = distinct_rows(ids, mask)
     assert first[inverse].tolist() == [0, 1, 0, 3, 4]
-
-
-@pytest.mark.kernel_paths
-@pytest.mark.parametrize("decoder", ["generate", "static"])
-@pytest.mark.parametrize("sample", [False, True])
-def test_shared_prefill_gives_the_same_tokens_and_runs_the_lower_layers_once_per_prompt(tiny, decoder, sample):
-    model, tok = tiny
-    fast = FastWeights(model, 4, FastWeightConfig(num_layers=2))
-    torch.manual_seed(0)
-    for b in fast.B.values():
-        b.normal_(0, 0.05)  # every slot live and different
-    long, short = (tok(t, add_special_tokens=False)["input_ids"] for t in ("the quick brown fox jumps", "hello"))
-    # A group of four on one prompt (one row under the base model), and a prompt of its own.
-    prompts, slots = [long, long, short, long, long], [0, 1, 2, 3, -1]
-    tokens = {}
-    for shared in (False, True):
-        config = EpisodeConfig(decoder=decoder, do_sample=sample, temperature=1.0, top_p=1.0, top_k=0, seed=1,
-                               shared_prefill=shared)
-        runner = EpisodeRunner(model, tok, fast, config)
-        seen, handles = batch_rows(model)
-        try:
-            tokens[shared] = runner.sampler.generate(prompts, slots, 10, sample, 1.0)
-        finally:
-            for handle in handles:
-                handle.remove()
-        prefill = {i: calls[0] for i, calls in seen.items()}
-        assert prefill == ({0: 2, 1: 2, 2: 5, 3: 5} if shared else {i: 5 for i in range(4)})
-        assert all(rows == 5 for calls in seen.values() for rows in calls[1:])  # decode steps: every row
-    assert tokens[True] == tokens[False]
-    assert len({tuple(t) for t in tokens[True]}) == 5, "each row's fast weights (or noise) must show"
-    fast.remove()
 
 
 def test_prompts_that_all_differ_leave_the_forward_as_it_is(tiny):
@@ -87,3 +86,125 @@ def test_a_group_reads_the_same_episode_shared_or_not(tiny):
     for a, b in zip(batches[False].trajectories, batches[True].trajectories):
         assert [s.completion_ids for s in a.segments] == [s.completion_ids for s in b.segments]
         assert [s.kind for s in a.segments].count("extraction") >= 1
+
+
+def words(tok, text):
+    return tok(text, add_special_tokens=False)["input_ids"]
+
+
+def questions_of_two_readings(tok):
+    """Three questions after one reading (slot 0), two after another (slot 1), a short prompt of its own, and two
+    of the first reading's questions again under slot 2 (a second rollout that read the same)."""
+    first = words(tok, "the quick brown fox jumps over the lazy dog and runs into the forest " * 3)
+    second = words(tok, "long ago in a galaxy far away there were many bright stars " * 3)
+    prompts = [first + words(tok, " who jumps?"), first + words(tok, " where is it?"), second + words(tok, " when?"),
+               first + words(tok, " what runs?"), second + words(tok, " how many stars?"), words(tok, "hello"),
+               first + words(tok, " who jumps?"), first + words(tok, " where is it?")]
+    return prompts, [0, 0, 1, 0, 1, -1, 2, 2], (first, second)
+
+
+def test_prefix_layout_shares_what_rows_under_one_slot_begin_with(tiny):
+    _, tok = tiny
+    prompts, slots, (first, second) = questions_of_two_readings(tok)
+    layout = prefix_layout(prompts, slots, tok.pad_token_id)
+    width = layout.prefix_width
+    for row, prompt in enumerate(prompts):
+        mask = layout.attention_mask[row].bool()
+        assert layout.input_ids[row][mask].tolist() == prompt  # every token, in order, nothing else
+        assert layout.positions[row][mask].tolist() == list(range(len(prompt)))
+        prefix = layout.input_ids[row, :width][mask[:width]].tolist()
+        assert prefix == {0: first, 1: second, 2: first, -1: []}[slots[row]]
+    # The same prompts under different slots share nothing through all layers; prompts that differ neither.
+    assert prefix_layout(prompts, list(range(len(prompts))), tok.pad_token_id) is None
+    assert prefix_layout([first, second, words(tok, "hello there")], [0, 0, 0], tok.pad_token_id) is None
+
+
+def test_prefix_layout_leaves_out_a_run_that_would_widen_every_tail(tiny):
+    """Two long prompts that share only their first words would make every row's tail as long as theirs; the
+    questions of a reading are shared without them."""
+    _, tok = tiny
+    head = words(tok, "read this:")
+    one, two = (head + words(tok, f" {text} " * 12) for text in ("apples and pears", "boats on rivers"))
+    reading = words(tok, "long ago in a galaxy far away there were many bright stars " * 3)
+    prompts = [one, two] + [reading + words(tok, f" question {i}?") for i in range(4)]
+    layout = prefix_layout(prompts, [-1] * len(prompts), tok.pad_token_id, lower=1.0)
+    width = layout.prefix_width
+    assert layout.input_ids.shape[1] - width <= len(words(tok, " question 0?"))
+    common = os.path.commonprefix(prompts[2:])  # the reading and the questions' first word
+    assert len(common) > len(reading)
+    for row in range(2, 6):
+        assert layout.input_ids[row, :width][layout.attention_mask[row, :width].bool()].tolist() == common
+
+
+def a_group_on_one_prompt(tok):
+    """A group of four on one prompt (one row under the base model), and a prompt of its own: the layers below the
+    fast weights (0 and 1) run once per prompt in the prefill, the others on every row; decode steps on every row."""
+    long, short = (words(tok, t) for t in ("the quick brown fox jumps", "hello"))
+    return [long, long, short, long, long], [0, 1, 2, 3, -1], {0: [2, 5], 1: [2, 5], 2: [5, 5], 3: [5, 5]}
+
+
+def questions_after_readings(tok):
+    """One prefix row per (reading, slot), one per reading below the fast weights; then every row's tail, below
+    the fast weights once per distinct prompt."""
+    prompts, slots, _ = questions_of_two_readings(tok)
+    return prompts, slots, {0: [2, 6], 1: [2, 6], 2: [3, 8], 3: [3, 8]}
+
+
+@pytest.mark.kernel_paths
+@pytest.mark.parametrize("batch", [a_group_on_one_prompt, questions_after_readings])
+@pytest.mark.parametrize("decoder", ["generate", "static"])
+@pytest.mark.parametrize("sample", [False, True])
+def test_a_shared_prefill_gives_the_same_tokens_and_runs_each_layer_on_the_rows_it_must(tiny, batch, decoder, sample):
+    model, tok = tiny
+    fast = live_fast_weights(model)
+    prompts, slots, shared_calls = batch(tok)
+    tokens, calls = generated_both_ways(model, tok, fast, prompts, slots, decoder, sample)
+    assert {i: rows[:2] for i, rows in calls[True].items()} == shared_calls
+    assert all(rows[0] == len(prompts) for rows in calls[False].values())  # unshared: every row whole
+    assert all(rows == len(prompts) for rows in calls[True][3][2:])  # decode steps: every row
+    assert tokens[True] == tokens[False]
+    assert len({tuple(t) for t in tokens[True]}) == len(prompts), "each row's fast weights (or noise) must show"
+    fast.remove()
+
+
+def test_a_sliding_window_model_prefills_prompts_whole():
+    """Its window counts cache columns, so padding between a prefix and its tail would change what a row sees: the
+    questions of one reading are prefilled left-padded, as without sharing, with the same tokens."""
+    model, tok = tiny_model(num_layers=2, sliding_window=8)
+    prompts, _, _ = questions_of_two_readings(tok)
+    tokens, widths = {}, {}
+    for shared in (False, True):
+        runner = EpisodeRunner(model, tok, None, EpisodeConfig(memory="full", decoder="generate",
+                                                               shared_prefill=shared))
+        seen = []
+        hook = model.register_forward_pre_hook(lambda m, args, kwargs: seen.append(kwargs["input_ids"].shape),
+                                               with_kwargs=True)
+        try:
+            tokens[shared] = runner.sampler.generate(prompts, [-1] * len(prompts), 6, False, 1.0)
+        finally:
+            hook.remove()
+        widths[shared] = seen[0]
+    assert widths[True] == widths[False] == (len(prompts), max(len(p) for p in prompts))
+    assert tokens[True] == tokens[False]
+
+
+@pytest.mark.kernel_paths
+def test_full_context_answers_the_questions_of_a_reading_the_same_with_the_prefix_shared(tiny):
+    model, tok = tiny
+    env = make_env("facts", num_tasks=2, num_facts=3, num_distractors=3)
+    readings = [env.task(0), env.task(1)]
+    questions = [[reading, dataclasses.replace(reading, question="Which fact came first?"),
+                  dataclasses.replace(reading, question="What else was said?")] for reading in readings]
+    answers = {}
+    for shared in (False, True):
+        runner = EpisodeRunner(model, tok, None, EpisodeConfig(memory="full", max_answer_tokens=8,
+                                                                    shared_prefill=shared))
+        seen, handles = batch_rows(model)
+        try:
+            method = METHODS["full-context"](runner, env, MethodSettings(answer_batch_size=6))
+            answers[shared] = [[a.prediction for a in per_reading] for per_reading in method.run(readings, questions)]
+        finally:
+            for handle in handles:
+                handle.remove()
+        assert seen[0][0] == (2 if shared else 6)  # the prefill's rows: one per reading's context, or every row
+    assert answers[True] == answers[False]

@@ -118,7 +118,7 @@ def test_one_token_completions_need_only_the_prompt_pass():
 
 def test_gradient_checkpointing_scores_in_one_pass():
     """Checkpointed layers drop the KV cache in training: the prompt could not be put in front of the completions."""
-    import tmem_rl.logprobs as logprobs
+    import tmem_rl.prefill as prefill
 
     model, _, value_head, rows = setup(False)
     model.gradient_checkpointing_enable()
@@ -132,7 +132,7 @@ def test_gradient_checkpointing_scores_in_one_pass():
     finally:
         hook.remove()
     assert calls == [rows.input_ids.shape]  # known beforehand: no prompt pass wasted, sharing not given up
-    assert model not in logprobs._CACHE_TOO_SHORT
+    assert model not in prefill.CACHE_TOO_SHORT
     torch.testing.assert_close(shared.logp, whole.logp)
     for name, grad in whole_grads.items():
         torch.testing.assert_close(shared_grads[name], grad, msg=name)
@@ -196,14 +196,7 @@ def test_a_training_step_gets_the_gradient_it_gets_without_sharing(tmp_path, mon
 def test_a_sliding_window_model_is_scored_in_one_pass():
     """Its cache keeps only a window of each prompt (here shorter than the prompts), which could not be put in front
     of the completions: the first micro-batch finds out, and every later one is scored whole without trying."""
-    from transformers import MistralConfig, MistralForCausalLM
-
-    _, tok = tiny_model(num_layers=2)
-    config = MistralConfig(vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=4,
-                           num_attention_heads=4, num_key_value_heads=2, sliding_window=4, initializer_range=0.2,
-                           pad_token_id=tok.pad_token_id, tie_word_embeddings=True)
-    torch.manual_seed(0)
-    model = MistralForCausalLM(config).eval()
+    model, tok = tiny_model(num_layers=4, sliding_window=4)
     rows = build_rows(PROMPTS, COMPLETIONS, [1.0] * 6, [-1] * 6, tok.pad_token_id, "cpu")
     calls = []
     hook = model.register_forward_pre_hook(lambda m, args, kwargs: calls.append(kwargs["input_ids"].shape),

@@ -6,7 +6,8 @@ keeps one captured step per (rows, cache length) bucket and replays it; on a CPU
 What a captured step reads lives in buffers that never move, so a graph stays valid across calls:
 - the step's inputs (token, position, cache position), copied in place before each replay;
 - the attention mask, written once per call: future cache positions are hidden by causality, so the mask only has
-  to hide each row's left padding and never changes while decoding;
+  to hide each row's padding (at the left, and between a shared prefix and the row's own tail) and never changes
+  while decoding;
 - each row's fast-weight slot (`FastWeights.use` copies slots into one buffer per row count) and the fast weights
   themselves, which the inner loop updates in place: an absorb between two calls needs no recapture.
 A graph is recaptured only when some tensor it reads was replaced (the model moved, ZeRO-3 gathered its weights
@@ -29,8 +30,8 @@ import torch
 from torch import nn
 from transformers import LogitsProcessorList, StaticCache, StoppingCriteria
 
-from tmem_rl.memory.layers import model_cache_argument
-from tmem_rl.prefill import shared_prefill
+from tmem_rl.memory.layers import logits_to_keep_argument, model_cache_argument
+from tmem_rl.prefill import layout_positions, prefill_prefixes, shared_prefill
 
 # With graphs, cache lengths are rounded up to a multiple of this, so prompts of similar length share one cache
 # and one graph.
@@ -79,14 +80,11 @@ class StaticDecoder:
         self._pool = None  # one CUDA memory pool shared by every captured graph
         # A PEFT wrapper forwards **kwargs: the names it accepts are its base model's.
         base = model.get_base_model() if hasattr(model, "get_base_model") else model
-        parameters = inspect.signature(base.forward).parameters
         if not getattr(base, "_can_compile_fullgraph", False):
             raise ValueError(f"{type(base).__name__} does not support a static KV cache (transformers marks it "
                              "_can_compile_fullgraph=False); use EpisodeConfig.decoder='generate'")
         self._cache_arg = model_cache_argument(base)
-        # The prompt's logits are needed at its last position only: the full [rows, width, vocab] would cost more
-        # than the whole prefill.
-        self._last_logits_only = {"logits_to_keep": 1} if "logits_to_keep" in parameters else {}
+        self._last_logits_only = logits_to_keep_argument(base, 1)
 
     @property
     def device(self) -> torch.device:
@@ -106,12 +104,13 @@ class StaticDecoder:
     def decode(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, max_new_tokens: int,
                stop_ids: list[int], pad_id: int, slots: list[int] | None = None,
                processors: LogitsProcessorList | None = None, stopping: StoppingCriteria | None = None,
-               stop_check_every: int = 8, shared: list[nn.Module] | tuple = ()) -> torch.Tensor:
+               stop_check_every: int = 8, shared: list[nn.Module] | tuple = (), prefix_width: int = 0) -> torch.Tensor:
         """Tokens generated after `input_ids` ([rows, new]): argmax of the processed scores (processors may add
         sampling noise), rows padded with `pad_id` after their first stop token or the token at which `stopping`
         stopped them. The same tokens as `model.generate(..., do_sample=False, logits_processor=processors,
         stopping_criteria=[stopping])[:, width:]` under `fast.use(slots)`. `shared`: decoder layers the prefill
-        runs once per distinct prompt (`tmem_rl.prefill`)."""
+        runs once per distinct prompt (`tmem_rl.prefill`). `prefix_width`: the prompts are a `PrefixLayout` whose
+        prefixes run once per distinct (prefix, slot)."""
         rows, width = input_ids.shape
         device = self.device
         graphs = self.capturing()
@@ -133,10 +132,12 @@ class StaticDecoder:
             bucket.cache.reset()  # the write position lives in the cache (a tensor, so that replays advance it)
             bucket.mask.fill_(1)
             bucket.mask[:, :width].copy_(attention_mask)
-            positions = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
-            with shared_prefill(shared, input_ids, attention_mask):
-                logits = self.model(input_ids=input_ids, attention_mask=bucket.mask, position_ids=positions,
-                                    cache_position=torch.arange(width, device=device), use_cache=True,
+            positions = layout_positions(attention_mask)
+            cached = self._prefill_prefixes(bucket, input_ids, attention_mask, prefix_width, slots, shared, rows)
+            with shared_prefill(shared, input_ids, attention_mask, width=width - cached):
+                logits = self.model(input_ids=input_ids[:, cached:], attention_mask=bucket.mask,
+                                    position_ids=positions[:, cached:],
+                                    cache_position=torch.arange(cached, width, device=device), use_cache=True,
                                     **{self._cache_arg: bucket.cache}, **self._last_logits_only).logits[:rows, -1]
             bucket.position.copy_(positions[:, -1:])
             prefilled = self._clock()
@@ -170,6 +171,21 @@ class StaticDecoder:
             self.calls.append({"rows": rows, "prefill_seconds": prefilled - started,
                                "decode_seconds": done - prefilled, "decode_steps": max(steps - 1, 0)})
         return generated[:, :steps]
+
+    def _prefill_prefixes(self, bucket: _Bucket, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                          prefix_width: int, slots: list[int], shared, rows: int) -> int:
+        """Writes a prefix layout's prefixes into the bucket's cache, each run once -> the columns now cached (0 when
+        there is no layout or the model's cache cannot hold a prefix). Rows past `rows` (padding up to a graph's
+        row count) take row 0's prefix: their tokens are dropped."""
+        if not prefix_width:
+            return 0
+        prefixes = prefill_prefixes(self.model, self.fast, input_ids[:rows], attention_mask[:rows], prefix_width,
+                                    torch.tensor(slots[:rows], device=self.device), shared)
+        if prefixes is None:
+            return 0
+        extra = len(input_ids) - rows
+        prefixes.write_into(bucket.cache, torch.cat([prefixes.rows, prefixes.rows[:1].expand(extra)]))
+        return prefix_width
 
     @staticmethod
     def _stopped(stopping: StoppingCriteria, prompt: torch.Tensor, generated: torch.Tensor, checked: int,

@@ -7,7 +7,6 @@ the gradient flows only into the slow weights (through the base layers and the f
 
 from __future__ import annotations
 
-import weakref
 from contextlib import nullcontext
 from dataclasses import dataclass
 from typing import NamedTuple, Sequence
@@ -17,7 +16,7 @@ import torch
 from tmem_rl.memory.fast_weights import FastWeights, Snapshot
 from tmem_rl.memory.inner_loop import holds_whole_head
 from tmem_rl.memory.layers import model_cache_argument
-from tmem_rl.prefill import distinct_rows, shared_prefill
+from tmem_rl.prefill import CACHE_TOO_SHORT, distinct_rows, shared_prefill
 
 
 @dataclass
@@ -169,11 +168,6 @@ def score_completions(model, fast: FastWeights | None, rows: SegmentRows, value_
     return TokenScores(logp, values, entropies)
 
 
-# Models whose KV cache is not one this can put in front of the completions (sliding-window or other layers than
-# plain full attention): scored in one pass from then on.
-_CACHE_TOO_SHORT: weakref.WeakSet = weakref.WeakSet()
-
-
 def _live(fast: FastWeights | None, slots: torch.Tensor, any_fast: bool):
     return fast.use(slots) if fast is not None and any_fast else nullcontext()
 
@@ -191,7 +185,7 @@ def _shared_prompt_pass(model, fast: FastWeights | None, rows: SegmentRows, posi
     the first completion token and the rest, hidden states [N, C, d] or None), or None to score in one pass."""
     width_c = rows.completion_ids.shape[1]
     prompt_width = rows.input_ids.shape[1] - width_c
-    if prompt_width < 1 or model in _CACHE_TOO_SHORT or _checkpointed(model):  # the same on every process
+    if prompt_width < 1 or model in CACHE_TOO_SHORT or _checkpointed(model):  # the same on every process
         return None
     prompt_ids, prompt_mask = rows.input_ids[:, :prompt_width], rows.attention_mask[:, :prompt_width]
     # One row per (prompt, fast weights): the slot is a column of the key.
@@ -207,7 +201,7 @@ def _shared_prompt_pass(model, fast: FastWeights | None, rows: SegmentRows, posi
     name = model_cache_argument(model)
     cache = getattr(head, name, None)
     if not holds_whole_head(cache, prompt_width - lead):
-        _CACHE_TOO_SHORT.add(model)  # a property of the model: not worth a wasted pass per micro-batch
+        CACHE_TOO_SHORT.add(model)  # a property of the model: not worth a wasted pass per micro-batch
         return None
     if width_c == 1 and not collective:  # the prompt's last position predicts the only completion token
         hidden = head.hidden_states[-1][inverse, -1:] if want_hidden else None

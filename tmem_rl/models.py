@@ -12,7 +12,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM, PreTrainedModel
+from transformers import (AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM, MistralConfig,
+                          MistralForCausalLM, PreTrainedModel)
 
 from tmem_rl.errors import InputError
 
@@ -334,13 +335,19 @@ def tiny_model(
     initializer_range: float = 0.2,
     seed: int = 0,
     tokenizer_path: str | Path | None = None,
-) -> tuple[LlamaForCausalLM, AutoTokenizer]:
+    sliding_window: int | None = None,
+) -> tuple[PreTrainedModel, AutoTokenizer]:
     """A randomly initialised model of the default's family (Llama) with the default's tokenizer, for tests.
 
     The wide init (0.2, not HF's 0.02) gives logits enough range that a few SGD steps visibly fit a pair.
+    `sliding_window`: a Mistral of the same shape instead, whose layers attend to that many positions only.
     """
     tokenizer = load_tokenizer(tokenizer_path or FIXTURE_TOKENIZER)
-    config = LlamaConfig(
+    if sliding_window is None:
+        family, model_class, window = LlamaConfig, LlamaForCausalLM, {}
+    else:
+        family, model_class, window = MistralConfig, MistralForCausalLM, {"sliding_window": sliding_window}
+    config = family(
         vocab_size=len(tokenizer),
         hidden_size=hidden_size,
         intermediate_size=intermediate_size,
@@ -353,8 +360,10 @@ def tiny_model(
         bos_token_id=tokenizer.bos_token_id,
         eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id,
+        **window,
     )
     torch.manual_seed(seed)
-    model = LlamaForCausalLM(config)
+    # The class itself, not from_config: under a ZeRO-3 config from_config would build it partitioned.
+    model = model_class(config)
     model.eval()
     return model, tokenizer

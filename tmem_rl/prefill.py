@@ -9,17 +9,36 @@ the model's own KV cache (dynamic or static), so decoding goes on exactly as aft
 
 Works at the level of the decoder layers (forward hooks, a cache proxy), so any decoder whose layers take the
 hidden states first, batch-shaped tensors in keyword arguments and the cache as `cache` or `past_key_values`.
+
+Prompts that only *begin* alike under the same fast weights (the questions of one conversation, answered after one
+reading: instructions and context, then each its own question) share more: `prefix_layout` lays each row out as
+its shared prefix then its own tail, each part padded on its left, and `prefill_prefixes` runs every distinct
+(prefix, fast weights) once through all layers and hands every row its keys and values in a cache; the tails then
+prefill after it, attending to the prefix across the padding between them (the attention mask has the hole, the
+positions skip it).
 """
 
 from __future__ import annotations
 
-from contextlib import contextmanager
+import os
+import weakref
+from contextlib import contextmanager, nullcontext
+from dataclasses import dataclass
 from typing import Iterator
 
 import torch
 from torch import nn
 
-from tmem_rl.memory.layers import CACHE_ARGUMENTS, take_rows
+from tmem_rl.memory.inner_loop import holds_whole_head
+from tmem_rl.memory.layers import CACHE_ARGUMENTS, logits_to_keep_argument, model_cache_argument, take_rows
+
+# Models whose KV cache cannot hold a whole prompt to put in front of what follows it (sliding-window layers, or
+# other layers than plain full attention): found out once, then such prompts run whole.
+CACHE_TOO_SHORT: weakref.WeakSet = weakref.WeakSet()
+
+# A prefix layout is used only when it saves at least this share of the prefill's token-rows: it costs a second
+# forward call and a copy of the prefixes' keys and values.
+MIN_PREFIX_SAVING = 0.25
 
 
 def distinct_rows(input_ids: torch.Tensor, attention_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -49,14 +68,18 @@ class _FanOutCache:
 
 
 @contextmanager
-def shared_prefill(layers: list[nn.Module], input_ids: torch.Tensor, attention_mask: torch.Tensor) -> Iterator[bool]:
+def shared_prefill(layers: list[nn.Module], input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                   width: int | None = None) -> Iterator[bool]:
     """Inside: the next forward of these decoder layers over a batch shaped like `input_ids` (the prefill) runs
-    them on one row per distinct prompt. Yields whether any prompt is shared (if none, nothing is changed)."""
+    them on one row per distinct prompt. Yields whether any prompt is shared (if none, nothing is changed).
+    `width`: the forward runs only the last `width` columns (those after a cached prefix); rows are still told
+    apart by all of theirs."""
     if not layers:
         yield False
         return
     first, inverse = distinct_rows(input_ids, attention_mask)
-    rows, width = input_ids.shape
+    rows = input_ids.shape[0]
+    width = input_ids.shape[1] if width is None else width
     if len(first) == rows:
         yield False
         return
@@ -92,3 +115,178 @@ def shared_prefill(layers: list[nn.Module], input_ids: torch.Tensor, attention_m
     finally:
         for handle in handles:
             handle.remove()
+
+
+
+
+def full_attention_only(model) -> bool:
+    """Whether every layer attends to every earlier position (no sliding window, no recurrent or linear-attention
+    layers): only then may padding sit between a prompt's prefix and its tail without changing what a row sees."""
+    if model in CACHE_TOO_SHORT:
+        return False
+    config = getattr(model, "config", None)
+    kinds = getattr(config, "layer_types", None)
+    if kinds is not None:
+        return all(kind == "full_attention" for kind in kinds)
+    return getattr(config, "sliding_window", None) is None or getattr(config, "use_sliding_window", True) is False
+
+
+@dataclass
+class PrefixLayout:
+    """Prompts laid out as [shared prefix | own tail], each part padded on its left: row r's first
+    `prefix_width` columns end in its prefix (none for a row that shares nothing), the rest in its own tokens."""
+
+    input_ids: torch.Tensor
+    attention_mask: torch.Tensor
+    prefix_width: int
+
+    @property
+    def positions(self) -> torch.Tensor:
+        return layout_positions(self.attention_mask)
+
+
+def layout_positions(attention_mask: torch.Tensor) -> torch.Tensor:
+    """Each column's position in its row's prompt: padding (at the left or between prefix and tail) takes none."""
+    return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+
+
+def _common_length(a: list[int], b: list[int]) -> int:
+    return len(os.path.commonprefix([a, b]))
+
+
+def _runs(prompts: list[list[int]], slots: list[int]) -> list[tuple[list[int], int]]:
+    """Rows under one slot that begin alike, as (rows, tokens they share): rows sorted by (slot, tokens), so that
+    rows that begin alike are neighbours, cut into the runs that save the most tokens, (m - 1) x n for a run of m
+    rows sharing n. Every row keeps at least its last token out of the shared part."""
+    rows = len(prompts)
+    order = sorted(range(rows), key=lambda r: (slots[r], prompts[r]))
+    common = [min(_common_length(prompts[a], prompts[b]), len(prompts[a]) - 1, len(prompts[b]) - 1)
+              if slots[a] == slots[b] else 0 for a, b in zip(order, order[1:])]
+    # best[i]: the most tokens saved by cutting the first i sorted rows into runs; start[i]: where its last run starts.
+    best, start = [0] * (rows + 1), [0] * (rows + 1)
+    for i in range(1, rows + 1):
+        best[i], start[i] = best[i - 1], i - 1
+        shared = None
+        for j in range(i - 2, -1, -1):  # the run order[j:i]
+            shared = common[j] if shared is None else min(shared, common[j])
+            if shared == 0:
+                break
+            if best[j] + (i - j - 1) * shared > best[i]:
+                best[i], start[i] = best[j] + (i - j - 1) * shared, j
+    runs, i = [], rows
+    while i > 0:
+        j = start[i]
+        if i - j > 1:
+            runs.append((order[j:i], min(common[j : i - 1])))
+        i = j
+    return runs
+
+
+def _split(prompts: list[list[int]], runs: list[tuple[list[int], int]]) -> list[int]:
+    """Tokens of each row in the prefix part: its run's shared beginning. A row in no run fits in the tail if it is
+    short enough; a longer one runs its beginning with the prefixes (as its own) rather than widen every tail."""
+    prefix = [0] * len(prompts)
+    for members, shared in runs:
+        for row in members:
+            prefix[row] = shared
+    tail_width = max(len(p) - n for p, n in zip(prompts, prefix) if n)
+    return [n or max(len(p) - tail_width, 0) for p, n in zip(prompts, prefix)]
+
+
+def _prefill_cost(prompts: list[list[int]], slots: list[int], prefix: list[int], lower: float) -> float:
+    """Token-rows per layer a prefill computes: rows with the same tokens share the `lower` share of the layers
+    (those below the fast weights) whatever their slots; rows with the same prefix and slot share all of it."""
+    def rows_of(distinct: int, keyed: int) -> float:
+        return lower * distinct + (1 - lower) * keyed
+
+    whole = {tuple(p) for p in prompts}
+    tail_width = max(len(p) - n for p, n in zip(prompts, prefix))
+    if not any(prefix):
+        return rows_of(len(whole), len(prompts)) * tail_width
+    heads = [tuple(p[:n]) for p, n in zip(prompts, prefix) if n]
+    keyed_heads = {(s, tuple(p[:n])) for p, n, s in zip(prompts, prefix, slots) if n}
+    return (rows_of(len(set(heads)), len(keyed_heads)) * max(prefix)
+            + rows_of(len({(tuple(p), n) for p, n in zip(prompts, prefix)}), len(prompts)) * tail_width)
+
+
+def prefix_layout(prompts: list[list[int]], slots: list[int], pad_id: int, lower: float = 0.0) -> PrefixLayout | None:
+    """A layout in which rows under the same slot that begin alike share their common beginning, or None when it
+    would save less than MIN_PREFIX_SAVING of a left-padded prefill's work. `lower`: the share of the decoder
+    layers that rows with the same tokens share whatever their slots (`shared_prefill`), in both prefills."""
+    if len(prompts) < 2:
+        return None
+    runs = _runs(prompts, slots)
+    whole = _prefill_cost(prompts, slots, [0] * len(prompts), lower)
+    cost = None
+    while runs:
+        cost = _prefill_cost(prompts, slots, _split(prompts, runs), lower)
+        # Every tail is as wide as the widest: a run that shares little of long prompts can cost more than it saves.
+        widest = max(range(len(runs)), key=lambda k: max(len(prompts[r]) for r in runs[k][0]) - runs[k][1])
+        fewer = runs[:widest] + runs[widest + 1 :]
+        if not fewer or _prefill_cost(prompts, slots, _split(prompts, fewer), lower) >= cost:
+            break
+        runs = fewer
+    if not runs or cost > (1 - MIN_PREFIX_SAVING) * whole:
+        return None
+    prefix = _split(prompts, runs)
+    prefix_width = max(prefix)
+    tail_width = max(len(p) - n for p, n in zip(prompts, prefix))
+    input_ids = torch.full((len(prompts), prefix_width + tail_width), pad_id, dtype=torch.long)
+    attention_mask = torch.zeros_like(input_ids)
+    for r, (p, n) in enumerate(zip(prompts, prefix)):
+        for begin, end, tokens in ((prefix_width - n, prefix_width, p[:n]),
+                                   (prefix_width + tail_width - (len(p) - n), None, p[n:])):
+            input_ids[r, begin:end] = torch.tensor(tokens, dtype=torch.long)
+            attention_mask[r, begin:end] = 1
+    return PrefixLayout(input_ids, attention_mask, prefix_width)
+
+
+@dataclass
+class Prefixes:
+    """The KV cache of a layout's distinct (prefix, slot) rows, and the row in it of each row of the layout."""
+
+    cache: object
+    rows: torch.Tensor
+    width: int
+
+    def fanned_out(self):
+        """The cache with every row's own prefix keys and values (for `generate`)."""
+        self.cache.batch_select_indices(self.rows)
+        return self.cache
+
+    def write_into(self, cache, rows: torch.Tensor | None = None) -> None:
+        """Writes each row's prefix keys and values into `cache` (a static cache, reset), one layer at a time, so
+        that only one layer's worth exists twice. `rows`: the row of `cache.layers` each cache row takes, if not
+        `self.rows`."""
+        rows = self.rows if rows is None else rows
+        written = {"cache_position": torch.arange(self.width, device=rows.device)}
+        for index, layer in enumerate(self.cache.layers):
+            cache.update(layer.keys[rows], layer.values[rows], index, written)
+            layer.keys = layer.values = None  # this layer's copy is in `cache` now
+
+
+def prefill_prefixes(model, fast, input_ids: torch.Tensor, attention_mask: torch.Tensor, prefix_width: int,
+                     slots: torch.Tensor, shared: list[nn.Module] | tuple = ()) -> Prefixes | None:
+    """Runs each distinct (prefix, slot) of a `PrefixLayout` once through the model (the layers in `shared`, those
+    below the fast weights, once per distinct prefix), or returns None when the model's cache cannot hold a whole
+    prefix (then run the layout in one pass: `full_attention_only` models see the same either way)."""
+    if model in CACHE_TOO_SHORT:
+        return None
+    ids, mask = input_ids[:, :prefix_width], attention_mask[:, :prefix_width]
+    with_prefix = mask.any(1).nonzero().squeeze(1)
+    keyed = torch.cat([ids, slots[:, None].to(ids.dtype)], 1)[with_prefix]
+    first, inverse_with = distinct_rows(keyed, torch.cat([mask, torch.ones_like(mask[:, :1])], 1)[with_prefix])
+    run = with_prefix[first]
+    # A row without a prefix reads the first prefix's keys and values, all behind its mask.
+    inverse = torch.zeros(len(ids), dtype=torch.long, device=ids.device)
+    inverse[with_prefix] = inverse_with
+    # Under an enclosing `use` over every row, the hooks must still see this pass's rows.
+    live = fast.use(slots[run]) if fast is not None else nullcontext()
+    with live, shared_prefill(list(shared), ids[run], mask[run]):
+        out = model(input_ids=ids[run], attention_mask=mask[run], position_ids=layout_positions(mask[run]),
+                    use_cache=True, **logits_to_keep_argument(model, 1))
+    cache = getattr(out, model_cache_argument(model), None)
+    if not holds_whole_head(cache, prefix_width):
+        CACHE_TOO_SHORT.add(model)  # a property of the model: not worth a wasted pass per call
+        return None
+    return Prefixes(cache, inverse, prefix_width)

@@ -89,8 +89,9 @@ class EpisodeConfig:
     inner_loop.max_pair_tokens, each learned as the answer to one fixed recall request."""
     shared_prefill: bool = True
     """Prefill the layers below the first fast-weight layer once per distinct prompt of a batch (`tmem_rl.prefill`):
-    a group's rollouts share their prompt at each extraction point and at the answer. The same tokens as False,
-    which runs every row through every layer."""
+    a group's rollouts share their prompt at each extraction point and at the answer. And prompts under the same
+    fast weights that begin alike (the questions of one reading, answered after it) prefill that beginning once
+    through every layer. The same tokens as False, which runs every row through every layer."""
     carry_fast_weights: bool = False
     """Continual learning: a new episode keeps each rollout slot's fast weights from the episode before instead of
     starting from the base model (`EpisodeRunner.reset_fast_weights` clears them when asked)."""

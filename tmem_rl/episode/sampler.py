@@ -18,8 +18,8 @@ from tmem_rl.episode.config import LOGPROB_ROWS, EpisodeConfig
 from tmem_rl.extraction import PairReader
 from tmem_rl.logprobs import build_rows, completion_logprobs
 from tmem_rl.memory.fast_weights import FastWeights
-from tmem_rl.memory.layers import layers_below_fast_weights
-from tmem_rl.prefill import shared_prefill
+from tmem_rl.memory.layers import decoder_layers, layers_below_fast_weights, model_cache_argument
+from tmem_rl.prefill import full_attention_only, prefill_prefixes, prefix_layout, shared_prefill
 
 
 @dataclass
@@ -106,7 +106,19 @@ class Sampler:
         decoder) once it says so, to save time; the tokens up to the stop are the same either way, and callers cut
         each row there themselves (padding follows it)."""
         pad = self.tokenizer.pad_token_id
-        input_ids, attention_mask = (t.to(self.device) for t in left_padded(prompts, pad))
+        if self.config.memory != "fast_weights":
+            slots = [-1] * len(slots)
+        # Prompts that begin alike under the same fast weights (the questions of one reading) prefill that
+        # beginning once.
+        layout = None
+        if self.config.shared_prefill and full_attention_only(self.model):
+            layout = prefix_layout(prompts, slots, pad, len(self.shared_layers()) / len(decoder_layers(self.model)))
+        if layout is None:
+            input_ids, attention_mask = left_padded(prompts, pad)
+        else:
+            input_ids, attention_mask = layout.input_ids, layout.attention_mask
+        input_ids, attention_mask = input_ids.to(self.device), attention_mask.to(self.device)
+        prefix_width = layout.prefix_width if layout is not None else 0
         # Sampling draws from the runner's own generator (Gumbel-max over HF's warped scores, decoded greedily), so
         # an episode is reproducible from EpisodeConfig.seed and the caller's global RNG is never touched.
         processors = LogitsProcessorList([])
@@ -115,19 +127,25 @@ class Sampler:
             processors.extend([*self._warpers(temperature),
                                GumbelNoise(self._sampling_generator(), key, input_ids.shape[1])])
         self.generation_calls += 1
-        if self.config.memory != "fast_weights":
-            slots = [-1] * len(slots)
         if self.config.decoder == "static":
             if self.static_decoder is None:
                 self.static_decoder = StaticDecoder(self.model, self.fast)
             new_tokens = self.static_decoder.decode(input_ids, attention_mask, max_new_tokens, self.stop_ids, pad,
-                                                    slots, processors, stopping, shared=self.shared_layers())
+                                                    slots, processors, stopping, shared=self.shared_layers(),
+                                                    prefix_width=prefix_width)
         else:
+            prefixes = None
+            if prefix_width:
+                prefixes = prefill_prefixes(self.model, self.fast, input_ids, attention_mask, prefix_width,
+                                            torch.tensor(slots, device=self.device), self.shared_layers())
             live = self.fast.use(slots) if self.fast is not None and max(slots) >= 0 else nullcontext()
-            with live, shared_prefill(self.shared_layers(), input_ids, attention_mask):
+            cached = {model_cache_argument(self.model): prefixes.fanned_out()} if prefixes is not None else {}
+            width = input_ids.shape[1] - (prefix_width if prefixes is not None else 0)
+            with live, shared_prefill(self.shared_layers(), input_ids, attention_mask, width=width):
                 new_tokens = self.model.generate(
                     input_ids=input_ids,
                     attention_mask=attention_mask,
+                    **cached,
                     max_new_tokens=max_new_tokens,
                     pad_token_id=pad,
                     eos_token_id=self.stop_ids,

@@ -21,6 +21,15 @@ def model_cache_argument(model: nn.Module) -> str:
     return "cache" if "cache" in inspect.signature(base.forward).parameters else "past_key_values"
 
 
+def logits_to_keep_argument(model: nn.Module, count: int) -> dict:
+    """{"logits_to_keep": count} for a model whose forward can compute the logits of its last `count` positions
+    only (a prompt's logits at every position can cost more than its whole prefill), else {}."""
+    while hasattr(model, "module"):
+        model = model.module
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    return {"logits_to_keep": count} if "logits_to_keep" in inspect.signature(base.forward).parameters else {}
+
+
 def decoder_layers(model: nn.Module) -> nn.ModuleList:
     """The model's stack of decoder layers (HF causal LMs keep it at get_decoder().layers)."""
     decoder = model.get_decoder() if hasattr(model, "get_decoder") else model
