@@ -11,8 +11,9 @@ same; the questions of one reading answered full-context (each prompt the stream
 with their common beginning prefilled once and with every prompt whole; the decode step in ms next to the
 memory-bandwidth limit (the model's weights plus the KV cache read once per step, over a bandwidth measured here by
 a large device copy), and `model.generate`'s decode step on the same prompts. (The fixed parser writes the same
-pairs in every rollout, so every extraction prompt of a group is shared; with a real policy the prompts after the
-first extraction also list each rollout's own earlier pairs.)
+pairs in every rollout, so every extraction prompt of a group is the same; with `--own-pairs` the rollouts sample
+and each writes pairs of its own, as with a real policy, so the prompts after the first extraction share only their
+beginning: the instructions and the window, before each rollout's earlier pairs.)
 
     python benchmarks/episode_cost.py                                   # CPU: SmolLM2-135M shape, reduced sizes
     python benchmarks/episode_cost.py --shape qwen3-4b --device cuda --dtype bfloat16
@@ -95,7 +96,7 @@ def episode(model, tokenizer, chunks, rollouts: int, args, shared_prefill: bool 
     fast = FastWeights(model, rollouts, FastWeightConfig())
     config = EpisodeConfig(l_max=args.l_max, max_pairs=args.pairs, max_extraction_tokens=args.extraction_tokens,
                            max_answer_tokens=args.answer_tokens, extraction_retries=0, grounding=False,
-                           decoder="static", shared_prefill=shared_prefill)
+                           decoder="static", shared_prefill=shared_prefill, do_sample=args.own_pairs)
     runner = EpisodeRunner(model, tokenizer, fast, config)
     env = BenchEnv(chunks)
     if device.type == "cuda":
@@ -255,6 +256,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--answer-tokens", type=int, default=32)
     parser.add_argument("--decode-rows", type=int, default=8, help="rows of the decode-step comparison")
     parser.add_argument("--decode-tokens", type=int, default=64, help="steps timed in the decode-step comparison")
+    parser.add_argument("--own-pairs", action="store_true",
+                        help="rollouts sample, and each writes pairs of its own (as a real policy does): a group's "
+                             "extraction prompts after the first share only their beginning")
     parser.add_argument("--questions", type=int, default=16,
                         help="questions of one reading answered full-context with the shared prefix on and off "
                              "(0: skip)")
@@ -278,10 +282,11 @@ def main(argv: list[str] | None = None) -> None:
         model = AutoModelForCausalLM.from_config(config, dtype=getattr(torch, args.dtype)).eval()
     tokenizer = load_tokenizer(FIXTURE_TOKENIZER)
     original = episode_memory.parse_qa_pairs
-    episode_memory.parse_qa_pairs = fixed_pairs(args.pairs)
+    episode_memory.parse_qa_pairs = fixed_pairs(args.pairs, by_text=args.own_pairs)
     results = {"shape": args.shape, "device": args.device, "dtype": args.dtype, "layers": config.num_hidden_layers,
                "threads": torch.get_num_threads(), "l_max": args.l_max, "pairs_per_extraction": args.pairs,
                "extraction_tokens": args.extraction_tokens, "answer_tokens": args.answer_tokens, "quick": args.quick,
+               "own_pairs": args.own_pairs,
                "episodes": []}
     if gpu:
         results["gpu"] = torch.cuda.get_device_name()

@@ -33,6 +33,7 @@ import argparse
 import json
 import tempfile
 import time
+import zlib
 
 import torch
 from accelerate import Accelerator
@@ -78,10 +79,14 @@ class BenchEnv(Environment):
         return {"reward": value, "f1": value}
 
 
-def fixed_pairs(count):
+def fixed_pairs(count, by_text: bool = False):
+    """A parser that finds `count` pairs in any text. `by_text`: which pairs depends on the extraction's text, so
+    rollouts that sampled differently write different pairs (as a real policy's do)."""
     def parse(text, prefilled=False, source=None):
         words = (source or "maya lisbon").split()
-        pairs = [QAPair(f"What is item {i} of the text?", words[(7 * i) % len(words)]) for i in range(count)]
+        offset = zlib.crc32(text.encode()) % 1000 if by_text else 0
+        pairs = [QAPair(f"What is item {i + offset} of the text?", words[(7 * i + offset) % len(words)])
+                 for i in range(count)]
         return ParseRecord(raw=text, pairs=pairs)
 
     return parse

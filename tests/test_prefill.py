@@ -116,7 +116,17 @@ def test_prefix_layout_shares_what_rows_under_one_slot_begin_with(tiny):
         assert prefix == {0: first, 1: second, 2: first, -1: []}[slots[row]]
     # The same prompts under different slots share nothing through all layers; prompts that differ neither.
     assert prefix_layout(prompts, list(range(len(prompts))), tok.pad_token_id) is None
-    assert prefix_layout([first, second, words(tok, "hello there")], [0, 0, 0], tok.pad_token_id) is None
+
+
+def test_prefix_layout_shares_a_beginning_across_slots_below_the_fast_weights(tiny):
+    _, tok = tiny
+    prompts, slots, _ = a_group_after_its_first_extraction(tok)
+    assert prefix_layout(prompts, slots, tok.pad_token_id, lower=0.0) is None  # fast weights in every layer
+    layout = prefix_layout(prompts, slots, tok.pad_token_id, lower=0.5)
+    width = layout.prefix_width
+    for row in range(len(prompts)):
+        prefix = layout.input_ids[row, :width][layout.attention_mask[row, :width].bool()].tolist()
+        assert prefix == os.path.commonprefix(prompts)
 
 
 def test_prefix_layout_leaves_out_a_run_that_would_widen_every_tail(tiny):
@@ -150,8 +160,16 @@ def questions_after_readings(tok):
     return prompts, slots, {0: [2, 6], 1: [2, 6], 2: [3, 8], 3: [3, 8]}
 
 
+def a_group_after_its_first_extraction(tok):
+    """Four rollouts, each under its slot, with the same instructions and window and their own earlier pairs: the
+    layers below the fast weights run the common beginning once, the others once per slot; the tails on every row."""
+    head = words(tok, "the quick brown fox jumps over the lazy dog and runs into the forest " * 3)
+    prompts = [head + words(tok, f" pairs already written: {text}") for text in ("fox", "dog and forest", "", "run")]
+    return prompts, [0, 1, 2, 3], {0: [1, 4], 1: [1, 4], 2: [4, 4], 3: [4, 4]}
+
+
 @pytest.mark.kernel_paths
-@pytest.mark.parametrize("batch", [a_group_on_one_prompt, questions_after_readings])
+@pytest.mark.parametrize("batch", [a_group_on_one_prompt, questions_after_readings, a_group_after_its_first_extraction])
 @pytest.mark.parametrize("decoder", ["generate", "static"])
 @pytest.mark.parametrize("sample", [False, True])
 def test_a_shared_prefill_gives_the_same_tokens_and_runs_each_layer_on_the_rows_it_must(tiny, batch, decoder, sample):

@@ -10,12 +10,14 @@ the model's own KV cache (dynamic or static), so decoding goes on exactly as aft
 Works at the level of the decoder layers (forward hooks, a cache proxy), so any decoder whose layers take the
 hidden states first, batch-shaped tensors in keyword arguments and the cache as `cache` or `past_key_values`.
 
-Prompts that only *begin* alike under the same fast weights (the questions of one conversation, answered after one
-reading: instructions and context, then each its own question) share more: `prefix_layout` lays each row out as
-its shared prefix then its own tail, each part padded on its left, and `prefill_prefixes` runs every distinct
-(prefix, fast weights) once through all layers and hands every row its keys and values in a cache; the tails then
-prefill after it, attending to the prefix across the padding between them (the attention mask has the hole, the
-positions skip it).
+Prompts that only *begin* alike share their beginning: the questions of one conversation, answered after one reading
+under its fast weights (instructions and context, then each its own question), and a group's extraction prompts
+after its first extraction (the same instructions and window, then each rollout's own earlier pairs).
+`prefix_layout` lays each row out as its shared prefix then its own tail, each part padded on its left, and
+`prefill_prefixes` runs every distinct (prefix, fast weights) once through all layers (the layers below the fast
+weights once per distinct prefix) and hands every row its keys and values in a cache; the tails then prefill after
+it, attending to the prefix across the padding between them (the attention mask has the hole, the positions skip
+it).
 """
 
 from __future__ import annotations
@@ -154,25 +156,28 @@ def _common_length(a: list[int], b: list[int]) -> int:
     return len(os.path.commonprefix([a, b]))
 
 
-def _runs(prompts: list[list[int]], slots: list[int]) -> list[tuple[list[int], int]]:
-    """Rows under one slot that begin alike, as (rows, tokens they share): rows sorted by (slot, tokens), so that
-    rows that begin alike are neighbours, cut into the runs that save the most tokens, (m - 1) x n for a run of m
-    rows sharing n. Every row keeps at least its last token out of the shared part."""
+def _runs(prompts: list[list[int]], slots: list[int], lower: float) -> list[tuple[list[int], int]]:
+    """Rows that begin alike, as (rows, tokens they share): rows sorted by (tokens, slot), so that rows that begin
+    alike are neighbours, cut into the runs that save the most work. A run of m rows under k slots sharing n tokens
+    saves n x (m - k) token-rows in every layer, and n x (k - 1) more in the `lower` share of the layers (below the
+    fast weights, where slots do not matter). Every row keeps at least its last token out of the shared part."""
     rows = len(prompts)
-    order = sorted(range(rows), key=lambda r: (slots[r], prompts[r]))
+    order = sorted(range(rows), key=lambda r: (prompts[r], slots[r]))
     common = [min(_common_length(prompts[a], prompts[b]), len(prompts[a]) - 1, len(prompts[b]) - 1)
-              if slots[a] == slots[b] else 0 for a, b in zip(order, order[1:])]
-    # best[i]: the most tokens saved by cutting the first i sorted rows into runs; start[i]: where its last run starts.
-    best, start = [0] * (rows + 1), [0] * (rows + 1)
+              for a, b in zip(order, order[1:])]
+    # best[i]: the most work saved by cutting the first i sorted rows into runs; start[i]: where its last run starts.
+    best, start = [0.0] * (rows + 1), [0] * (rows + 1)
     for i in range(1, rows + 1):
         best[i], start[i] = best[i - 1], i - 1
-        shared = None
+        shared, under = None, {slots[order[i - 1]]}
         for j in range(i - 2, -1, -1):  # the run order[j:i]
             shared = common[j] if shared is None else min(shared, common[j])
             if shared == 0:
                 break
-            if best[j] + (i - j - 1) * shared > best[i]:
-                best[i], start[i] = best[j] + (i - j - 1) * shared, j
+            under.add(slots[order[j]])
+            saved = shared * ((i - j - len(under)) + lower * (len(under) - 1))
+            if best[j] + saved > best[i]:
+                best[i], start[i] = best[j] + saved, j
     runs, i = [], rows
     while i > 0:
         j = start[i]
@@ -210,12 +215,13 @@ def _prefill_cost(prompts: list[list[int]], slots: list[int], prefix: list[int],
 
 
 def prefix_layout(prompts: list[list[int]], slots: list[int], pad_id: int, lower: float = 0.0) -> PrefixLayout | None:
-    """A layout in which rows under the same slot that begin alike share their common beginning, or None when it
-    would save less than MIN_PREFIX_SAVING of a left-padded prefill's work. `lower`: the share of the decoder
-    layers that rows with the same tokens share whatever their slots (`shared_prefill`), in both prefills."""
+    """A layout in which rows that begin alike share their common beginning (through every layer under the same
+    slot, through the `lower` share of the layers under any), or None when it would save less than
+    MIN_PREFIX_SAVING of a left-padded prefill's work. `lower`: the share of the decoder layers that rows with the
+    same tokens share whatever their slots (`shared_prefill`), in both prefills."""
     if len(prompts) < 2:
         return None
-    runs = _runs(prompts, slots)
+    runs = _runs(prompts, slots, lower)
     whole = _prefill_cost(prompts, slots, [0] * len(prompts), lower)
     cost = None
     while runs:

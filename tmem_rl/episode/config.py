@@ -89,9 +89,11 @@ class EpisodeConfig:
     inner_loop.max_pair_tokens, each learned as the answer to one fixed recall request."""
     shared_prefill: bool = True
     """Prefill the layers below the first fast-weight layer once per distinct prompt of a batch (`tmem_rl.prefill`):
-    a group's rollouts share their prompt at each extraction point and at the answer. And prompts under the same
-    fast weights that begin alike (the questions of one reading, answered after it) prefill that beginning once
-    through every layer. The same tokens as False, which runs every row through every layer."""
+    a group's rollouts share their prompt at each extraction point and at the answer. And prompts that begin alike
+    prefill that beginning once: through every layer under the same fast weights (the questions of one reading,
+    answered after it), through the layers below the fast weights under any (a group's extraction prompts after
+    its first extraction, which end in each rollout's own earlier pairs). The same tokens as False, which runs
+    every row through every layer."""
     carry_fast_weights: bool = False
     """Continual learning: a new episode keeps each rollout slot's fast weights from the episode before instead of
     starting from the base model (`EpisodeRunner.reset_fast_weights` clears them when asked)."""
