@@ -1,6 +1,7 @@
 """A prefill shared by identical prompts gives the tokens of an unshared one, through either decoder, greedy or
-sampled, and runs the layers below the fast weights once per distinct prompt; prompts under one slot that begin
-alike (the questions of one reading) run their common beginning once through every layer, with the same tokens."""
+sampled, and runs the layers below the fast weights once per distinct prompt; prompts that begin alike run their
+common beginning once (through every layer under one slot, below the fast weights under any), with the same
+tokens."""
 
 import dataclasses
 import os
@@ -13,9 +14,9 @@ from tmem_rl.envs import make_env
 from tmem_rl.episode import EpisodeConfig, EpisodeRunner
 from tmem_rl.evaluation.methods import METHODS, MethodSettings
 from tmem_rl.memory import FastWeightConfig, FastWeights
-from tmem_rl.memory.layers import decoder_layers
+from tmem_rl.memory.layers import decoder_layers, layers_below_fast_weights
 from tmem_rl.models import tiny_model
-from tmem_rl.prefill import distinct_rows, prefix_layout, shared_prefill
+from tmem_rl.prefill import distinct_rows, prefill_prefixes, prefix_layout, shared_prefill
 
 
 @pytest.fixture(scope="module")
@@ -116,6 +117,18 @@ def test_prefix_layout_shares_what_rows_under_one_slot_begin_with(tiny):
         assert prefix == {0: first, 1: second, 2: first, -1: []}[slots[row]]
     # The same prompts under different slots share nothing through all layers; prompts that differ neither.
     assert prefix_layout(prompts, list(range(len(prompts))), tok.pad_token_id) is None
+    assert prefix_layout([first, second, words(tok, "hello there")], [0, 0, 0], tok.pad_token_id) is None
+
+
+def shared_beginnings(layout, prompts):
+    """Each row's prefix part, after checking that the layout holds the row's prompt whole, positions in order."""
+    width, prefixes = layout.prefix_width, []
+    for row, prompt in enumerate(prompts):
+        mask = layout.attention_mask[row].bool()
+        assert layout.input_ids[row][mask].tolist() == prompt
+        assert layout.positions[row][mask].tolist() == list(range(len(prompt)))
+        prefixes.append(layout.input_ids[row, :width][mask[:width]].tolist())
+    return prefixes
 
 
 def test_prefix_layout_shares_a_beginning_across_slots_below_the_fast_weights(tiny):
@@ -123,10 +136,39 @@ def test_prefix_layout_shares_a_beginning_across_slots_below_the_fast_weights(ti
     prompts, slots, _ = a_group_after_its_first_extraction(tok)
     assert prefix_layout(prompts, slots, tok.pad_token_id, lower=0.0) is None  # fast weights in every layer
     layout = prefix_layout(prompts, slots, tok.pad_token_id, lower=0.5)
-    width = layout.prefix_width
-    for row in range(len(prompts)):
-        prefix = layout.input_ids[row, :width][layout.attention_mask[row, :width].bool()].tolist()
-        assert prefix == os.path.commonprefix(prompts)
+    assert shared_beginnings(layout, prompts) == [os.path.commonprefix(prompts)] * len(prompts)
+    # Seven rollouts on one prompt and one with pairs of its own: the beginning all eight share is still worth it,
+    # though the seven alone would share more of theirs (and share it already, below the fast weights).
+    same, own = prompts[2], prompts[0]
+    layout = prefix_layout([same] * 7 + [own], list(range(8)), tok.pad_token_id, lower=26 / 30)
+    assert shared_beginnings(layout, [same] * 7 + [own]) == [os.path.commonprefix([same, own])] * 8
+    # Identical prompts under different slots: nothing to add to what the lower layers share already.
+    assert prefix_layout([same] * 4, list(range(4)), tok.pad_token_id, lower=26 / 30) is None
+
+
+def test_prefix_layout_drops_a_run_that_costs_more_than_it_saves():
+    """Two short identical prompts under two slots would share their beginning below the fast weights, but as rows
+    of the prefix pass each pays the long prefixes' width: the layout leaves them whole and shares the long ones."""
+    reading = [3] * 30
+    prompts = [reading + [9, 6], reading + [4, 4, 4, 6, 8], [1, 1, 1, 1, 4], [1, 1, 1, 1, 4],
+               reading + [9, 7, 6, 8, 4, 5, 5, 6, 9, 9], reading + [4, 4, 4, 6, 8]]
+    layout = prefix_layout(prompts, [0, 0, -1, 1, -1, 2], pad_id=0, lower=0.5)
+    assert shared_beginnings(layout, prompts) == [reading, reading, [], [], reading, reading]
+
+
+def test_the_prefixes_cache_keeps_one_row_per_prefix_below_the_fast_weights(tiny):
+    model, tok = tiny
+    fast = live_fast_weights(model)
+    prompts, slots, _ = a_group_after_its_first_extraction(tok)
+    layout = prefix_layout(prompts, slots, tok.pad_token_id, lower=0.5)
+    prefixes = prefill_prefixes(model, fast, layout.input_ids, layout.attention_mask, layout.prefix_width,
+                                torch.tensor(slots), layers_below_fast_weights(model, fast.config))
+    assert [layer.keys.shape[0] for layer in prefixes.cache.layers] == [1, 1, 4, 4]
+    cache = prefixes.fanned_out()
+    assert [layer.keys.shape[0] for layer in cache.layers] == [4, 4, 4, 4]
+    torch.testing.assert_close(cache.layers[0].keys[0], cache.layers[0].keys[3])  # below: the same for every slot
+    assert not torch.allclose(cache.layers[3].keys[0], cache.layers[3].keys[3])  # above: each its own
+    fast.remove()
 
 
 def test_prefix_layout_leaves_out_a_run_that_would_widen_every_tail(tiny):

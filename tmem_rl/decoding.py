@@ -183,8 +183,7 @@ class StaticDecoder:
                                     torch.tensor(slots[:rows], device=self.device), shared)
         if prefixes is None:
             return 0
-        extra = len(input_ids) - rows
-        prefixes.write_into(bucket.cache, torch.cat([prefixes.rows, prefixes.rows[:1].expand(extra)]))
+        prefixes.write_into(bucket.cache, extra=len(input_ids) - rows)
         return prefix_width
 
     @staticmethod

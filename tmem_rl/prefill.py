@@ -32,7 +32,8 @@ import torch
 from torch import nn
 
 from tmem_rl.memory.inner_loop import holds_whole_head
-from tmem_rl.memory.layers import CACHE_ARGUMENTS, logits_to_keep_argument, model_cache_argument, take_rows
+from tmem_rl.memory.layers import (CACHE_ARGUMENTS, decoder_layers, logits_to_keep_argument, model_cache_argument,
+                                  take_rows)
 
 # Models whose KV cache cannot hold a whole prompt to put in front of what follows it (sliding-window layers, or
 # other layers than plain full attention): found out once, then such prompts run whole.
@@ -71,11 +72,11 @@ class _FanOutCache:
 
 @contextmanager
 def shared_prefill(layers: list[nn.Module], input_ids: torch.Tensor, attention_mask: torch.Tensor,
-                   width: int | None = None) -> Iterator[bool]:
+                   width: int | None = None, fan_out: bool = True) -> Iterator[bool]:
     """Inside: the next forward of these decoder layers over a batch shaped like `input_ids` (the prefill) runs
     them on one row per distinct prompt. Yields whether any prompt is shared (if none, nothing is changed).
     `width`: the forward runs only the last `width` columns (those after a cached prefix); rows are still told
-    apart by all of theirs."""
+    apart by all of theirs. `fan_out=False`: these layers keep one row per distinct prompt in the cache too."""
     if not layers:
         yield False
         return
@@ -96,7 +97,7 @@ def shared_prefill(layers: list[nn.Module], input_ids: torch.Tensor, attention_m
         narrowed.add(id(module))
         kwargs = {k: take_rows(v, first, rows) for k, v in kwargs.items() if k != "hidden_states"}
         for name in CACHE_ARGUMENTS:
-            if kwargs.get(name) is not None:
+            if kwargs.get(name) is not None and fan_out:
                 kwargs[name] = _FanOutCache(kwargs[name], first, inverse)
         return (hidden[first], *args[1:]), kwargs
 
@@ -156,62 +157,93 @@ def _common_length(a: list[int], b: list[int]) -> int:
     return len(os.path.commonprefix([a, b]))
 
 
-def _runs(prompts: list[list[int]], slots: list[int], lower: float) -> list[tuple[list[int], int]]:
-    """Rows that begin alike, as (rows, tokens they share): rows sorted by (tokens, slot), so that rows that begin
-    alike are neighbours, cut into the runs that save the most work. A run of m rows under k slots sharing n tokens
-    saves n x (m - k) token-rows in every layer, and n x (k - 1) more in the `lower` share of the layers (below the
-    fast weights, where slots do not matter). Every row keeps at least its last token out of the shared part."""
-    rows = len(prompts)
-    order = sorted(range(rows), key=lambda r: (prompts[r], slots[r]))
-    common = [min(_common_length(prompts[a], prompts[b]), len(prompts[a]) - 1, len(prompts[b]) - 1)
-              for a, b in zip(order, order[1:])]
-    # best[i]: the most work saved by cutting the first i sorted rows into runs; start[i]: where its last run starts.
-    best, start = [0.0] * (rows + 1), [0] * (rows + 1)
-    for i in range(1, rows + 1):
-        best[i], start[i] = best[i - 1], i - 1
-        shared, under = None, {slots[order[i - 1]]}
-        for j in range(i - 2, -1, -1):  # the run order[j:i]
-            shared = common[j] if shared is None else min(shared, common[j])
-            if shared == 0:
+class _Plan:
+    """Which rows of a batch share which beginning, chosen by the work a prefill computes: token-rows per layer,
+    where rows with the same tokens share the `lower` share of the layers (below the fast weights) whatever their
+    slots (`shared_prefill`), and rows with the same tokens and slot share all of them."""
+
+    def __init__(self, prompts: list[list[int]], slots: list[int], lower: float):
+        self.prompts, self.slots, self.lower = prompts, slots, lower
+        kinds: dict[tuple[int, ...], int] = {}
+        self.kind = [kinds.setdefault(tuple(p), len(kinds)) for p in prompts]  # equal for equal prompts
+        self._heads: dict[tuple[int, int], int] = {}
+
+    def runs(self, across_slots: bool) -> list[tuple[list[int], int]]:
+        """Rows that begin alike, as (rows, tokens they share): rows sorted so that rows that begin alike are
+        neighbours (under the same slot only, unless `across_slots`), cut into the runs that save the most work. A
+        run of m rows under k slots and of d distinct prompts, sharing n tokens, saves n x (m - k) token-rows in the
+        layers with fast weights and n x (d - 1) in the others (identical prompts share those already). Every row
+        keeps at least its last token out of the shared part."""
+        prompts, slots, rows = self.prompts, self.slots, len(self.prompts)
+        order = sorted(range(rows), key=(lambda r: (prompts[r], slots[r])) if across_slots
+                       else (lambda r: (slots[r], prompts[r])))
+        common = [min(_common_length(prompts[a], prompts[b]), len(prompts[a]) - 1, len(prompts[b]) - 1)
+                  if across_slots or slots[a] == slots[b] else 0 for a, b in zip(order, order[1:])]
+        # best[i]: the most work saved by cutting the first i sorted rows into runs; start[i]: its last run's start.
+        best, start = [0.0] * (rows + 1), [0] * (rows + 1)
+        for i in range(1, rows + 1):
+            best[i], start[i] = best[i - 1], i - 1
+            shared, under, kinds = None, {slots[order[i - 1]]}, {self.kind[order[i - 1]]}
+            for j in range(i - 2, -1, -1):  # the run order[j:i]
+                shared = common[j] if shared is None else min(shared, common[j])
+                if shared <= 0:
+                    break
+                under.add(slots[order[j]])
+                kinds.add(self.kind[order[j]])
+                saved = shared * ((1 - self.lower) * (i - j - len(under)) + self.lower * (len(kinds) - 1))
+                if best[j] + saved > best[i]:
+                    best[i], start[i] = best[j] + saved, j
+        runs, i = [], rows
+        while i > 0:
+            j = start[i]
+            if i - j > 1:
+                runs.append((order[j:i], min(common[j : i - 1])))
+            i = j
+        return runs
+
+    def split(self, runs: list[tuple[list[int], int]]) -> list[int]:
+        """Tokens of each row in the prefix part: its run's shared beginning. A row in no run fits in the tail if it
+        is short enough; a longer one runs its beginning with the prefixes (as its own) rather than widen every
+        tail. No runs: no prefixes."""
+        prefix = [0] * len(self.prompts)
+        for members, shared in runs:
+            for row in members:
+                prefix[row] = shared
+        if not runs:
+            return prefix
+        tail_width = max(len(p) - n for p, n in zip(self.prompts, prefix) if n)
+        return [n or max(len(p) - tail_width, 0) for p, n in zip(self.prompts, prefix)]
+
+    def cost(self, runs: list[tuple[list[int], int]]) -> float:
+        """Token-rows per layer of the prefill with these runs (none: every prompt whole)."""
+        prefix = self.split(runs)
+        tail_width = max(len(p) - n for p, n in zip(self.prompts, prefix))
+        tails = self._rows({(self.kind[r], n) for r, n in enumerate(prefix)}, len(prefix))
+        heads = [(self._head(r, n), self.slots[r]) for r, n in enumerate(prefix) if n]
+        if not heads:
+            return tails * tail_width
+        return self._rows({h for h, _ in heads}, len(set(heads))) * max(prefix) + tails * tail_width
+
+    def trimmed(self, runs: list[tuple[list[int], int]]) -> tuple[float, list[tuple[list[int], int]]]:
+        """(cost, runs) after dropping, one at a time, the run whose absence saves the most while any does: every
+        tail is as wide as the widest and every prefix row as wide as the widest prefix, so a run that shares
+        little of long prompts, or short prompts beside long prefixes, can cost more than it saves."""
+        cost = self.cost(runs)
+        while runs:
+            fewer, k = min((self.cost(runs[:k] + runs[k + 1 :]), k) for k in range(len(runs)))
+            if fewer >= cost:
                 break
-            under.add(slots[order[j]])
-            saved = shared * ((i - j - len(under)) + lower * (len(under) - 1))
-            if best[j] + saved > best[i]:
-                best[i], start[i] = best[j] + saved, j
-    runs, i = [], rows
-    while i > 0:
-        j = start[i]
-        if i - j > 1:
-            runs.append((order[j:i], min(common[j : i - 1])))
-        i = j
-    return runs
+            cost, runs = fewer, runs[:k] + runs[k + 1 :]
+        return cost, runs
 
+    def _rows(self, distinct: set, keyed: int) -> float:
+        return self.lower * len(distinct) + (1 - self.lower) * keyed
 
-def _split(prompts: list[list[int]], runs: list[tuple[list[int], int]]) -> list[int]:
-    """Tokens of each row in the prefix part: its run's shared beginning. A row in no run fits in the tail if it is
-    short enough; a longer one runs its beginning with the prefixes (as its own) rather than widen every tail."""
-    prefix = [0] * len(prompts)
-    for members, shared in runs:
-        for row in members:
-            prefix[row] = shared
-    tail_width = max(len(p) - n for p, n in zip(prompts, prefix) if n)
-    return [n or max(len(p) - tail_width, 0) for p, n in zip(prompts, prefix)]
-
-
-def _prefill_cost(prompts: list[list[int]], slots: list[int], prefix: list[int], lower: float) -> float:
-    """Token-rows per layer a prefill computes: rows with the same tokens share the `lower` share of the layers
-    (those below the fast weights) whatever their slots; rows with the same prefix and slot share all of it."""
-    def rows_of(distinct: int, keyed: int) -> float:
-        return lower * distinct + (1 - lower) * keyed
-
-    whole = {tuple(p) for p in prompts}
-    tail_width = max(len(p) - n for p, n in zip(prompts, prefix))
-    if not any(prefix):
-        return rows_of(len(whole), len(prompts)) * tail_width
-    heads = [tuple(p[:n]) for p, n in zip(prompts, prefix) if n]
-    keyed_heads = {(s, tuple(p[:n])) for p, n, s in zip(prompts, prefix, slots) if n}
-    return (rows_of(len(set(heads)), len(keyed_heads)) * max(prefix)
-            + rows_of(len({(tuple(p), n) for p, n in zip(prompts, prefix)}), len(prompts)) * tail_width)
+    def _head(self, row: int, length: int) -> int:
+        key = (row, length)
+        if key not in self._heads:
+            self._heads[key] = hash(tuple(self.prompts[row][:length]))
+        return self._heads[key]
 
 
 def prefix_layout(prompts: list[list[int]], slots: list[int], pad_id: int, lower: float = 0.0) -> PrefixLayout | None:
@@ -221,20 +253,12 @@ def prefix_layout(prompts: list[list[int]], slots: list[int], pad_id: int, lower
     same tokens share whatever their slots (`shared_prefill`), in both prefills."""
     if len(prompts) < 2:
         return None
-    runs = _runs(prompts, slots, lower)
-    whole = _prefill_cost(prompts, slots, [0] * len(prompts), lower)
-    cost = None
-    while runs:
-        cost = _prefill_cost(prompts, slots, _split(prompts, runs), lower)
-        # Every tail is as wide as the widest: a run that shares little of long prompts can cost more than it saves.
-        widest = max(range(len(runs)), key=lambda k: max(len(prompts[r]) for r in runs[k][0]) - runs[k][1])
-        fewer = runs[:widest] + runs[widest + 1 :]
-        if not fewer or _prefill_cost(prompts, slots, _split(prompts, fewer), lower) >= cost:
-            break
-        runs = fewer
-    if not runs or cost > (1 - MIN_PREFIX_SAVING) * whole:
+    plan = _Plan(prompts, slots, lower)
+    # Runs across slots save in the lower layers, runs under one slot in all: the cheaper of the two, each trimmed.
+    cost, runs = min((plan.trimmed(plan.runs(across)) for across in (True, False)), key=lambda option: option[0])
+    if not runs or cost > (1 - MIN_PREFIX_SAVING) * plan.cost([]):
         return None
-    prefix = _split(prompts, runs)
+    prefix = plan.split(runs)
     prefix_width = max(prefix)
     tail_width = max(len(p) - n for p, n in zip(prompts, prefix))
     input_ids = torch.full((len(prompts), prefix_width + tail_width), pad_id, dtype=torch.long)
@@ -249,24 +273,26 @@ def prefix_layout(prompts: list[list[int]], slots: list[int], pad_id: int, lower
 
 @dataclass
 class Prefixes:
-    """The KV cache of a layout's distinct (prefix, slot) rows, and the row in it of each row of the layout."""
+    """The KV cache of a layout's prefixes: per layer, one row per distinct prefix below the fast weights and one per
+    distinct (prefix, slot) from them up, and for each layer the row in it of each row of the layout."""
 
     cache: object
-    rows: torch.Tensor
+    rows: list[torch.Tensor]
     width: int
 
     def fanned_out(self):
         """The cache with every row's own prefix keys and values (for `generate`)."""
-        self.cache.batch_select_indices(self.rows)
+        for layer, rows in zip(self.cache.layers, self.rows):
+            layer.keys, layer.values = layer.keys[rows], layer.values[rows]
         return self.cache
 
-    def write_into(self, cache, rows: torch.Tensor | None = None) -> None:
+    def write_into(self, cache, extra: int = 0) -> None:
         """Writes each row's prefix keys and values into `cache` (a static cache, reset), one layer at a time, so
-        that only one layer's worth exists twice. `rows`: the row of `cache.layers` each cache row takes, if not
-        `self.rows`."""
-        rows = self.rows if rows is None else rows
-        written = {"cache_position": torch.arange(self.width, device=rows.device)}
-        for index, layer in enumerate(self.cache.layers):
+        that only one layer's worth exists twice. `extra` rows past the layout's (padding up to a graph's row count)
+        take row 0's prefix."""
+        written = {"cache_position": torch.arange(self.width, device=self.rows[0].device)}
+        for index, (layer, rows) in enumerate(zip(self.cache.layers, self.rows)):
+            rows = torch.cat([rows, rows[:1].expand(extra)])
             cache.update(layer.keys[rows], layer.values[rows], index, written)
             layer.keys = layer.values = None  # this layer's copy is in `cache` now
 
@@ -274,8 +300,9 @@ class Prefixes:
 def prefill_prefixes(model, fast, input_ids: torch.Tensor, attention_mask: torch.Tensor, prefix_width: int,
                      slots: torch.Tensor, shared: list[nn.Module] | tuple = ()) -> Prefixes | None:
     """Runs each distinct (prefix, slot) of a `PrefixLayout` once through the model (the layers in `shared`, those
-    below the fast weights, once per distinct prefix), or returns None when the model's cache cannot hold a whole
-    prefix (then run the layout in one pass: `full_attention_only` models see the same either way)."""
+    below the fast weights, once per distinct prefix, which is all their cache keeps), or returns None when the
+    model's cache cannot hold a whole prefix (then run the layout in one pass: `full_attention_only` models see the
+    same either way)."""
     if model in CACHE_TOO_SHORT:
         return None
     ids, mask = input_ids[:, :prefix_width], attention_mask[:, :prefix_width]
@@ -288,11 +315,17 @@ def prefill_prefixes(model, fast, input_ids: torch.Tensor, attention_mask: torch
     inverse[with_prefix] = inverse_with
     # Under an enclosing `use` over every row, the hooks must still see this pass's rows.
     live = fast.use(slots[run]) if fast is not None else nullcontext()
-    with live, shared_prefill(list(shared), ids[run], mask[run]):
+    with live, shared_prefill(list(shared), ids[run], mask[run], fan_out=False) as narrowed:
         out = model(input_ids=ids[run], attention_mask=mask[run], position_ids=layout_positions(mask[run]),
                     use_cache=True, **logits_to_keep_argument(model, 1))
     cache = getattr(out, model_cache_argument(model), None)
     if not holds_whole_head(cache, prefix_width):
         CACHE_TOO_SHORT.add(model)  # a property of the model: not worth a wasted pass per call
         return None
-    return Prefixes(cache, inverse, prefix_width)
+    rows = [inverse] * len(cache.layers)
+    if narrowed:  # the shared layers' caches hold one row per distinct prefix
+        _, below = distinct_rows(ids[run], mask[run])
+        lower = {id(layer) for layer in shared}
+        rows = [below[inverse] if id(layer) in lower else inverse
+                for layer, inverse in zip(decoder_layers(model), rows)]
+    return Prefixes(cache, rows, prefix_width)

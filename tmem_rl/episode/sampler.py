@@ -108,8 +108,8 @@ class Sampler:
         pad = self.tokenizer.pad_token_id
         if self.config.memory != "fast_weights":
             slots = [-1] * len(slots)
-        # Prompts that begin alike under the same fast weights (the questions of one reading) prefill that
-        # beginning once.
+        # Prompts that begin alike prefill that beginning once: through every layer under the same fast weights
+        # (the questions of one reading), below the fast weights under any (a group's later extraction prompts).
         layout = None
         if self.config.shared_prefill and full_attention_only(self.model):
             layout = prefix_layout(prompts, slots, pad, len(self.shared_layers()) / len(decoder_layers(self.model)))
