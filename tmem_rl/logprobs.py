@@ -16,7 +16,7 @@ import torch
 from tmem_rl.memory.fast_weights import FastWeights, Snapshot
 from tmem_rl.memory.inner_loop import holds_whole_head
 from tmem_rl.memory.layers import model_cache_argument
-from tmem_rl.prefill import CACHE_TOO_SHORT, distinct_rows, shared_prefill
+from tmem_rl.prefill import CACHE_TOO_SHORT, distinct_rows_under_slots, shared_prefill
 
 
 @dataclass
@@ -188,9 +188,7 @@ def _shared_prompt_pass(model, fast: FastWeights | None, rows: SegmentRows, posi
     if prompt_width < 1 or model in CACHE_TOO_SHORT or _checkpointed(model):  # the same on every process
         return None
     prompt_ids, prompt_mask = rows.input_ids[:, :prompt_width], rows.attention_mask[:, :prompt_width]
-    # One row per (prompt, fast weights): the slot is a column of the key.
-    keyed = torch.cat([prompt_ids, rows.slots[:, None].to(prompt_ids.dtype)], 1)
-    first, inverse = distinct_rows(keyed, torch.cat([prompt_mask, torch.ones_like(prompt_mask[:, :1])], 1))
+    first, inverse = distinct_rows_under_slots(prompt_ids, prompt_mask, rows.slots)
     if len(first) == len(inverse) and not collective:
         return None
     lead = int(prompt_mask[first].any(0).long().argmax())  # padding columns no distinct prompt uses

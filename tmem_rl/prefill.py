@@ -55,6 +55,13 @@ def distinct_rows(input_ids: torch.Tensor, attention_mask: torch.Tensor) -> tupl
     return first, inverse
 
 
+def distinct_rows_under_slots(input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                              slots: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """`distinct_rows` of (prompt, fast weights): rows with the same tokens under different slots differ."""
+    keyed = torch.cat([input_ids, slots[:, None].to(input_ids.dtype)], 1)
+    return distinct_rows(keyed, torch.cat([attention_mask, torch.ones_like(attention_mask[:, :1])], 1))
+
+
 class _FanOutCache:
     """The KV cache as the lower layers see it while computing one row per distinct prompt: what they write goes
     to every row of the real cache, and what they read back is their own rows'."""
@@ -118,8 +125,6 @@ def shared_prefill(layers: list[nn.Module], input_ids: torch.Tensor, attention_m
     finally:
         for handle in handles:
             handle.remove()
-
-
 
 
 def full_attention_only(model) -> bool:
@@ -307,8 +312,7 @@ def prefill_prefixes(model, fast, input_ids: torch.Tensor, attention_mask: torch
         return None
     ids, mask = input_ids[:, :prefix_width], attention_mask[:, :prefix_width]
     with_prefix = mask.any(1).nonzero().squeeze(1)
-    keyed = torch.cat([ids, slots[:, None].to(ids.dtype)], 1)[with_prefix]
-    first, inverse_with = distinct_rows(keyed, torch.cat([mask, torch.ones_like(mask[:, :1])], 1)[with_prefix])
+    first, inverse_with = distinct_rows_under_slots(ids[with_prefix], mask[with_prefix], slots[with_prefix])
     run = with_prefix[first]
     # A row without a prefix reads the first prefix's keys and values, all behind its mask.
     inverse = torch.zeros(len(ids), dtype=torch.long, device=ids.device)
@@ -326,6 +330,5 @@ def prefill_prefixes(model, fast, input_ids: torch.Tensor, attention_mask: torch
     if narrowed:  # the shared layers' caches hold one row per distinct prefix
         _, below = distinct_rows(ids[run], mask[run])
         lower = {id(layer) for layer in shared}
-        rows = [below[inverse] if id(layer) in lower else inverse
-                for layer, inverse in zip(decoder_layers(model), rows)]
+        rows = [below[inverse] if id(layer) in lower else inverse for layer in decoder_layers(model)]
     return Prefixes(cache, rows, prefix_width)

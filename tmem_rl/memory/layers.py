@@ -12,22 +12,24 @@ from tmem_rl.memory.config import FastWeightConfig
 CACHE_ARGUMENTS = ("cache", "past_key_values")  # what a decoder layer calls its KV cache, across versions
 
 
-def model_cache_argument(model: nn.Module) -> str:
-    """The name the model's forward takes its KV cache by: `cache` in newer transformers, `past_key_values` before.
-    `model` may be wrapped (DDP, DeepSpeed, PEFT): the name is its base model's."""
+def _forward_arguments(model: nn.Module):
+    """The keyword arguments the model's forward takes. `model` may be wrapped (DDP, DeepSpeed, PEFT): they are its
+    base model's."""
     while hasattr(model, "module"):
         model = model.module
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    return "cache" if "cache" in inspect.signature(base.forward).parameters else "past_key_values"
+    return inspect.signature(base.forward).parameters
+
+
+def model_cache_argument(model: nn.Module) -> str:
+    """The name the model's forward takes its KV cache by: `cache` in newer transformers, `past_key_values` before."""
+    return "cache" if "cache" in _forward_arguments(model) else "past_key_values"
 
 
 def logits_to_keep_argument(model: nn.Module, count: int) -> dict:
     """{"logits_to_keep": count} for a model whose forward can compute the logits of its last `count` positions
     only (a prompt's logits at every position can cost more than its whole prefill), else {}."""
-    while hasattr(model, "module"):
-        model = model.module
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    return {"logits_to_keep": count} if "logits_to_keep" in inspect.signature(base.forward).parameters else {}
+    return {"logits_to_keep": count} if "logits_to_keep" in _forward_arguments(model) else {}
 
 
 def decoder_layers(model: nn.Module) -> nn.ModuleList:
