@@ -266,6 +266,10 @@ def main(argv: list[str] | None = None) -> None:
                         help="tokens of stream in each full-context answer prompt (GPU 4096, the method's default "
                              "budget; CPU 1024)")
     args = parse_args(parser, QUICK, argv)
+    if args.questions < 0:
+        parser.error(f"--questions must be 0 or more, got {args.questions}")
+    if args.answer_context is not None and args.answer_context < 1:
+        parser.error(f"--answer-context must be positive, got {args.answer_context}")
     gpu = args.device.startswith("cuda")
     args.rollouts = args.rollouts or ([1, 8, 64] if gpu else [1, 8])
     if args.multiples is None:
